@@ -1,0 +1,1 @@
+"""gptlab: the whole life of a decoder-only language model."""

@@ -1,0 +1,313 @@
+"""The gptlab model: a decoder-only transformer, readable top to bottom.
+
+Two families share one code path and differ only by config:
+- ``llama``: rotary positions (Hugging Face's rotate-half convention), RMSNorm, SwiGLU MLP,
+  grouped-query attention, no biases. Maps to HF ``LlamaForCausalLM``.
+- ``gpt2``: learned positions, LayerNorm with bias, GELU (tanh) MLP, tied head.
+  Maps to HF ``GPT2LMHeadModel``.
+
+The query/key/value projections are one fused matrix, as are SwiGLU's gate and up projections:
+fewer, larger matmuls are faster on every device. ``checkpoint.py`` splits and joins them when
+reading and writing Hugging Face folders.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FAMILIES = ("llama", "gpt2")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"
+    vocab_size: int = 2048
+    block_size: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: same as n_head (multi-head attention)
+    n_embd: int = 256
+    intermediate_size: int | None = None  # None: 4*n_embd (gpt2), ~8/3*n_embd rounded up to 64 (llama)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool | None = None  # None: tied for gpt2, untied for llama
+    bias: bool | None = None  # None: biases for gpt2, none for llama
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.family == "gpt2"
+        if self.bias is None:
+            self.bias = self.family == "gpt2"
+        if self.intermediate_size is None:
+            if self.family == "gpt2":
+                self.intermediate_size = 4 * self.n_embd
+            else:
+                self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.family == "llama" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 as Hugging Face's Llama does, so bf16 runs agree with it.
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.family == "llama":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (block_size, head_dim) in Hugging Face's rotate-half layout."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    positions = torch.arange(config.block_size, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos, sin: (B, 1, T, D) or (1, 1, T, D)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; ``pos`` is how many slots are filled.
+
+    All rows of a batch share one slot index: prompts of different lengths are left-padded
+    and the padding is hidden by the attention mask the caller passes.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k, v):
+        """Write this step's keys/values for one layer and return all of them so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows: torch.Tensor):
+        """Keep only the given batch rows (e.g. finished sequences dropped)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.rotary = config.family == "llama"
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rotary:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        if self.n_kv_head != self.n_head:
+            repeat = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.family == "llama"
+        hidden = config.intermediate_size
+        self.up = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, attn_mask, kv_cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.family == "gpt2" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.family == "llama":
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def init_rope(self):
+        """Recompute the rotary tables (after ``to_empty`` or a load onto the meta device)."""
+        if self.config.family == "llama":
+            cos, sin = rope_tables(self.config)
+            self.rope_cos, self.rope_sin = cos.to(self.wte.weight.device), sin.to(self.wte.weight.device)
+
+    def hidden(self, idx, position_ids=None, attn_mask=None, kv_cache: KVCache | None = None):
+        """Final-normed hidden states (B, T, n_embd).
+
+        position_ids: (B, T) absolute positions; default: 0..T-1 (offset by the cache fill).
+        attn_mask: boolean, broadcastable to (B, 1, T, S), True where a query may attend a key;
+        S is the number of keys (cache fill + T). Default: causal.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's block_size {self.config.block_size}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        if attn_mask is None and kv_cache is not None and start > 0 and T > 1:
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        x = self.wte(idx)
+        cos = sin = None
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        else:
+            cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)
+            sin = self.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.norm_f(x)
+
+    def forward(self, idx, targets=None, position_ids=None, attn_mask=None, kv_cache: KVCache | None = None):
+        """Logits (B, T, vocab); with ``targets``, the mean cross-entropy over targets != -100."""
+        logits = self.lm_head(self.hidden(idx, position_ids, attn_mask, kv_cache))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """Write a Hugging Face model folder (see ``gptlab.checkpoint``)."""
+        from gptlab.checkpoint import save_pretrained
+
+        save_pretrained(self, path, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None) -> "GPT":
+        """Load a gptlab or Hugging Face Llama / GPT-2 folder (see ``gptlab.checkpoint``)."""
+        from gptlab.checkpoint import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (a tied head counted once); non_embedding drops the lookup tables (Kaplan's N)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per matmul weight plus attention (PaLM's 12·L·d·T).
+
+        Matmul weights are those of the blocks plus the head (a matmul even when tied to the
+        embedding); lookups and the final norm are left out. Attention scores and the weighted sum cost 2·2·d·T per layer
+        forward, times 3 for forward and backward.
+        """
+        c = self.config
+        T = seq_len or c.block_size
+        matmul_weights = sum(p.numel() for p in self.blocks.parameters()) + c.vocab_size * c.n_embd
+        return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * T
