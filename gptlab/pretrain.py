@@ -1,0 +1,148 @@
+"""Pretraining: next-token prediction on 100% of the tokens of a sharded corpus.
+
+The stage brings what the training loop needs and nothing more: a batch source (random
+windows of the token shards), the loss (mean cross-entropy of the next token) and a validation
+loss over the held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptlab.config import apply_overrides, build, get_dotted, read_raw, run_info, set_dotted, to_dict, write_json_atomic
+from gptlab.data import TokenLoader, read_meta
+from gptlab.errors import UserError
+from gptlab.model import GPT, ModelConfig
+from gptlab.tokenizer import Tokenizer
+from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards"  # a folder written by `gptlab prepare`
+    tokenizer: str | None = None  # None: the tokenizer `gptlab prepare` saved beside the shards
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(config_path: str | None, overrides: list[str], out_dir: Path, resume: bool) -> PretrainConfig:
+    """Resolve the config: run.json's when resuming without --config, else file + overrides.
+
+    model.vocab_size defaults to the shards' vocabulary, so a user never has to copy it by hand.
+    """
+    if resume and config_path is None and (out_dir / "run.json").is_file():
+        raw = apply_overrides(json.loads((out_dir / "run.json").read_text())["config"], overrides)
+    else:
+        raw = read_raw(config_path, overrides)
+    if get_dotted(raw, "model.vocab_size") is None:
+        shards = get_dotted(raw, "data.shards", DataConfig.shards)
+        set_dotted(raw, "model.vocab_size", read_meta(shards)["vocab_size"])
+    return build(PretrainConfig, raw)
+
+
+def tokenizer_for(cfg: PretrainConfig, meta: dict) -> Tokenizer:
+    folder = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.shards) / "tokenizer"
+    tokenizer = Tokenizer.from_pretrained(folder)
+    if tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
+        raise UserError(
+            f"shards in {cfg.data.shards} were made with another tokenizer than {folder}; "
+            "run `gptlab prepare` again with this tokenizer or point data.tokenizer at the one used"
+        )
+    return tokenizer
+
+
+def check_compatible(cfg: PretrainConfig, meta: dict) -> None:
+    if cfg.model.vocab_size < meta["vocab_size"]:
+        raise UserError(
+            f"model.vocab_size {cfg.model.vocab_size} is smaller than the shards' vocabulary {meta['vocab_size']} "
+            f"({cfg.data.shards} was made with another tokenizer); set model.vocab_size >= {meta['vocab_size']}"
+        )
+    if cfg.train.seq_len > cfg.model.block_size:
+        raise UserError(
+            f"train.seq_len {cfg.train.seq_len} is longer than model.block_size {cfg.model.block_size}; "
+            "lower train.seq_len or raise model.block_size"
+        )
+
+
+def next_token_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return model(x, y)
+
+
+def validation(cfg: PretrainConfig, runtime: Runtime):
+    """The mean next-token loss over the first eval_batches windows of the val split."""
+
+    def evaluate(model: torch.nn.Module) -> dict:
+        loader = TokenLoader(
+            cfg.data.shards, split="val", seq_len=cfg.train.seq_len, batch_size=micro,
+            seed=0, rank=runtime.rank, world_size=runtime.world_size,
+        )
+        total = torch.zeros((), device=runtime.device)
+        for _ in range(cfg.train.eval_batches):
+            x, y = loader.next_batch()
+            total += model(x.to(runtime.device), y.to(runtime.device)).float()
+        return {"val_loss": round(runtime.mean(total / cfg.train.eval_batches).item(), 6)}
+
+    micro, _ = runtime.micro_batching(cfg.train)
+    return evaluate
+
+
+class DeviceBatches:
+    """A TokenLoader whose batches land on the training device."""
+
+    def __init__(self, loader: TokenLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def next_batch(self):
+        x, y = self.loader.next_batch()
+        non_blocking = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> GPT:
+    out_dir = Path(out_dir)
+    meta = read_meta(cfg.data.shards)
+    check_compatible(cfg, meta)
+    tokenizer = tokenizer_for(cfg, meta)
+    runtime = setup_runtime(cfg.train)
+    try:
+        micro, _ = runtime.micro_batching(cfg.train)
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model)
+        loader = TokenLoader(
+            cfg.data.shards, split="train", seq_len=cfg.train.seq_len, batch_size=micro,
+            seed=cfg.train.seed, rank=runtime.rank, world_size=runtime.world_size,
+        )
+        has_val = meta.get("splits", {}).get("val", {}).get("tokens", 0) > cfg.train.seq_len
+        trainer = Trainer(
+            model, cfg.train, runtime, out_dir, next_token_loss, DeviceBatches(loader, runtime.device),
+            evaluate=validation(cfg, runtime) if has_val and cfg.train.eval_batches > 0 else None,
+            tokenizer=tokenizer,
+        )
+        if runtime.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                out_dir / "run.json",
+                run_info(to_dict(cfg), seed=cfg.train.seed, device=str(runtime.device), world_size=runtime.world_size,
+                         params=model.num_params()),
+            )
+        model = trainer.fit(resume=resume)
+        trainer.export(out_dir / "model")
+        return model
+    finally:
+        cleanup_runtime(runtime)
