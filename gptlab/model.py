@@ -301,13 +301,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6 per matmul weight plus attention (PaLM's 12·L·d·T).
+        """Training FLOPs per token: 6 per linear-layer weight plus attention (PaLM's 12·L·d·T).
 
-        Matmul weights are those of the blocks plus the head (a matmul even when tied to the
-        embedding); lookups and the final norm are left out. Attention scores and the weighted sum cost 2·2·d·T per layer
-        forward, times 3 for forward and backward.
+        Every weight of a linear layer costs 2 FLOPs forward and 4 backward; the head counts even
+        when tied to the embedding, lookups, norms and biases do not. Attention scores and the
+        weighted sum cost 2·2·d·T per layer forward, times 3 for forward and backward.
         """
         c = self.config
         T = seq_len or c.block_size
-        matmul_weights = sum(p.numel() for p in self.blocks.parameters()) + c.vocab_size * c.n_embd
-        return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * T
+        linear_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * linear_weights + 12 * c.n_layer * c.n_head * c.head_dim * T
