@@ -79,20 +79,20 @@ def next_token_loss(model: torch.nn.Module, batch) -> torch.Tensor:
 
 
 def validation(cfg: PretrainConfig, runtime: Runtime):
-    """The mean next-token loss over the first eval_batches windows of the val split."""
+    """The mean next-token loss over the first eval_batches windows of the val split, in order."""
+    micro, _ = runtime.micro_batching(cfg.train)
+    loader = TokenLoader(
+        cfg.data.shards, split="val", seq_len=cfg.train.seq_len, batch_size=micro,
+        rank=runtime.rank, world_size=runtime.world_size,
+    )
 
     def evaluate(model: torch.nn.Module) -> dict:
-        loader = TokenLoader(
-            cfg.data.shards, split="val", seq_len=cfg.train.seq_len, batch_size=micro,
-            seed=0, rank=runtime.rank, world_size=runtime.world_size,
-        )
-        total = torch.zeros((), device=runtime.device)
-        for _ in range(cfg.train.eval_batches):
-            x, y = loader.next_batch()
+        total, count = torch.zeros((), device=runtime.device), 0
+        for x, y in loader.val_batches(cfg.train.eval_batches):
             total += model(x.to(runtime.device), y.to(runtime.device)).float()
-        return {"val_loss": round(runtime.mean(total / cfg.train.eval_batches).item(), 6)}
+            count += 1
+        return {"val_loss": round(runtime.mean(total / count).item(), 6)}
 
-    micro, _ = runtime.micro_batching(cfg.train)
     return evaluate
 
 
@@ -128,7 +128,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> 
             cfg.data.shards, split="train", seq_len=cfg.train.seq_len, batch_size=micro,
             seed=cfg.train.seed, rank=runtime.rank, world_size=runtime.world_size,
         )
-        has_val = meta.get("splits", {}).get("val", {}).get("tokens", 0) > cfg.train.seq_len
+        has_val = meta["splits"]["val"]["tokens"] >= (cfg.train.seq_len + 1) * micro * runtime.world_size
         trainer = Trainer(
             model, cfg.train, runtime, out_dir, next_token_loss, DeviceBatches(loader, runtime.device),
             evaluate=validation(cfg, runtime) if has_val and cfg.train.eval_batches > 0 else None,

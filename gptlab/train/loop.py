@@ -420,36 +420,38 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.runtime.is_main, unit="step", dynamic_ncols=True)
         window_time, window_steps = 0.0, 0
-        while self.step < cfg.max_steps:
-            start = time.perf_counter()
-            loss = self._train_step()
-            window_time += time.perf_counter() - start
-            self.step += 1
-            window_steps += 1
-            last = self.step == cfg.max_steps
-            record = {}
-            if self.step % cfg.log_every == 0 or last:
-                record = {
-                    "step": self.step,
-                    "loss": round(loss.item(), 6),
-                    "lr": learning_rate(cfg, self.step - 1),
-                    "tokens": self.step * self.tokens_per_step,
-                    "tok_per_s": round(window_steps * self.tokens_per_step / window_time, 1),
-                    "mfu": round(window_steps * flops_per_step / window_time / (peak * self.runtime.world_size), 4)
-                    if peak
-                    else None,
-                    "peak_mem_mb": round(peak_memory_mb(self.runtime.device), 1),
-                }
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
-                window_time, window_steps = 0.0, 0
-            if self.evaluate and (cfg.eval_every and self.step % cfg.eval_every == 0 or last):
-                record = {"step": self.step, **record, **self._run_eval()}
-            if record:
-                self._log(record)
-            if cfg.save_every and self.step % cfg.save_every == 0 or last:
-                self.save_checkpoint()
-            bar.update(1)
-        bar.close()
+        try:
+            while self.step < cfg.max_steps:
+                start = time.perf_counter()
+                loss = self._train_step()
+                window_time += time.perf_counter() - start
+                self.step += 1
+                window_steps += 1
+                last = self.step == cfg.max_steps
+                record = {}
+                if self.step % cfg.log_every == 0 or last:
+                    record = {
+                        "step": self.step,
+                        "loss": round(loss.item(), 6),
+                        "lr": learning_rate(cfg, self.step - 1),
+                        "tokens": self.step * self.tokens_per_step,
+                        "tok_per_s": round(window_steps * self.tokens_per_step / window_time, 1),
+                        "mfu": round(window_steps * flops_per_step / window_time / (peak * self.runtime.world_size), 4)
+                        if peak
+                        else None,
+                        "peak_mem_mb": round(peak_memory_mb(self.runtime.device), 1),
+                    }
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
+                    window_time, window_steps = 0.0, 0
+                if self.evaluate and (cfg.eval_every and self.step % cfg.eval_every == 0 or last):
+                    record = {"step": self.step, **record, **self._run_eval()}
+                if record:
+                    self._log(record)
+                if cfg.save_every and self.step % cfg.save_every == 0 or last:
+                    self.save_checkpoint()
+                bar.update(1)
+        finally:
+            bar.close()
         return self.model
 
     def export(self, path: str | Path) -> None:

@@ -1,0 +1,160 @@
+"""Read training documents from .txt, .jsonl and .parquet files and folders of them.
+
+Documents are streamed one at a time, so a corpus never has to fit in memory. The order is
+deterministic (folders are walked recursively in sorted order), which makes shard preparation
+and tokenizer training reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from gptlab.errors import UserError
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Yield the documents of files and folders in a deterministic order.
+
+    - ``.txt``: documents are separated by blank lines (lines holding only whitespace).
+    - ``.jsonl``: one JSON object per line with a string ``text`` field; blank lines are skipped.
+    - ``.parquet``: the ``text`` column; nulls are skipped.
+
+    Named files must have one of these extensions; inside folders, files with other extensions and
+    hidden files are skipped, so a corpus folder may hold a README. Empty documents are skipped.
+    Yielding nothing is not an error here: the consumer decides (see ``require_documents``).
+    """
+    for path in list(_expand(paths)):  # all paths are checked before the first document
+        if path.suffix == ".txt":
+            yield from _read_txt(path)
+        elif path.suffix == ".jsonl":
+            yield from _read_jsonl(path)
+        else:
+            yield from _read_parquet(path)
+
+
+def require_documents(documents: Iterable[str], source: object) -> Iterator[str]:
+    """Pass documents through, raising UserError before the first one if there are none."""
+    it = iter(documents)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise UserError(
+            f"no documents found in {source}: the corpus is empty; "
+            f"give .txt (blank-line separated), .jsonl ('text' field) or .parquet ('text' column) files"
+        ) from None
+    yield first
+    yield from it
+
+
+def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"input {p} does not exist: check the path")
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p).parts
+                if f.is_file() and f.suffix in SUFFIXES and not any(s.startswith(".") for s in rel):
+                    yield f
+        elif p.suffix in SUFFIXES:
+            yield p
+        else:
+            raise UserError(
+                f"input {p} has unsupported extension {p.suffix!r}: "
+                f"use {', '.join(SUFFIXES)} files or a folder of them"
+            )
+
+
+def _decode_line(raw: bytes, path: Path, offset: int) -> str:
+    """Decode one line strictly: a NUL byte or invalid UTF-8 means a binary or mis-encoded file."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise UserError(
+            f"{path} looks binary (NUL byte at byte offset {offset + nul}): give UTF-8 text files"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not valid UTF-8 (byte offset {offset + e.start}): re-encode it as UTF-8"
+        ) from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number from 1, decoded line with its newline), streaming and validating."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, offset)
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark is not text
+            offset += len(raw)
+            yield number, line
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    paragraph: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield _join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield _join(paragraph)
+
+
+def _join(lines: list[str]) -> str:
+    """Join a paragraph's lines, dropping only the final line ending."""
+    return "".join(lines).removesuffix("\n").removesuffix("\r")
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number} is not valid JSON ({e.msg}): fix or remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(
+                f"{path}:{number} has no string 'text' field: each JSONL line must be an object "
+                f'like {{"text": "..."}}'
+            )
+        if record["text"]:
+            yield record["text"]
+
+
+def _read_parquet(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(
+            f"reading {path} needs pyarrow, which is not installed: pip install gptlab[parquet]"
+        ) from None
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable Parquet file ({reason}): check the file") from None
+    schema = file.schema_arrow
+    if "text" not in schema.names:
+        raise UserError(
+            f"{path} has no 'text' column (columns: {', '.join(schema.names)}): "
+            f"rename the column holding the documents to 'text'"
+        )
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise UserError(f"{path}: column 'text' has type {kind}, not string: store the documents as strings")
+    for batch in file.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield text

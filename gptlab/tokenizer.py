@@ -1,0 +1,230 @@
+"""Byte-level BPE tokenizer on top of the Hugging Face ``tokenizers`` library.
+
+The library does the work (training, parallel encoding, serialisation); this module fixes the
+recipe and the folder layout:
+
+- Digits are split one per token before byte-level BPE (as Llama's tokenizer does), so
+  arithmetic stays learnable for small models.
+- No normalizer and a full 256-byte alphabet, so every Unicode string round-trips exactly.
+- Special tokens get the first ids; BOS is added by the post-processor, so ``encode`` gives
+  what ``transformers.AutoTokenizer`` gives for the saved folder.
+- ``save_pretrained`` writes a folder that ``AutoTokenizer.from_pretrained`` loads as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from gptlab.errors import UserError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)  # ids 0, 1, 2, ... in this order
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+# What transformers writes when a tokenizer has no length limit of its own.
+UNLIMITED_LENGTH = int(1e30)
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the special tokens and config a checkpoint folder needs."""
+
+    def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any] | None = None):
+        self._tok = tokenizer
+        # tokenizer_config.json as loaded; kept so a re-save preserves fields gptlab does not
+        # manage (a chat_template, for instance).
+        self._config = dict(config or {})
+        self.bos_token = _token_name(self._config.get("bos_token"))
+        self.eos_token = _token_name(self._config.get("eos_token"))
+        self.pad_token = _token_name(self._config.get("pad_token"))
+        if not config:  # a bare tokenizer.json: recognise gptlab's own special tokens
+            specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+            self.bos_token = BOS if BOS in specials else None
+            self.eos_token = EOS if EOS in specials else None
+            self.pad_token = PAD if PAD in specials else None
+
+    # ----------------------------------------------------------------------------- training
+
+    @classmethod
+    def train(
+        cls,
+        source: str | os.PathLike | Iterable[os.PathLike] | Iterable[str],
+        vocab_size: int,
+        show_progress: bool = False,
+    ) -> Tokenizer:
+        """Train a byte-level BPE tokenizer.
+
+        ``source`` is a path, a list of ``Path`` objects (files or folders, read with
+        ``gptlab.data.iter_documents``) or an iterable of document strings.
+        """
+        from gptlab.data.documents import iter_documents, require_documents
+
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise UserError(
+                f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
+                f"{len(SPECIAL_TOKENS)} special tokens; use a vocab_size of at least {MIN_VOCAB_SIZE}"
+            )
+        paths: list | None = None
+        if isinstance(source, (str, os.PathLike)):
+            paths = [source]
+        elif isinstance(source, (list, tuple)) and source and all(isinstance(p, os.PathLike) for p in source):
+            paths = list(source)
+        if paths is not None:
+            documents: Iterable[str] = iter_documents(paths)
+            where = ", ".join(map(str, paths))
+        else:
+            documents, where = source, "the given texts"
+        tok = _HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        tok.train_from_iterator(require_documents(documents, where), trainer=trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A",
+            pair=f"{BOS} $A {BOS} $B",
+            special_tokens=[(BOS, tok.token_to_id(BOS))],
+        )
+        config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+        return cls(tok, config)
+
+    # ----------------------------------------------------------------------------- folders
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Load a folder holding ``tokenizer.json`` (gptlab's or Hugging Face's) and, if present,
+        ``tokenizer_config.json`` / ``special_tokens_map.json`` naming the special tokens."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"tokenizer folder {directory} does not exist: train one with `gptlab tokenizer`")
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(
+                f"{directory} holds no tokenizer.json: point to a gptlab or Hugging Face tokenizer folder"
+            )
+        try:
+            tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for every parse error
+            raise UserError(f"cannot read {path} ({_first_line(e)}): the file is corrupt or not a tokenizer") from None
+        config: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+            if (directory / name).is_file():
+                config.update(_read_json(directory / name))
+        return cls(tok, config)
+
+    def save_pretrained(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (all transformers needs).
+
+        Each file is written to a temporary name and renamed, so a reader never sees half a file.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        specials = {
+            name: token
+            for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token))
+            if token is not None
+        }
+        config = dict(self._config)
+        config.update(specials)
+        config.update(
+            tokenizer_class="PreTrainedTokenizerFast",
+            # Documented, not acted upon: the post-processor in tokenizer.json adds BOS.
+            add_bos_token=self._adds_bos(),
+            add_eos_token=False,
+            clean_up_tokenization_spaces=False,
+            model_max_length=model_max_length or config.get("model_max_length", UNLIMITED_LENGTH),
+        )
+        _write_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+
+    # ----------------------------------------------------------------------------- use
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Encode many texts at once; the library spreads them over all cores."""
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, id: int) -> str | None:
+        return self._tok.id_to_token(id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (the model's embedding rows)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self._tok.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return None if self.pad_token is None else self._tok.token_to_id(self.pad_token)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical tokenizer.json (sorted keys, no whitespace): shards and
+        checkpoints record it to detect a tokenizer that differs from the one they were made with."""
+        canonical = json.dumps(json.loads(self._tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def _adds_bos(self) -> bool:
+        return self.bos_id is not None and self._tok.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _token_name(value: Any) -> str | None:
+    """Special tokens appear in configs as a string or as an AddedToken dict with 'content'."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({_first_line(e)}): the file is corrupt") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object: the file is corrupt")
+    return data
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,227 @@
+"""The training loop and pretraining: learning, exact resume after SIGKILL, torchrun, guards."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptlab.data import iter_documents, open_shard, prepare
+from gptlab.errors import UserError
+from gptlab.model import GPT, ModelConfig
+from gptlab.tokenizer import Tokenizer
+from gptlab.train.loop import Runtime, TrainConfig, Trainer, list_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
+    "train.seq_len=32", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=5",
+    "train.eval_batches=2", "train.log_every=1",
+]
+
+
+def story(rng: random.Random) -> str:
+    """Text with learnable structure: templated sentences over a small vocabulary."""
+    names = ["Ada", "Bo", "Cy", "Dee", "Eli", "Fay"]
+    verbs = ["sees", "likes", "helps", "calls"]
+    things = ["the cat", "a dog", "the sun", "my tree", "a boat"]
+    return " ".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}." for _ in range(rng.randint(3, 8)))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    (root / "text.txt").write_text("\n\n".join(story(rng) for _ in range(600)) + "\n")
+    tok = Tokenizer.train(iter_documents([root / "text.txt"]), vocab_size=320)
+    tok.save_pretrained(root / "tok")
+    prepare(root / "tok", [root / "text.txt"], root / "shards", val_fraction=0.05, workers=1)
+    return root / "shards"
+
+
+def gptlab(*args, check=True, env=None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"gptlab {args} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
+    meta = json.loads((shards / "meta.json").read_text())
+    stream = np.concatenate([open_shard(shards / name) for name in meta["splits"]["train"]["shards"]])
+    counts = np.array(list(Counter(stream.tolist()).values()), dtype=np.float64)
+    p = counts / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())
+    gptlab("pretrain", "--out", tmp_path / "run", "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
+           "--set", "train.max_steps=250", "--set", "train.eval_every=250", "--set", "train.save_every=0")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    assert final["step"] == 250 and "val_loss" in final
+    assert final["val_loss"] < 0.6 * unigram_entropy, (final, unigram_entropy)
+    assert records[0]["loss"] > unigram_entropy  # it started from (near-)uniform predictions
+    for key in ("lr", "tokens", "tok_per_s", "mfu", "peak_mem_mb"):
+        assert key in final
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["model"]["n_layer"] == 2 and run["config"]["model"]["vocab_size"] == meta["vocab_size"]
+    model = GPT.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.n_embd == 32
+    assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
+
+
+KILL_AFTER_FIRST_SAVE = """
+import os, signal, sys
+import gptlab.train.loop as loop
+original = loop.Trainer.save_checkpoint
+def save_then_die(self):
+    original(self)
+    os.kill(os.getpid(), signal.SIGKILL)
+loop.Trainer.save_checkpoint = save_then_die
+from gptlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import gptlab.train.loop as loop
+calls = []
+original = loop.write_model_files
+def write_then_die(*args, **kwargs):
+    calls.append(1)
+    original(*args, **kwargs)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+loop.write_model_files = write_then_die
+from gptlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed(script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    gptlab("pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
+           "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10")
+    return out
+
+
+def test_resume_after_sigkill_is_bitwise_equal(shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
+            "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    killed = run_killed(KILL_AFTER_FIRST_SAVE, *args)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000010"]
+    resumed = gptlab("pretrain", "--out", out, "--resume")
+    assert "resumed from" in resumed.stderr
+    expected, got = weights(uninterrupted / "model"), weights(out / "model")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert losses(out) == losses(uninterrupted)
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
+            "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    killed = run_killed(KILL_DURING_SAVE, *args)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000010"]  # the half-written step 20 is invisible
+    gptlab("pretrain", "--out", out, "--resume")
+    expected, got = weights(uninterrupted / "model"), weights(out / "model")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    gptlab("pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
+           "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10")
+    newest = out / "checkpoints" / "step-0000020" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    resumed = gptlab("pretrain", "--out", out, "--resume")
+    assert "step-0000020 cannot be loaded" in resumed.stderr and "resumed from" in resumed.stderr
+    expected, got = weights(uninterrupted / "model"), weights(out / "model")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "gptlab", "pretrain", "--out", str(out), "--set", f"data.shards={shards}",
+           *sum((["--set", s] for s in TINY), []),
+           "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = losses(uninterrupted), losses(out)
+    assert single.keys() == ddp.keys()
+    for step in single:
+        assert abs(single[step] - ddp[step]) < 1e-4, (step, single[step], ddp[step])
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+
+    class Batches:
+        def next_batch(self):
+            return torch.randint(0, 50, (2, 8))
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        loss = m(batch, batch)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    cfg = TrainConfig(max_steps=10, batch_size=2, seq_len=8, save_every=5, eval_every=0, log_every=1)
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, loss_fn, Batches())
+    with pytest.raises(UserError, match="at step 7") as info:
+        trainer.fit()
+    assert "step-0000005" in str(info.value) and "\n" not in str(info.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"]
+    assert GPT.from_pretrained(tmp_path / "checkpoints" / "step-0000005").config.n_embd == 16
+
+
+def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
+    common = ["--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
+              "--set", "train.max_steps=5", "--set", "train.save_every=0", "--set", "train.eval_every=0"]
+    gptlab("pretrain", "--out", tmp_path / "big", *common)
+    gptlab("pretrain", "--out", tmp_path / "accum", *common, "--set", "train.micro_batch_size=2")
+    big, accum = losses(tmp_path / "big"), losses(tmp_path / "accum")
+    assert all(math.isclose(big[s], accum[s], abs_tol=1e-5) for s in big)
+    for name, tensor in weights(tmp_path / "big" / "model").items():
+        assert torch.allclose(tensor, weights(tmp_path / "accum" / "model")[name], atol=1e-5)
