@@ -322,8 +322,10 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> Path | None:
-        """Restore the newest checkpoint that loads; a broken one is skipped with a warning."""
-        for folder in reversed(list_checkpoints(self.out_dir)):
+        """Restore the newest checkpoint that loads; a broken one is skipped with a warning.
+        None when there is no checkpoint at all; a UserError when none of them loads."""
+        found = list_checkpoints(self.out_dir)
+        for folder in reversed(found):
             try:
                 state = json.loads((folder / "trainer_state" / "state.json").read_text())
                 extra = torch.load(folder / "trainer_state" / "state.pt", weights_only=True, map_location="cpu")
@@ -338,6 +340,11 @@ class Trainer:
             self.batches.load_state_dict(state["batches"])
             self.step = state["step"]
             return folder
+        if found:
+            raise UserError(
+                f"no checkpoint in {self.out_dir / 'checkpoints'} can be loaded ({len(found)} tried, all broken); "
+                "they are left untouched: train afresh into another --out folder"
+            )
         return None
 
     def _restore(self, weights: dict, optim_state: dict) -> None:

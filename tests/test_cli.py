@@ -1,0 +1,128 @@
+"""User mistakes end with one line on stderr and exit code 2, never a traceback, and nothing
+written before is lost."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.data import iter_documents, prepare
+from gptlab.model import GPT, ModelConfig
+from gptlab.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gptlab(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gptlab: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A corpus, its tokenizer and shards, and a tiny model folder with the tokenizer."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "12", "345"]
+    (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choices(words, k=30)) for _ in range(200)) + "\n")
+    tok = Tokenizer.train(iter_documents([root / "corpus.txt"]), vocab_size=300)
+    tok.save_pretrained(root / "tok")
+    prepare(root / "tok", [root / "corpus.txt"], root / "shards", val_fraction=0.05, workers=1)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    model.save_pretrained(root / "model", tokenizer=tok)
+    model.save_pretrained(root / "model_without_tokenizer")
+    return root
+
+
+def test_sample_prints_a_continuation(world):
+    result = gptlab("sample", "--model", world / "model", "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    again = gptlab("sample", "--model", world / "model", "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
+    assert again.stdout == result.stdout
+
+
+def test_sample_errors(world, tmp_path):
+    assert_user_error(gptlab("sample", "--model", tmp_path / "nope", "--prompt", "x"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(gptlab("sample", "--model", tmp_path / "empty", "--prompt", "x"), "config.json")
+    assert_user_error(gptlab("sample", "--model", world / "model_without_tokenizer", "--prompt", "x"), "tokenizer")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in (world / "model").iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    assert_user_error(gptlab("sample", "--model", corrupt, "--prompt", "x"), "model.safetensors")
+    mismatch = tmp_path / "mismatch"
+    mismatch.mkdir()
+    for f in (world / "model").iterdir():
+        (mismatch / f.name).write_bytes(f.read_bytes())
+    config = json.loads((mismatch / "config.json").read_text())
+    config["intermediate_size"] = 2 * config["intermediate_size"]
+    (mismatch / "config.json").write_text(json.dumps(config))
+    assert_user_error(gptlab("sample", "--model", mismatch, "--prompt", "x"), "shape")
+
+
+def test_tokenizer_and_prepare_errors(world, tmp_path):
+    assert_user_error(gptlab("tokenizer", "--input", tmp_path / "missing.txt", "--out", tmp_path / "t"), "does not exist")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert_user_error(gptlab("tokenizer", "--input", tmp_path / "empty.txt", "--out", tmp_path / "t"), "empty")
+    assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "empty.txt",
+                             "--out", tmp_path / "s"), "empty")
+    (tmp_path / "binary.txt").write_bytes(b"hello\x00\xff\xfe world")
+    assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "binary.txt",
+                             "--out", tmp_path / "s2"), "binary.txt")
+    assert_user_error(gptlab("prepare", "--tokenizer", tmp_path / "no_tok", "--input", world / "corpus.txt",
+                             "--out", tmp_path / "s3"), "no_tok")
+
+
+def pretrain(world, out, *sets):
+    args = ["pretrain", "--out", out, "--set", f"data.shards={world / 'shards'}", "--set", "model.n_layer=1",
+            "--set", "model.n_head=2", "--set", "model.n_embd=16", "--set", "model.block_size=32",
+            "--set", "train.seq_len=16", "--set", "train.batch_size=4", "--set", "train.eval_batches=1"]
+    for s in sets:
+        args += ["--set", s]
+    return gptlab(*args)
+
+
+def test_pretrain_errors(world, tmp_path):
+    assert_user_error(pretrain(world, tmp_path / "a", "train.lr_max=1"), "train.lr_max", "did you mean")
+    assert_user_error(pretrain(world, tmp_path / "b", "model.vocab_size=100"), "vocab_size", "tokenizer")
+    assert_user_error(pretrain(world, tmp_path / "c", "train.seq_len=64"), "seq_len", "block_size")
+    assert_user_error(pretrain(world, tmp_path / "d", "data.shards=" + str(tmp_path / "none")), "does not exist")
+    other = tmp_path / "other_tok"
+    Tokenizer.train(["completely different text"] * 20, vocab_size=280).save_pretrained(other)
+    assert_user_error(pretrain(world, tmp_path / "e", f"data.tokenizer={other}"), "another tokenizer")
+    result = gptlab("pretrain", "--out", tmp_path / "f", "--config", tmp_path / "missing.toml")
+    assert_user_error(result, "missing.toml")
+
+
+def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
+    for folder in (out / "checkpoints").iterdir():
+        (folder / "model.safetensors").write_bytes(b"garbage")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    result = gptlab("pretrain", "--out", out, "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("gptlab: error: ")
+    assert "no checkpoint" in result.stderr.splitlines()[-1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
