@@ -4,6 +4,7 @@ user mistakes (``UserError``) end with one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def cmd_pretrain(args) -> None:
     out = Path(args.out)
     cfg = load_config(args.config, args.set, out, args.resume)
     pretrain(cfg, out, resume=args.resume)
-    print(f"model -> {out / 'model'}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model -> {out / 'model'}")
 
 
 def cmd_sample(args) -> None:

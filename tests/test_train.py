@@ -171,19 +171,22 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupt
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_path, parallelism):
+    out = tmp_path / parallelism
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gptlab", "pretrain", "--out", str(out), "--set", f"data.shards={shards}",
-           *sum((["--set", s] for s in TINY), []),
+           *sum((["--set", s] for s in TINY), []), "--set", f"train.parallelism={parallelism}",
            "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    single, ddp = losses(uninterrupted), losses(out)
-    assert single.keys() == ddp.keys()
+    single, distributed = losses(uninterrupted), losses(out)
+    assert single.keys() == distributed.keys()
     for step in single:
-        assert abs(single[step] - ddp[step]) < 1e-4, (step, single[step], ddp[step])
+        assert abs(single[step] - distributed[step]) < 1e-4, (step, single[step], distributed[step])
+    expected, got = weights(uninterrupted / "model"), weights(out / "model")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-4) for k in expected)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):

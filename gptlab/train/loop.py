@@ -169,6 +169,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 def cleanup_runtime(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing files; a peer leaving early aborts gloo
         dist.destroy_process_group()
 
 
