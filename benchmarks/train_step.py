@@ -84,7 +84,7 @@ def main() -> None:
         optimizers["peer"].step()
         optimizers["peer"].zero_grad(set_to_none=True)
 
-    seconds = interleaved_medians({"ours": step_ours, "peer": step_peer}, args.repeats, args.device)
+    seconds, _ = interleaved_medians({"ours": step_ours, "peer": step_peer}, args.repeats, args.device)
     tokens = batch * seq_len
     ours_tps, peer_tps = tokens / seconds["ours"], tokens / seconds["peer"]
     peak = peak_flops(torch.device(args.device))
