@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest
 
+PRESET ?= default
 demo: install
-	$(VENV)/bin/gptlab demo --out runs/demo
+	$(VENV)/bin/gptlab demo --preset $(PRESET) --out runs/demo
 
+BENCHMARKS := train_step decode pretrain_throughput prepare_throughput pretrain_memory
 bench: install
-	$(PY) benchmarks/train_step.py
-	$(PY) benchmarks/decode.py
+	set -e; for name in $(BENCHMARKS); do $(PY) benchmarks/$$name.py; done
 
 clean:
 	rm -rf $(VENV) runs

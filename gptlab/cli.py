@@ -11,6 +11,13 @@ from pathlib import Path
 from gptlab.errors import UserError
 
 
+def cmd_world(args) -> None:
+    from gptlab.world import format_summary, write_world
+
+    summary = write_world(args.out, seed=args.seed, preset=args.preset, force=args.force)
+    print(format_summary(summary))
+
+
 def cmd_tokenizer(args) -> None:
     from gptlab.data import iter_documents
     from gptlab.tokenizer import Tokenizer
@@ -23,7 +30,9 @@ def cmd_tokenizer(args) -> None:
 def cmd_prepare(args) -> None:
     from gptlab.data import prepare
 
-    meta = prepare(args.tokenizer, args.input, args.out, val_fraction=args.val_fraction, workers=args.workers)
+    meta = prepare(
+        args.tokenizer, args.input, args.out, val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite
+    )
     for split, info in meta["splits"].items():
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens")
     print(f"shards -> {args.out}")
@@ -63,12 +72,19 @@ def cmd_sample(args) -> None:
 def cmd_demo(args) -> None:
     from gptlab.demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), preset=args.preset, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlab", description="Train, evaluate, align and rank GPT-style models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("world", help="write TinyWorld: corpus, benchmarks, SFT and preference data, oracle")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="default", help="quick | default | large")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder that is not a world")
+    p.set_defaults(func=cmd_world)
 
     p = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text files")
     p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders")
@@ -82,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the shards and meta.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.set_defaults(func=cmd_prepare)
 
     p = commands.add_parser("pretrain", help="pretrain with next-token prediction (torchrun for several processes)")
@@ -101,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_sample)
 
-    p = commands.add_parser("demo", help="the whole pipeline on a small generated corpus")
+    p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--preset", default="quick", help="quick (<= 5 min on a 2-core CPU) | default (<= 30 min)")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
 

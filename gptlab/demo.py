@@ -1,80 +1,174 @@
-"""`gptlab demo`: the pipeline so far, end to end on a small generated corpus.
+"""`gptlab demo`: the whole pipeline on TinyWorld, through the same commands a user would run.
 
-Until TinyWorld lands this writes a corpus of two-digit additions, trains a tokenizer, shards
-the corpus, pretrains a small llama, samples from it, and writes ``report.md`` with what it
-measured (losses and exact-match accuracy on additions the corpus never contained).
+world -> tokenizer -> shards -> pretraining -> samples -> ``report.md`` with a loss-curve plot,
+data statistics, samples, timings and the machine. Each later stage (evaluation, SFT,
+preferences, arena, ladder) adds itself here and to the report when it lands.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import os
+import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from gptlab.config import build
-from gptlab.data import iter_documents, prepare
+import torch
+
+from gptlab.cli import main as gptlab
 from gptlab.engine import Engine
-from gptlab.pretrain import PretrainConfig, pretrain
+from gptlab.errors import UserError
+from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
 
 
-def addition_corpus(folder: Path, seed: int = 0) -> list[tuple[int, int]]:
-    """Write documents of 'a+b=c' lines; return held-out pairs that never appear in them."""
-    rng = random.Random(seed)
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    rng.shuffle(pairs)
-    held_out, train = pairs[:200], pairs[200:]
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"{a}+{b}={a + b}" for a, b in train]
-    docs = ["\n".join(lines[i : i + 8]) for i in range(0, len(lines), 8)]
-    rng.shuffle(docs)
-    (folder / "additions.txt").write_text("\n\n".join(docs * 4) + "\n")
-    return held_out
+@dataclass(frozen=True)
+class DemoPreset:
+    world: str  # TinyWorld preset
+    vocab_size: int
+    model: tuple[str, ...]  # --set overrides for pretraining
+    train: tuple[str, ...]
 
 
-def run_demo(out: Path) -> None:
-    started = time.time()
+PRESETS = {
+    "quick": DemoPreset(
+        world="quick",
+        vocab_size=1024,
+        model=("model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=256"),
+        train=("train.max_steps=250", "train.batch_size=16", "train.seq_len=128", "train.lr=3e-3",
+               "train.warmup_steps=20", "train.eval_every=50", "train.eval_batches=4", "train.save_every=125",
+               "train.log_every=10"),
+    ),
+    "default": DemoPreset(
+        world="default",
+        vocab_size=2048,
+        model=("model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=256"),
+        train=("train.max_steps=1000", "train.batch_size=16", "train.seq_len=256", "train.lr=3e-3",
+               "train.warmup_steps=50", "train.eval_every=100", "train.eval_batches=8", "train.save_every=250",
+               "train.log_every=10"),
+    ),
+}
+
+SAMPLE_PROMPTS = ["Q: 12+35=? A:", "Q: 7*8=? A:", "The capital of", "reverse: stone ->"]
+
+
+def stage(name: str, args: list[str], timings: dict) -> None:
+    """Run one gptlab command as a user would, with a progress line and its wall time."""
+    print(f"== demo: {name}: gptlab {' '.join(args)}", flush=True)
+    start = time.perf_counter()
+    code = gptlab(args)
+    timings[name] = time.perf_counter() - start
+    if code != 0:
+        raise UserError(f"the demo's {name} stage failed (exit {code}); see the message above")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return f"{cpu}; {device}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    tokens_per_step = metrics[-1]["tokens"] / metrics[-1]["step"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot([s * tokens_per_step for s, _ in val], [v for _, v in val], "o-", label="val loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Pretraining on TinyWorld")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
+    if preset not in PRESETS:
+        raise UserError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
-    held_out = addition_corpus(out / "corpus")
-    tokenizer = Tokenizer.train(iter_documents([out / "corpus"]), vocab_size=300)
-    tokenizer.save_pretrained(out / "tokenizer")
-    meta = prepare(out / "tokenizer", [out / "corpus"], out / "shards", val_fraction=0.02, workers=1, overwrite=True)
-    cfg = build(
-        PretrainConfig,
-        {
-            "model": {"vocab_size": tokenizer.vocab_size, "block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},
-            "data": {"shards": str(out / "shards")},
-            "train": {"max_steps": 600, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup_steps": 30,
-                      "eval_every": 200, "eval_batches": 4, "save_every": 300, "log_every": 20},
-        },
-    )
-    model = pretrain(cfg, out / "base").eval()
-    engine = Engine(model, tokenizer)
-    prompts = [tokenizer.encode(f"{a}+{b}=") for a, b in held_out]
-    answers = [tokenizer.decode(ids).split("\n")[0] for ids in engine.generate(prompts, max_new_tokens=4, temperature=0.0)]
-    correct = sum(answer == str(a + b) for answer, (a, b) in zip(answers, held_out))
-    metrics = [json.loads(line) for line in (out / "base" / "metrics.jsonl").read_text().splitlines()]
-    first, last = metrics[0], metrics[-1]
-    samples = [f"{a}+{b}={answer}" for answer, (a, b) in zip(answers[:5], held_out)]
-    report = [
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    stage("world", ["world", "--out", str(out / "world"), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
+    stage("tokenizer", ["tokenizer", "--input", str(out / "world" / "corpus"), "--vocab-size", str(spec.vocab_size),
+                        "--out", str(out / "tokenizer")], timings)
+    stage("prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(out / "world" / "corpus"),
+                      "--out", str(out / "shards"), "--val-fraction", "0.02", "--overwrite"], timings)
+    sets = [f"data.shards={out / 'shards'}", f"train.seed={seed}", *spec.model, *spec.train]
+    base = out / "base"
+    stage("pretrain", ["pretrain", "--out", str(base), *sum((["--set", s] for s in sets), [])], timings)
+
+    print("== demo: samples", flush=True)
+    model = GPT.from_pretrained(base / "model")
+    engine = Engine(model, Tokenizer.from_pretrained(base / "model"))
+    samples = [(p, engine.generate_text(p, max_new_tokens=24, temperature=0.0)) for p in SAMPLE_PROMPTS]
+    timings["total"] = time.perf_counter() - started
+
+    metrics = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    plot_losses(metrics, out / "loss.png")
+    meta = json.loads((out / "shards" / "meta.json").read_text())
+    report = render_report(preset, seed, model, meta, metrics, samples, timings)
+    (out / "report.md").write_text(report)
+    print(report)
+    return out / "report.md"
+
+
+def render_report(preset, seed, model: GPT, meta: dict, metrics: list[dict], samples, timings: dict) -> str:
+    train_losses = [m for m in metrics if "loss" in m]
+    first, last = train_losses[0], train_losses[-1]
+    val = [m for m in metrics if "val_loss" in m]
+    lines = [
         "# gptlab demo report",
         "",
-        f"Corpus: {meta['splits']['train']['tokens']:,} training tokens of two-digit additions; "
-        f"{len(held_out)} held-out sums never seen in training.",
-        f"Model: llama, {model.num_params():,} parameters, {cfg.train.max_steps} steps.",
+        f"Preset `{preset}`, seed {seed}. Machine: {machine()}.",
+        "",
+        "## Data",
+        "",
+        "| split | documents | tokens |",
+        "|---|---|---|",
+        *(f"| {split} | {info['documents']:,} | {info['tokens']:,} |" for split, info in meta["splits"].items()),
+        "",
+        f"Tokenizer: byte-level BPE, {meta['vocab_size']:,} tokens.",
+        "",
+        "## Pretraining",
+        "",
+        f"llama, {model.num_params():,} parameters ({model.config.n_layer} layers, width {model.config.n_embd}), "
+        f"{last['step']} steps, {last['tokens']:,} tokens.",
         "",
         "| measure | value |",
         "|---|---|",
-        f"| train loss, step {first['step']} | {first['loss']:.3f} |",
-        f"| train loss, step {last['step']} | {last['loss']:.3f} |",
-        f"| val loss, step {last['step']} | {last.get('val_loss', float('nan')):.3f} |",
-        f"| held-out additions solved (greedy) | {correct}/{len(held_out)} ({100 * correct / len(held_out):.0f}%) |",
-        f"| training throughput | {last['tok_per_s']:,.0f} tokens/s |",
-        f"| wall time | {time.time() - started:.0f} s |",
+        f"| train loss at step {first['step']} | {first['loss']:.3f} |",
+        f"| train loss at step {last['step']} | {last['loss']:.3f} |",
+        *([f"| val loss at step {val[0]['step']} | {val[0]['val_loss']:.3f} |",
+           f"| val loss at step {val[-1]['step']} | {val[-1]['val_loss']:.3f} |"] if val else []),
+        f"| throughput (last log window) | {last['tok_per_s']:,.0f} tokens/s |",
+        f"| peak memory | {last['peak_mem_mb']:,.0f} MB |",
         "",
-        "Samples (greedy): " + ", ".join(f"`{s}`" for s in samples),
+        "![loss curve](loss.png)",
+        "",
+        "## Samples (greedy, 24 new tokens)",
+        "",
+        *(f"- `{prompt}` -> `{completion!r}`" for prompt, completion in samples),
+        "",
+        "## Timings",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()),
         "",
     ]
-    (out / "report.md").write_text("\n".join(report))
-    print("\n".join(report))
+    return "\n".join(lines)
