@@ -160,15 +160,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
-        if self.n_kv_head != self.n_head:
-            repeat = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             is_causal=attn_mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,  # shares K/V heads without copying the cache
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 

@@ -1,0 +1,234 @@
+"""Inference: one batched prefill, then one-token decode steps over a preallocated KV cache.
+
+Prompts of different lengths share a batch by LEFT padding: every row's last prompt token
+sits in the same column, so one decode step serves all rows. Each row gets its own position
+ids (0..len-1 over its real tokens) and a key mask that hides its pad slots, so a padded row
+computes exactly what it would alone. The pad mask is built once for the whole cache length
+and sliced each step; a batch without padding passes no mask at all (the faster kernels).
+
+One decode loop (``Engine._steps``) serves everything: ``stream`` yields its steps, ``generate``
+collects them, and the text helpers decode them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from gptlab.errors import UserError
+from gptlab.model import GPT, KVCache
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V), applying temperature, then top-k, then top-p (HF's order).
+
+    Filtering keeps the candidates as (value, vocab index) pairs rather than writing -inf into
+    the full vocabulary, so a token outside the allowed set can never be drawn, even on ties.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    index = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, index = logits.topk(top_k, dim=-1)  # sorted, largest first
+    elif top_p is not None and top_p < 1.0:
+        logits, index = logits.sort(dim=-1, descending=True)
+    if top_p is not None and top_p < 1.0:
+        probs = logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before
+        # it already reaches top_p. The first token has zero mass before it, so it always stays.
+        mass_before = probs.cumsum(dim=-1) - probs
+        logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    return (index.gather(-1, choice) if index is not None else choice).squeeze(-1)
+
+
+class Engine:
+    """Generates from a ``GPT`` on its own device and dtype; a tokenizer is needed only for text.
+
+    The tokenizer is duck-typed: ``encode(text) -> list[int]`` (adding BOS), ``decode(ids) -> str``
+    and ``eos_id``.
+    """
+
+    def __init__(self, model: GPT, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def stream(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_ids: list[int] | None = None,
+        return_logprobs: bool = False,
+    ) -> Iterator[list[int | None]] | Iterator[tuple[list[int | None], list[float | None]]]:
+        """Yield, after each decode step, one entry per prompt: its new token, or None once it has stopped.
+
+        A row stops after emitting one of ``stop_ids`` (that token is emitted, as in Hugging Face)
+        or after ``max_new_tokens``; the stream ends when every row has stopped.
+        ``temperature == 0`` is greedy decoding and ignores ``seed``, ``top_k`` and ``top_p``.
+        With ``return_logprobs`` each step yields ``(tokens, logprobs)``: the log-softmax of the
+        raw logits (before temperature and filtering) at each emitted token.
+        Arguments are checked now; the model runs as the stream is consumed.
+        """
+        self._check(prompts, max_new_tokens, temperature, top_k, top_p)
+        steps = self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, return_logprobs)
+        return steps if return_logprobs else (tokens for tokens, _ in steps)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_ids: list[int] | None = None,
+        return_logprobs: bool = False,
+    ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+        """The new tokens of each prompt (a stop id, when reached, is the last of them); see ``stream``.
+
+        With ``return_logprobs``, returns ``(tokens, logprobs)`` with one log-prob per new token.
+        """
+        self._check(prompts, max_new_tokens, temperature, top_k, top_p)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        steps = self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, return_logprobs)
+        for step_tokens, step_logprobs in steps:
+            for row, token in enumerate(step_tokens):
+                if token is not None:
+                    tokens[row].append(token)
+                    if return_logprobs:
+                        logprobs[row].append(step_logprobs[row])
+        return (tokens, logprobs) if return_logprobs else tokens
+
+    def generate_text(self, text: str, **kwargs) -> str:
+        """Continue ``text`` and return the new text; a final stop token (default: EOS) is not rendered."""
+        return "".join(self.stream_text(text, **kwargs))
+
+    def stream_text(self, text: str, max_new_tokens: int, stop_ids: list[int] | None = None, **kwargs) -> Iterator[str]:
+        """Yield the new text in pieces as it is generated; the pieces join to the decoded continuation.
+
+        Decoding token by token would cut multi-byte UTF-8 characters in half, so this decodes a
+        short window of recent ids and emits only the stable new suffix, holding back a trailing
+        U+FFFD until the character completes (the windowed scheme of vLLM's detokenizer, whose
+        cost per step does not grow with the length of the text).
+        """
+        tok = self._require_tokenizer()
+        stop_ids = [tok.eos_id] if stop_ids is None else stop_ids
+        stops = set(stop_ids)
+        ids: list[int] = []
+        start = done = 0  # ids[start:done] were emitted as text and give context to the next decode
+        for (token,) in self.stream([tok.encode(text)], max_new_tokens, stop_ids=stop_ids, **kwargs):
+            if token in stops:
+                break
+            ids.append(token)
+            emitted = tok.decode(ids[start:done])
+            current = tok.decode(ids[start:])
+            if len(current) > len(emitted) and not current.endswith(REPLACEMENT_CHAR):
+                yield current[len(emitted):]
+                start, done = done, len(ids)
+        tail = tok.decode(ids[start:])[len(tok.decode(ids[start:done])):]
+        if tail:  # bytes that never completed a character: render them as the full decode would
+            yield tail
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise UserError("text generation needs a tokenizer: create the Engine as Engine(model, tokenizer)")
+        return self.tokenizer
+
+    def _check(self, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+        config = self.model.config
+        if max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise UserError(f"top_k must be >= 1 or None, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
+        for row, prompt in enumerate(prompts):
+            if not prompt:
+                raise UserError(f"prompt {row} is empty: give at least one token (e.g. BOS)")
+            if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+                raise UserError(f"prompt {row} has token ids outside the model's vocabulary [0, {config.vocab_size})")
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + max_new_tokens > config.block_size:
+            raise UserError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's block_size "
+                f"{config.block_size}: shorten the prompt or lower max_new_tokens"
+            )
+
+    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, return_logprobs):
+        """The decode loop: yields (tokens, logprobs) per step; logprobs entries are None unless asked for."""
+        if not prompts or max_new_tokens == 0:
+            return
+        param = next(self.model.parameters())
+        device, batch = param.device, len(prompts)
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # pad slots left of each row
+        # Position of every (row, slot) of the cache: 0 at each row's first real token.
+        slots = torch.arange(longest + max_new_tokens, device=device)
+        positions = (slots - pad[:, None]).clamp(min=0)
+        if bool((pad > 0).any()):
+            real_key = (slots >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S), sliced per step
+            causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+            # A pad query attends only to itself: a fully masked row would give NaN, which the
+            # pad's keys and values would then carry into later layers.
+            eye = torch.eye(longest, dtype=torch.bool, device=device)
+            prefill_mask = causal & (real_key[..., :longest] | eye)
+        else:
+            real_key = prefill_mask = None  # no padding: plain causal attention, no mask tensors
+        generator = None
+        if temperature > 0 and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        stops = set(stop_ids or ())
+        running = [True] * batch
+        cache = KVCache(self.model.config, batch, longest + max_new_tokens, device, param.dtype)
+
+        sampling = (temperature, top_k, top_p, generator, return_logprobs)
+        token, logprob = self._next(ids, positions[:, :longest], prefill_mask, cache, *sampling)
+        for step in range(max_new_tokens):
+            tokens = token.tolist()
+            logprobs = logprob.tolist() if return_logprobs else [None] * batch
+            yield (
+                [t if alive else None for t, alive in zip(tokens, running)],
+                [lp if alive else None for lp, alive in zip(logprobs, running)],
+            )
+            running = [alive and t not in stops for t, alive in zip(tokens, running)]
+            if step == max_new_tokens - 1 or not any(running):
+                return
+            end = cache.pos + 1
+            mask = real_key[..., :end] if real_key is not None else None
+            token, logprob = self._next(token[:, None], positions[:, end - 1:end], mask, cache, *sampling)
+
+    @torch.inference_mode()
+    def _next(self, ids, positions, attn_mask, cache, temperature, top_k, top_p, generator, return_logprobs):
+        """Run ``ids`` through the model into ``cache`` and pick each row's next token from the
+        last position's logits; returns (token (B,), its raw log-prob (B,) or None)."""
+        training = self.model.training
+        if training:  # dropout must not touch generation; the caller's mode is restored below
+            self.model.eval()
+        try:
+            hidden = self.model.hidden(ids, positions, attn_mask, cache)
+        finally:
+            if training:
+                self.model.train()
+        logits = self.model.lm_head(hidden[:, -1]).float()
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        if not return_logprobs:
+            return token, None
+        return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)

@@ -1,0 +1,238 @@
+"""The engine: KV-cache decoding equals the full forward, matches transformers' greedy search,
+samples only from the allowed set, stops and streams correctly."""
+
+import pytest
+import torch
+
+from gptlab.engine import Engine, sample_next
+from gptlab.errors import UserError
+from gptlab.model import GPT, ModelConfig
+
+VOCAB = 97
+PROMPTS = [[5, 17, 3, 90, 41, 8, 22], [11, 2], [60, 61, 62, 7]]  # different lengths: left padding
+
+
+def tiny(family: str, **overrides) -> GPT:
+    torch.manual_seed(0)
+    settings = dict(family=family, vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    if family == "llama":
+        settings["n_kv_head"] = 2  # GQA: n_kv_head < n_head
+    return GPT(ModelConfig(**{**settings, **overrides})).eval()
+
+
+def full_logits(model: GPT, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) from one plain forward: no cache, no padding."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0]
+
+
+def step_logits(model: GPT, prompt: list[int], new: list[int]) -> torch.Tensor:
+    """The logits each new token was drawn from, recomputed without the engine."""
+    return full_logits(model, prompt + new)[len(prompt) - 1 : len(prompt) - 1 + len(new)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_decode_equals_full_forward(family):
+    model = tiny(family)
+    engine = Engine(model)
+    tokens, logprobs = engine.generate(PROMPTS, 12, temperature=0, return_logprobs=True)
+    for prompt, new, lps in zip(PROMPTS, tokens, logprobs):
+        assert len(new) == len(lps) == 12
+        logits = step_logits(model, prompt, new)
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
+        assert logits.argmax(-1).tolist() == new
+        assert engine.generate([prompt], 12, temperature=0) == [new]  # padding changes nothing
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_model_is_causal(family):
+    model = tiny(family)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[0, 9] = (changed[0, 9] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[0, :9], b[0, :9], atol=0, rtol=0)
+    assert not torch.allclose(a[0, 9:], b[0, 9:])
+
+
+def hf_model(family: str, path):
+    """A random transformers model saved to ``path``; weights large enough to avoid argmax near-ties."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.2, **common,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=64, layer_norm_epsilon=1e-5, initializer_range=0.2, **common
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    model.eval().save_pretrained(path)
+    return model
+
+
+def hf_greedy(hf, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+    """transformers' greedy search with left padding; also the smallest top-1/top-2 logit gap seen."""
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+        )
+    top2 = torch.stack(out.scores).topk(2, dim=-1).values
+    return out.sequences[:, longest:].tolist(), float((top2[..., 0] - top2[..., 1]).min())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_matches_transformers(family, tmp_path):
+    hf = hf_model(family, tmp_path)
+    engine = Engine(GPT.from_pretrained(tmp_path))
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        expected, gap = hf_greedy(hf, prompts, 16)
+        assert gap > 1e-4, "near-tie in the reference: equality would be luck; change the seed"
+        assert engine.generate(prompts, 16, temperature=0) == expected
+
+
+def test_seeded_sampling_is_reproducible():
+    engine = Engine(tiny("llama"))  # untrained: a flat distribution, so different seeds differ
+    a = engine.generate(PROMPTS, 20, temperature=1.0, seed=123)
+    assert a == engine.generate(PROMPTS, 20, temperature=1.0, seed=123)
+    assert a != engine.generate(PROMPTS, 20, temperature=1.0, seed=124)
+
+
+def test_temperature_zero_is_greedy_and_ignores_seed():
+    engine = Engine(tiny("gpt2"))
+    greedy = engine.generate(PROMPTS, 10, temperature=0)
+    assert engine.generate(PROMPTS, 10, temperature=0, seed=1, top_k=3) == greedy
+    assert engine.generate(PROMPTS, 10, temperature=0, seed=2, top_p=0.5) == greedy
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_top_k_emits_only_top_k_tokens(family):
+    model = tiny(family)  # flat: unfiltered sampling would leave the top 3 of 97 almost every step
+    tokens, logprobs = Engine(model).generate(PROMPTS, 30, temperature=1.5, top_k=3, seed=0, return_logprobs=True)
+    for prompt, new, lps in zip(PROMPTS, tokens, logprobs):
+        logits = step_logits(model, prompt, new)
+        chosen = logits.gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
+        assert (chosen >= logits.topk(3, dim=-1).values[:, -1] - 1e-5).all()
+        # log-probs are of the raw logits: neither temperature nor filtering changes them
+        torch.testing.assert_close(torch.tensor(lps), chosen - logits.logsumexp(-1), atol=1e-5, rtol=0)
+
+
+def nucleus_violations(model: GPT, tokens: list[list[int]], top_p: float) -> int:
+    """How many emitted tokens lie outside the nucleus (the smallest top set reaching top_p) of their step."""
+    count = 0
+    for prompt, new in zip(PROMPTS, tokens):
+        probs = step_logits(model, prompt, new).softmax(-1)
+        chosen = probs.gather(-1, torch.tensor(new)[:, None])
+        mass_before = (probs * (probs > chosen)).sum(-1)  # mass of the tokens ranked above it
+        count += int((mass_before >= top_p + 1e-4).sum())
+    return count
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_top_p_emits_only_nucleus_tokens(family):
+    model = tiny(family)
+    engine = Engine(model)
+    assert nucleus_violations(model, engine.generate(PROMPTS, 30, top_p=0.6, seed=0), 0.6) == 0
+    assert nucleus_violations(model, engine.generate(PROMPTS, 30, seed=0), 0.6) > 0  # the check has teeth
+
+
+def test_sample_next_filters_exactly():
+    logits = torch.tensor([0.5, 0.3, 0.2, 0.0]).log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next(logits, 1.0, top_p=0.79, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.81, generator=g).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    # top-p acts on the top-k renormalised: [4/7, 3/7] keeps only token 0 at 0.55 (0.4 alone would not reach it).
+    two = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(4000, 4)
+    assert set(sample_next(two, 1.0, top_k=2, top_p=0.55, generator=g).tolist()) == {0}
+    assert set(sample_next(two, 1.0, top_p=0.55, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, generator=g).tolist()) == {0, 1, 2}  # zero probability: never
+
+
+def test_stop_ids_end_a_row_and_others_continue():
+    engine = Engine(tiny("llama"))
+    free = engine.generate(PROMPTS, 12, temperature=0)
+    stop = next(t for t in free[0][:8] if t not in free[1])  # ends row 0 early, never row 1
+    end = free[0].index(stop) + 1
+    tokens = engine.generate(PROMPTS, 12, temperature=0, stop_ids=[stop])
+    for row, expected in zip(tokens, free):
+        assert row == (expected[: expected.index(stop) + 1] if stop in expected else expected)
+    assert len(tokens[0]) == end < 12  # the stop token is emitted, then the row ends
+    assert tokens[1] == free[1]
+    steps = list(engine.stream(PROMPTS, 12, temperature=0, stop_ids=[stop]))
+    assert len(steps) == 12 and all(step[0] is None for step in steps[end:])
+    assert all(step[1] is not None for step in steps)
+
+
+def test_stream_ends_when_every_row_has_stopped():
+    engine = Engine(tiny("gpt2"))
+    free = engine.generate(PROMPTS, 8, temperature=0)
+    stops = [row[1] for row in free]
+    steps = list(engine.stream(PROMPTS, 8, temperature=0, stop_ids=stops))
+    assert len(steps) < 8
+
+
+def test_too_long_raises_user_error():
+    engine = Engine(tiny("llama"))
+    with pytest.raises(UserError, match="block_size 64") as info:
+        engine.generate([[1] * 40], 30)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError):
+        engine.stream([[1] * 40], 30)  # checked when called, before the first step is asked for
+    assert len(engine.generate([[1] * 40], 24, temperature=0)[0]) == 24  # exactly block_size fits
+
+
+def test_generation_ignores_dropout_and_keeps_training_mode():
+    model = tiny("gpt2", dropout=0.5)
+    expected = Engine(model).generate(PROMPTS, 8, temperature=0)
+    model.train()
+    assert Engine(model).generate(PROMPTS, 8, temperature=0) == expected
+    assert model.training
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (0..255); 256 is EOS, 257 is BOS."""
+
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return [257, *text.encode()]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def test_stream_text_never_splits_a_character(monkeypatch):
+    text = "café 🙂 ok ñ"
+    script = [*text.encode(), ByteTokenizer.eos_id, 65]
+    engine = Engine(tiny("llama", vocab_size=258), ByteTokenizer())
+    monkeypatch.setattr(engine, "stream", lambda prompts, n, **kw: iter([[t] for t in script[:n]]))
+    pieces = list(engine.stream_text("hi", max_new_tokens=50))
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == text  # ends at EOS, which is not rendered
+    assert len(pieces) == len(text)  # a piece per character: nothing held back longer than needed
+
+
+def test_stream_text_joins_to_the_full_decode():
+    tok = ByteTokenizer()
+    engine = Engine(tiny("gpt2", vocab_size=258), tok)
+    tokens = engine.generate([tok.encode("héllo")], 40, temperature=1.0, seed=3, stop_ids=[tok.eos_id])[0]
+    expected = tok.decode(tokens)  # random bytes: may hold genuine U+FFFD, which must still come out
+    assert "".join(engine.stream_text("héllo", max_new_tokens=40, temperature=1.0, seed=3)) == expected
+    assert engine.generate_text("héllo", max_new_tokens=40, temperature=1.0, seed=3) == expected
+
+
+def test_text_needs_a_tokenizer():
+    with pytest.raises(UserError, match="tokenizer"):
+        Engine(tiny("llama")).generate_text("hello", max_new_tokens=3)
