@@ -50,7 +50,27 @@ PRESETS = {
     ),
 }
 
-SAMPLE_PROMPTS = ["Q: 12+35=? A:", "Q: 7*8=? A:", "The capital of", "reverse: stone ->"]
+def sample_prompts(world: Path) -> list[tuple[str, str]]:
+    """(prompt, expected) pairs on held-out items: a fact about a held-out person, an addition
+    answered directly and step by step, and a two-shot word reversal."""
+
+    def first(path: Path, n: int = 1) -> list[dict]:
+        with path.open() as f:
+            return [json.loads(next(f)) for _ in range(n)]
+
+    truth = json.loads((world / "world.json").read_text())
+    person = next(p for p in truth["people"] if p["split"] == "test")
+    add = first(world / "bench" / "arith" / "add_2_test.jsonl")[0]
+    answer = add["answer"].rsplit("#### ", 1)[1]
+    shots = first(world / "bench" / "words" / "reverse_fewshot.jsonl", 2)
+    word = first(world / "bench" / "words" / "reverse_test.jsonl")[0]
+    episode = "".join(f"{s['input']} -> {s['output']}\n" for s in shots) + f"{word['input']} ->"
+    return [
+        (f"Q: In which city was {person['name']} born? A:", person["birth_city"]),
+        (f"Q: {add['question']} A:", answer),
+        (f"Q: {add['question']} A: Let's think step by step.", answer),
+        (episode, word["output"]),
+    ]
 
 
 def stage(name: str, args: list[str], timings: dict) -> None:
@@ -115,7 +135,10 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     print("== demo: samples", flush=True)
     model = GPT.from_pretrained(base / "model")
     engine = Engine(model, Tokenizer.from_pretrained(base / "model"))
-    samples = [(p, engine.generate_text(p, max_new_tokens=24, temperature=0.0)) for p in SAMPLE_PROMPTS]
+    samples = [
+        (prompt, expected, engine.generate_text(prompt, max_new_tokens=40, temperature=0.0).split("\n")[0])
+        for prompt, expected in sample_prompts(out / "world")
+    ]
     timings["total"] = time.perf_counter() - started
 
     metrics = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
@@ -125,6 +148,11 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     (out / "report.md").write_text(report)
     print(report)
     return out / "report.md"
+
+
+def cell(text: str) -> str:
+    """Model text inside a markdown table cell: literal, one line, no table or code breaks."""
+    return text.replace("\n", " / ").replace("|", "\\|").replace("`", "'")
 
 
 def render_report(preset, seed, model: GPT, meta: dict, metrics: list[dict], samples, timings: dict) -> str:
@@ -160,9 +188,11 @@ def render_report(preset, seed, model: GPT, meta: dict, metrics: list[dict], sam
         "",
         "![loss curve](loss.png)",
         "",
-        "## Samples (greedy, 24 new tokens)",
+        "## Samples on held-out items (greedy, first line)",
         "",
-        *(f"- `{prompt}` -> `{completion!r}`" for prompt, completion in samples),
+        "| prompt | expected | model |",
+        "|---|---|---|",
+        *(f"| `{cell(prompt)}` | `{cell(expected)}` | `{cell(completion)}` |" for prompt, expected, completion in samples),
         "",
         "## Timings",
         "",

@@ -126,3 +126,12 @@ def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world
     assert result.stderr.strip().splitlines()[-1].startswith("gptlab: error: ")
     assert "no checkpoint" in result.stderr.splitlines()[-1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_world_and_demo_errors(tmp_path):
+    assert_user_error(gptlab("world", "--out", tmp_path / "w", "--preset", "huge"), "huge")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert_user_error(gptlab("world", "--out", tmp_path / "busy"), "--force")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    assert_user_error(gptlab("demo", "--preset", "nope", "--out", tmp_path / "d"), "nope")
