@@ -348,18 +348,22 @@ def test_ranks_partition_the_single_process_batch(shards: Path):
         assert torch.equal(y, torch.cat([p[1] for p in parts]))
 
 
-def test_val_batches_are_in_order_and_rank_aware(shards: Path):
+def test_val_batches_spread_evenly_over_the_split_and_are_rank_aware(shards: Path):
     loader = TokenLoader(shards, "val", seq_len=8, batch_size=2)
     stream = torch.from_numpy(read_split(shards, "val").astype(np.int64))
     batches = list(loader.val_batches(max_batches=3))
     assert len(batches) == 3
+    chosen = [w * loader.num_windows // 6 for w in range(6)]  # six windows spread over the split
+    assert chosen[-1] >= loader.num_windows // 2
     for k, (x, y) in enumerate(batches):
         for j in range(2):
-            w = 2 * k + j
+            w = chosen[2 * k + j]
             assert torch.equal(x[j], stream[w * 9 : w * 9 + 8]) and torch.equal(y[j], stream[w * 9 + 1 : w * 9 + 9])
-    assert len(list(loader.val_batches())) == loader.num_windows // 2
+    every = list(loader.val_batches())
+    assert len(every) == loader.num_windows // 2
+    assert torch.equal(every[1][0][0], stream[2 * 9 : 2 * 9 + 8])  # all batches: consecutive windows
     rank1 = TokenLoader(shards, "val", seq_len=8, batch_size=1, rank=1, world_size=2)
-    assert torch.equal(next(rank1.val_batches())[0][0], batches[0][0][1])
+    assert torch.equal(next(rank1.val_batches(max_batches=3))[0][0], batches[0][0][1])
     assert loader.position == 0
 
 

@@ -189,6 +189,22 @@ def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_pat
     assert all(torch.allclose(expected[k], got[k], atol=1e-4) for k in expected)
 
 
+def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
+    """A checkpoint saved without FSDP (optimizer state keyed by index) resumes on 2 FSDP ranks."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
+            "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    assert run_killed(KILL_AFTER_FIRST_SAVE, *args).returncode == -signal.SIGKILL
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gptlab", "pretrain", "--out", str(out), "--resume", "--set", "train.parallelism=fsdp"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, resumed = losses(uninterrupted), losses(out)
+    assert single.keys() == resumed.keys()
+    assert all(abs(single[s] - resumed[s]) < 1e-4 for s in single), (single, resumed)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))

@@ -113,8 +113,9 @@ class TokenLoader:
         return self._batch(windows)
 
     def val_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Windows in stream order, unshuffled, for evaluation; only whole global batches, so
-        every rank gets the same number. Does not move the training position."""
+        """Windows for evaluation, unshuffled and spread evenly over the whole split (so a few
+        batches sample every part of the corpus, not just its first files); only whole global
+        batches, so every rank gets the same number. Does not move the training position."""
         per_step = self.batch_size * self.world_size
         count = self.num_windows // per_step
         if count == 0:
@@ -124,8 +125,10 @@ class TokenLoader:
             )
         if max_batches is not None:
             count = min(count, max_batches)
+        windows = np.arange(count * per_step) * self.num_windows // (count * per_step)
         for k in range(count):
-            yield self._batch(k * per_step + self.rank * self.batch_size + np.arange(self.batch_size))
+            start = k * per_step + self.rank * self.batch_size
+            yield self._batch(windows[start : start + self.batch_size])
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -358,10 +358,25 @@ class Trainer:
 
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
             set_model_state_dict(self.model, weights, options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, self._keyed_by_name(optim_state), options=options)
         else:
             self.model.load_state_dict(weights)
             self.optimizer.load_state_dict(optim_state)
+
+    def _keyed_by_name(self, optim_state: dict) -> dict:
+        """The optimizer state keyed by parameter name, as FSDP's loader needs. A one-process or DDP
+        run saves it keyed by index in the optimizer's parameter order, which ``build_optimizer``
+        makes the same in every run of the same model; names pass through."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+        def key(k):
+            return order[k] if isinstance(k, int) else k
+
+        return {
+            "state": {key(k): v for k, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in optim_state["param_groups"]],
+        }
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -427,11 +442,11 @@ class Trainer:
         flops_per_step = self.model.flops_per_token(cfg.seq_len) * self.tokens_per_step
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.runtime.is_main, unit="step", dynamic_ncols=True)
-        window_time, window_steps = 0.0, 0
+        window_time, window_steps, window_loss = 0.0, 0, torch.zeros((), device=self.runtime.device)
         try:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
-                loss = self._train_step()
+                window_loss += self._train_step()
                 window_time += time.perf_counter() - start
                 self.step += 1
                 window_steps += 1
@@ -440,7 +455,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last:
                     record = {
                         "step": self.step,
-                        "loss": round(loss.item(), 6),
+                        "loss": round(window_loss.item() / window_steps, 6),  # mean since the last log
                         "lr": learning_rate(cfg, self.step - 1),
                         "tokens": self.step * self.tokens_per_step,
                         "tok_per_s": round(window_steps * self.tokens_per_step / window_time, 1),
@@ -450,7 +465,7 @@ class Trainer:
                         "peak_mem_mb": round(peak_memory_mb(self.runtime.device), 1),
                     }
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
-                    window_time, window_steps = 0.0, 0
+                    window_time, window_steps, window_loss = 0.0, 0, torch.zeros_like(window_loss)
                 if self.evaluate and (cfg.eval_every and self.step % cfg.eval_every == 0 or last):
                     record = {"step": self.step, **record, **self._run_eval()}
                 if record:
