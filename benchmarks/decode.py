@@ -25,8 +25,15 @@ from benchmarks.common import DTYPES, interleaved_medians, result_line  # noqa: 
 from gptlab.engine import Engine  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 
-# name: (transformers class, its config). "small" suits a 2-core CPU; "gpt2-124m" is GPT-2 small.
+# name: (transformers class, its config). "tiny" and "small" suit a 2-core CPU; "gpt2-124m" is GPT-2 small.
 SHAPES = {
+    "tiny": (  # the scale TinyWorld models are trained at on a laptop
+        transformers.LlamaForCausalLM,
+        transformers.LlamaConfig(
+            vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=512, rms_norm_eps=1e-5,
+        ),
+    ),
     "small": (
         transformers.LlamaForCausalLM,
         transformers.LlamaConfig(
