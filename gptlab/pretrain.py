@@ -43,10 +43,11 @@ def load_config(config_path: str | None, overrides: list[str], out_dir: Path, re
         raw = apply_overrides(json.loads((out_dir / "run.json").read_text())["config"], overrides)
     else:
         raw = read_raw(config_path, overrides)
+    cfg = build(PretrainConfig, raw)  # refuses unknown keys before any file is read
     if get_dotted(raw, "model.vocab_size") is None:
-        shards = get_dotted(raw, "data.shards", DataConfig.shards)
-        set_dotted(raw, "model.vocab_size", read_meta(shards)["vocab_size"])
-    return build(PretrainConfig, raw)
+        set_dotted(raw, "model.vocab_size", read_meta(cfg.data.shards)["vocab_size"])
+        cfg = build(PretrainConfig, raw)
+    return cfg
 
 
 def tokenizer_for(cfg: PretrainConfig, meta: dict) -> Tokenizer:
