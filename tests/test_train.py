@@ -48,6 +48,17 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+def pretrain_args(out: Path, shards: Path, *sets: str) -> list:
+    """`gptlab pretrain` arguments for the tiny model on the test shards, plus extra --set keys."""
+    args = ["pretrain", "--out", out]
+    for item in (f"data.shards={shards}", *TINY, *sets):
+        args += ["--set", item]
+    return args
+
+
+SAVED_TWICE = ("train.max_steps=20", "train.save_every=10", "train.eval_every=10")
+
+
 def gptlab(*args, check=True, env=None) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
@@ -72,8 +83,7 @@ def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
     counts = np.array(list(Counter(stream.tolist()).values()), dtype=np.float64)
     p = counts / counts.sum()
     unigram_entropy = float(-(p * np.log(p)).sum())
-    gptlab("pretrain", "--out", tmp_path / "run", "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
-           "--set", "train.max_steps=250", "--set", "train.eval_every=250", "--set", "train.save_every=0")
+    gptlab(*pretrain_args(tmp_path / "run", shards, "train.max_steps=250", "train.eval_every=250", "train.save_every=0"))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
     assert final["step"] == 250 and "val_loss" in final
@@ -126,15 +136,13 @@ def run_killed(script: str, *args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
-    gptlab("pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
-           "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10")
+    gptlab(*pretrain_args(out, shards, *SAVED_TWICE))
     return out
 
 
 def test_resume_after_sigkill_is_bitwise_equal(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
-            "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    args = pretrain_args(out, shards, *SAVED_TWICE)
     killed = run_killed(KILL_AFTER_FIRST_SAVE, *args)
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(out)] == ["step-0000010"]
@@ -149,8 +157,7 @@ def test_resume_after_sigkill_is_bitwise_equal(shards, uninterrupted, tmp_path):
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
-            "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    args = pretrain_args(out, shards, *SAVED_TWICE)
     killed = run_killed(KILL_DURING_SAVE, *args)
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(out)] == ["step-0000010"]  # the half-written step 20 is invisible
@@ -161,8 +168,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(shards, unin
 
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    gptlab("pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
-           "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10")
+    gptlab(*pretrain_args(out, shards, *SAVED_TWICE))
     newest = out / "checkpoints" / "step-0000020" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
     resumed = gptlab("pretrain", "--out", out, "--resume")
@@ -174,10 +180,8 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupt
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_path, parallelism):
     out = tmp_path / parallelism
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gptlab", "pretrain", "--out", str(out), "--set", f"data.shards={shards}",
-           *sum((["--set", s] for s in TINY), []), "--set", f"train.parallelism={parallelism}",
-           "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptlab",
+           *map(str, pretrain_args(out, shards, f"train.parallelism={parallelism}", *SAVED_TWICE))]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -192,8 +196,7 @@ def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_pat
 def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
     """A checkpoint saved without FSDP (optimizer state keyed by index) resumes on 2 FSDP ranks."""
     out = tmp_path / "run"
-    args = ["pretrain", "--out", out, "--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
-            "--set", "train.max_steps=20", "--set", "train.save_every=10", "--set", "train.eval_every=10"]
+    args = pretrain_args(out, shards, *SAVED_TWICE)
     assert run_killed(KILL_AFTER_FIRST_SAVE, *args).returncode == -signal.SIGKILL
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gptlab", "pretrain", "--out", str(out), "--resume", "--set", "train.parallelism=fsdp"]
@@ -236,10 +239,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
-    common = ["--set", f"data.shards={shards}", *sum((["--set", s] for s in TINY), []),
-              "--set", "train.max_steps=5", "--set", "train.save_every=0", "--set", "train.eval_every=0"]
-    gptlab("pretrain", "--out", tmp_path / "big", *common)
-    gptlab("pretrain", "--out", tmp_path / "accum", *common, "--set", "train.micro_batch_size=2")
+    common = ("train.max_steps=5", "train.save_every=0", "train.eval_every=0")
+    gptlab(*pretrain_args(tmp_path / "big", shards, *common))
+    gptlab(*pretrain_args(tmp_path / "accum", shards, *common, "train.micro_batch_size=2"))
     big, accum = losses(tmp_path / "big"), losses(tmp_path / "accum")
     assert all(math.isclose(big[s], accum[s], abs_tol=1e-5) for s in big)
     for name, tensor in weights(tmp_path / "big" / "model").items():
