@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -177,11 +175,3 @@ def run_info(config: dict, **extra) -> dict:
         "git_commit": commit,
         **extra,
     }
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

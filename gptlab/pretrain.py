@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config import apply_overrides, build, get_dotted, read_raw, run_info, set_dotted, to_dict, write_json_atomic
+from gptlab.config import apply_overrides, build, get_dotted, read_raw, run_info, set_dotted, to_dict
 from gptlab.data import TokenLoader, read_meta
 from gptlab.errors import UserError
+from gptlab.fileio import write_json_atomic
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from gptlab.errors import UserError
+from gptlab.fileio import write_json_atomic, write_text_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -150,8 +151,8 @@ class Tokenizer:
             clean_up_tokenization_spaces=False,
             model_max_length=model_max_length or config.get("model_max_length", UNLIMITED_LENGTH),
         )
-        _write_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        write_json_atomic(directory / "tokenizer_config.json", config)
 
     # ----------------------------------------------------------------------------- use
 
@@ -222,9 +223,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object: the file is corrupt")
     return data
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

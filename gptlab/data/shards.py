@@ -26,6 +26,7 @@ import numpy as np
 
 from gptlab.data.documents import iter_documents, require_documents
 from gptlab.errors import UserError
+from gptlab.fileio import write_json_atomic
 from gptlab.tokenizer import Tokenizer
 
 MAGIC = b"GPTLABTK"
@@ -191,16 +192,6 @@ def read_meta(shards_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- prepare
 
 
@@ -272,7 +263,7 @@ def prepare(
     }
     # A copy of the tokenizer travels with its shards, so training needs only the shards folder.
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    _write_json_atomic(out_dir / "meta.json", meta)
+    write_json_atomic(out_dir / "meta.json", meta)
     return meta
 
 
