@@ -443,7 +443,10 @@ class Trainer:
         peak = peak_flops(self.runtime.device)
         flops_per_step = self.model.flops_per_token(cfg.seq_len) * self.tokens_per_step
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.runtime.is_main, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, disable=not self.runtime.is_main, unit="step", dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
+        )
         window_time, window_steps, window_loss = 0.0, 0, torch.zeros((), device=self.runtime.device)
         try:
             while self.step < cfg.max_steps:
