@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DTYPES, device_name, result_line, synchronize  # noqa: E402
+from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line  # noqa: E402
 from benchmarks.pretrain_throughput import SHAPES  # noqa: E402
 from gptlab.model import GPT, ModelConfig  # noqa: E402
 
@@ -75,19 +73,6 @@ def cuda_step_memory(step, device: torch.device) -> tuple[int, int]:
     held = step(report_held=lambda: torch.cuda.memory_allocated(device) - base)
     torch.cuda.synchronize(device)
     return held, torch.cuda.max_memory_allocated(device) - base
-
-
-def interleaved_step_seconds(steps: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of each (already warmed-up) step function, called in turns."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(cfg: ModelConfig, checkpointing: bool, batch: int, seq_len: int, device: torch.device, autocast) -> dict:
@@ -143,7 +128,7 @@ def main() -> None:
     off, on = results["off"], results["on"]
     seconds = {}
     if args.repeats:  # what the memory costs in time: the recomputation
-        seconds = interleaved_step_seconds({"off": off["step"], "on": on["step"]}, args.repeats, args.device)
+        seconds, _ = interleaved_medians({"off": off["step"], "on": on["step"]}, args.repeats, args.device)
     print(f"shape {args.shape}: {off['num_params']:,} params ({off['params'] / MIB:.1f} MiB), "
           f"batch {batch} x {seq_len}, {args.dtype}, {device_name(args.device)}")
     print(f"MiB above weights and optimizer state{'checkpointing off':>20}{'on':>8}{'on/off':>9}")

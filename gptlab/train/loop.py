@@ -248,12 +248,11 @@ class Trainer:
         batches: BatchSource,
         evaluate: Callable[[torch.nn.Module], dict] | None = None,
         tokenizer=None,
-        tokens_per_batch: int | None = None,
     ):
         self.cfg, self.runtime, self.out_dir = cfg, runtime, Path(out_dir)
         self.loss_fn, self.batches, self.evaluate, self.tokenizer = loss_fn, batches, evaluate, tokenizer
         self.micro_batch_size, self.grad_accum = runtime.micro_batching(cfg)
-        self.tokens_per_step = tokens_per_batch or cfg.batch_size * cfg.seq_len
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.model = model.to(runtime.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         self.wrapped = self._wrap(self.model)
