@@ -69,6 +69,80 @@ def cmd_sample(args) -> None:
     print()
 
 
+def cmd_sft(args) -> None:
+    from gptlab.align.sft import load_config, sft
+
+    out = Path(args.out)
+    cfg = load_config(args.config, args.set, out, args.resume)
+    sft(cfg, out, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model -> {out / 'model'}")
+
+
+def cmd_chat(args) -> None:
+    from gptlab.align.chat import ChatSession, run_chat, typed_lines
+    from gptlab.engine import Engine
+    from gptlab.model import GPT
+    from gptlab.tokenizer import Tokenizer
+
+    model_dir = Path(args.model)
+    model = GPT.from_pretrained(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(
+            f"{model_dir} has no tokenizer.json, so messages cannot be encoded; "
+            "copy the tokenizer files into the model folder (gptlab pretrain and sft save them there)"
+        )
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(256, model.config.block_size // 2)
+    session = ChatSession(
+        Engine(model.eval(), Tokenizer.from_pretrained(model_dir)), system=args.system,
+        max_new_tokens=max_new_tokens, temperature=args.temperature, seed=args.seed,
+        notify=lambda message: print(f"gptlab: {message}", file=sys.stderr, flush=True),
+    )
+    if sys.stdin.isatty():
+        print(f"chatting with {model_dir}; Ctrl-D to quit", file=sys.stderr)
+        run_chat(session, typed_lines("> "))
+    else:  # scripted: one message per line, one reply per message
+        run_chat(session, sys.stdin)
+
+
+def cmd_ladder(args) -> None:
+    from gptlab.ladder import load_config, run_ladder
+    from gptlab.report import write_ladder_report
+
+    out = Path(args.out)
+    cfg = load_config(args.preset, args.config, args.set)
+    run_ladder(cfg, out, preset=args.preset)
+    print(f"ladder -> {out / 'ladder.json'}; report -> {write_ladder_report(out)}")
+
+
+def cmd_eval(args) -> None:
+    import warnings
+
+    from gptlab.eval import evaluate, format_table, load_backend, write_results, write_samples
+
+    try:
+        shots = [int(k) for k in args.shots.split(",")]
+    except ValueError:
+        raise UserError(f"--shots takes comma-separated integers (e.g. 0,1,5), got {args.shots!r}") from None
+    for path in filter(None, (args.out, args.samples)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    backend = load_backend(args.backend, args.model, device=args.device, base_url=args.base_url)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = evaluate(
+            backend, args.tasks.split(","), args.data, shots=shots, cot=args.cot, batch_size=args.batch_size,
+            limit=args.limit, seed=args.seed, return_samples=args.samples is not None,
+        )
+    for warning in caught:
+        print(f"gptlab: warning: {warning.message}", file=sys.stderr)
+    results["config"]["model"] = args.model
+    write_results(args.out, results)
+    if args.samples:
+        write_samples(args.samples, results["samples"])
+    print(format_table(results))
+    print(f"results -> {args.out}" + (f"; samples -> {args.samples}" if args.samples else ""))
+
+
 def cmd_demo(args) -> None:
     from gptlab.demo import run_demo
 
@@ -117,6 +191,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("sft", help="supervised fine-tuning on chat data (torchrun for several processes)")
+    p.add_argument("--config", help="a TOML file; every key has a default")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.set_defaults(func=cmd_sft)
+
+    p = commands.add_parser("chat", help="talk to a model in the terminal (one message per line from a pipe)")
+    p.add_argument("--model", required=True, help="a model folder with its tokenizer (e.g. runs/sft/model)")
+    p.add_argument("--system", default=None, help="a system message that starts the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply in tokens (default: half the model's block size, at most 256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("ladder", help="scaling and emergence: train and evaluate a ladder of model sizes")
+    p.add_argument("--preset", default="default", help="quick (<= 20 min on a 2-core CPU) | default | gpu")
+    p.add_argument("--config", help="a TOML file on top of the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--out", required=True, help="ladder folder: runs/, ladder.json, report.md and plots; resumable")
+    p.set_defaults(func=cmd_ladder)
+
+    p = commands.add_parser("eval", help="few-shot / CoT / multiple-choice evaluation (lm-eval's contract and prompts)")
+    p.add_argument("--model", required=True, help="a model folder (or, with --backend openai, the served model's name)")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated: mmlu, gsm8k, world_mmlu, arith_{op}_{digits} (arith_3, arith: groups), "
+                        "words_{task} (words: all), ppl, or a .toml task file")
+    p.add_argument("--data", help="what the tasks read: a TinyWorld folder, an MMLU folder, a GSM8K JSONL, a text file")
+    p.add_argument("--shots", default="0", help="comma-separated shot counts, e.g. 0,1,5 (results keyed by '5-shot')")
+    p.add_argument("--cot", action="store_true", help="chain-of-thought exemplars and answer regex (arith tasks)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None, help="first N test documents per task (per subject for MMLU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random few-shot picks")
+    p.add_argument("--backend", default="gptlab", choices=["gptlab", "hf", "openai"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--base-url", default=None, help="the server for --backend openai, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--out", required=True, help="results JSON (metrics, stderr, n, config)")
+    p.add_argument("--samples", default=None, help="per-sample JSONL (prediction, target, correct, log-probs)")
+    p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")
     p.add_argument("--out", default="runs/demo")

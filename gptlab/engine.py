@@ -118,8 +118,12 @@ class Engine:
         """Continue ``text`` and return the new text; a final stop token (default: EOS) is not rendered."""
         return "".join(self.stream_text(text, **kwargs))
 
-    def stream_text(self, text: str, max_new_tokens: int, stop_ids: list[int] | None = None, **kwargs) -> Iterator[str]:
+    def stream_text(
+        self, text: str | list[int], max_new_tokens: int, stop_ids: list[int] | None = None, **kwargs
+    ) -> Iterator[str]:
         """Yield the new text in pieces as it is generated; the pieces join to the decoded continuation.
+
+        ``text`` is encoded with BOS; a list of ids is the prompt as it is (a rendered chat, say).
 
         Decoding token by token would cut multi-byte UTF-8 characters in half, so this decodes a
         short window of recent ids and emits only the stable new suffix, holding back a trailing
@@ -131,7 +135,8 @@ class Engine:
         stops = set(stop_ids)
         ids: list[int] = []
         start = done = 0  # ids[start:done] were emitted as text and give context to the next decode
-        for (token,) in self.stream([tok.encode(text)], max_new_tokens, stop_ids=stop_ids, **kwargs):
+        prompt = tok.encode(text) if isinstance(text, str) else list(text)
+        for (token,) in self.stream([prompt], max_new_tokens, stop_ids=stop_ids, **kwargs):
             if token in stops:
                 break
             ids.append(token)

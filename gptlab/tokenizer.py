@@ -9,6 +9,10 @@ recipe and the folder layout:
 - Special tokens get the first ids; BOS is added by the post-processor, so ``encode`` gives
   what ``transformers.AutoTokenizer`` gives for the saved folder.
 - ``save_pretrained`` writes a folder that ``AutoTokenizer.from_pretrained`` loads as it is.
+- One chat template: ``<|bos|>``, then ``<|role|>content<|end|>`` per message; the generation
+  prompt is ``<|assistant|>``. ``render_chat`` builds it in Python from token ids (training needs
+  the assistant mask as explicit spans); ``CHAT_TEMPLATE`` is the same thing in Jinja for
+  transformers' ``apply_chat_template``, and the tests hold the two equal token for token.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,47 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)  # ids 0, 1, 2, .
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 # What transformers writes when a tokenizer has no length limit of its own.
 UNLIMITED_LENGTH = int(1e30)
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# The Jinja twin of ``Tokenizer.render_chat``. Every piece of template text is a special token, so
+# a tokenizer (which splits special tokens out first) encodes each message's content on its own,
+# exactly as render_chat does. The {% generation %} span (content + <|end|>) is what transformers
+# reports in ``return_assistant_tokens_mask``.
+CHAT_TEMPLATE = """\
+{#- gptlab chat template: <|bos|>, then <|role|>content<|end|> per message; the reply follows <|assistant|>. -#}
+{{- '<|bos|>' -}}
+{%- for message in messages -%}
+    {%- if message['role'] == 'assistant' -%}
+        {{- '<|assistant|>' -}}
+        {%- generation -%}
+            {{- message['content'] + '<|end|>' -}}
+        {%- endgeneration -%}
+    {%- elif message['role'] in ['system', 'user'] -%}
+        {{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}
+    {%- else -%}
+        {{- raise_exception("unknown role '" + message['role'] + "': use system, user or assistant") -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>' -}}
+{%- endif -%}
+"""
+
+
+@dataclass
+class RenderedChat:
+    """A conversation as token ids, with what training needs to know about them.
+
+    ``assistant_mask[i]`` is 1 where token i is part of an assistant reply (its content and its
+    ``<|end|>``, not the ``<|assistant|>`` header): the tokens SFT learns to predict.
+    ``message_ends[k]`` is the number of ids up to and including message k, so a prefix of whole
+    messages is ``ids[:message_ends[k]]``.
+    """
+
+    ids: list[int]
+    assistant_mask: list[int]
+    message_ends: list[int]
 
 
 class Tokenizer:
@@ -127,12 +173,17 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if (directory / name).is_file():
                 config.update(_read_json(directory / name))
+        if (directory / CHAT_TEMPLATE_FILE).is_file():  # transformers gives the file priority too
+            config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
         return cls(tok, config)
 
     def save_pretrained(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (all transformers needs).
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and, when there is a chat template,
+        ``chat_template.jinja`` (transformers reads the file first, the config key is for older readers).
 
-        Each file is written to a temporary name and renamed, so a reader never sees half a file.
+        A tokenizer with gptlab's chat tokens always gets gptlab's template (the one ``render_chat``
+        renders); any other keeps the template it was loaded with. Each file is written to a
+        temporary name and renamed, so a reader never sees half a file.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -151,8 +202,65 @@ class Tokenizer:
             clean_up_tokenization_spaces=False,
             model_max_length=model_max_length or config.get("model_max_length", UNLIMITED_LENGTH),
         )
+        template = self.chat_template
+        if template is not None:
+            config["chat_template"] = template
         write_text_atomic(directory / "tokenizer.json", self._tok.to_str(pretty=True))
         write_json_atomic(directory / "tokenizer_config.json", config)
+        if template is not None:
+            write_text_atomic(directory / CHAT_TEMPLATE_FILE, template)
+
+    # ----------------------------------------------------------------------------- chat
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template a saved folder carries (see ``save_pretrained``)."""
+        if self._chat_ids() is not None:
+            return CHAT_TEMPLATE
+        template = self._config.get("chat_template")
+        return template if isinstance(template, str) else None
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> RenderedChat:
+        """Token ids and assistant mask of ``messages`` (dicts with ``role`` and ``content``).
+
+        Built from ids rather than by encoding the rendered string, so the spans are exact by
+        construction; it equals what transformers makes of ``CHAT_TEMPLATE``. As there, special
+        tokens written inside a message's content are read as special tokens.
+        """
+        ids_of = self._chat_ids()
+        if ids_of is None:
+            raise UserError(
+                f"this tokenizer has no chat tokens ({', '.join((BOS, SYSTEM, USER, ASSISTANT, END))}): "
+                "chat needs a tokenizer trained by gptlab (`gptlab tokenizer`)"
+            )
+        ids, mask, ends = [ids_of[BOS]], [0], []
+        headers = {"system": ids_of[SYSTEM], "user": ids_of[USER], "assistant": ids_of[ASSISTANT]}
+        for index, message in enumerate(messages):
+            role, content = _check_message(message, index)
+            body = self.encode(content, add_special_tokens=False) + [ids_of[END]]
+            ids.append(headers[role])
+            mask.append(0)
+            ids += body
+            mask += [int(role == "assistant")] * len(body)
+            ends.append(len(ids))
+        if add_generation_prompt:
+            ids.append(ids_of[ASSISTANT])
+            mask.append(0)
+        return RenderedChat(ids, mask, ends)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+        """The token ids of ``messages``; with ``add_generation_prompt`` the prompt for the next reply
+        (transformers' ``apply_chat_template(messages, tokenize=True)`` gives the same ids)."""
+        return self.render_chat(messages, add_generation_prompt).ids
+
+    @property
+    def end_id(self) -> int | None:
+        """The end-of-turn token, where a chat reply stops."""
+        return self._tok.token_to_id(END)
+
+    def _chat_ids(self) -> dict[str, int] | None:
+        ids = {token: self._tok.token_to_id(token) for token in (BOS, SYSTEM, USER, ASSISTANT, END)}
+        return None if None in ids.values() else ids
 
     # ----------------------------------------------------------------------------- use
 
@@ -201,6 +309,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _check_message(message: Any, index: int) -> tuple[str, str]:
+    """(role, content) of a chat message, or a UserError naming what is wrong with it."""
+    if not isinstance(message, dict):
+        raise UserError(f"message {index} is not an object with 'role' and 'content'")
+    role, content = message.get("role"), message.get("content")
+    if role not in CHAT_ROLES:
+        raise UserError(f"message {index} has unknown role {role!r}: use system, user or assistant")
+    if not isinstance(content, str):
+        raise UserError(f"message {index} ({role}) has no text 'content' (got {type(content).__name__})")
+    return role, content
 
 
 def _token_name(value: Any) -> str | None:

@@ -1,0 +1,92 @@
+"""`gptlab chat`: a multi-turn conversation with a model, streamed to the terminal.
+
+The prompt is the chat template over the whole history plus the generation prompt; the reply
+stops at ``<|end|>`` or EOS. When the history no longer leaves room for a reply of
+``max_new_tokens`` in the model's block size, the oldest exchanges are dropped (the system
+message stays) with a notice, as a chat interface with a finite context has to.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Callable, TextIO
+
+from gptlab.data.chat import fit_history
+from gptlab.engine import Engine
+from gptlab.errors import UserError
+
+
+class ChatSession:
+    """The history of one conversation and the sampling settings of its replies."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        seed: int | None = None,
+        notify: Callable[[str], None] = lambda message: None,
+    ):
+        tokenizer = engine.tokenizer
+        block_size = engine.model.config.block_size
+        self.budget = block_size - max_new_tokens  # prompt tokens that leave room for a full reply
+        minimal = [{"role": "system", "content": system}] if system else []
+        minimal.append({"role": "user", "content": ""})
+        if self.budget < len(tokenizer.apply_chat_template(minimal, add_generation_prompt=True)):
+            raise UserError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's block_size "
+                f"{block_size}{' with this system message' if system else ''}; lower --max-new-tokens"
+            )
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_new_tokens, self.temperature, self.seed, self.notify = max_new_tokens, temperature, seed, notify
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.turns = 0
+        self.stop_ids = [t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None]
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add a user message and stream the assistant's reply, which joins the history when done."""
+        messages, dropped = fit_history(self.tokenizer, self.messages + [{"role": "user", "content": text}], self.budget)
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if len(prompt) > self.budget:
+            self.notify(
+                f"this message is too long for the model ({len(prompt)} prompt tokens, at most {self.budget} "
+                "with --max-new-tokens); it was not sent"
+            )
+            return
+        if dropped:
+            self.notify(f"dropped the {dropped} oldest messages to fit the model's block size")
+        seed = None if self.seed is None else self.seed + self.turns  # reproducible, yet not the same draw each turn
+        self.turns += 1
+        pieces = []
+        for piece in self.engine.stream_text(
+            prompt, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids, temperature=self.temperature, seed=seed
+        ):
+            pieces.append(piece)
+            yield piece
+        self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+
+def run_chat(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout) -> None:
+    """Answer each non-blank line as a user message: the reply as it streams, then a newline.
+    A message that could not be sent gets an empty line, so replies stay in step with the input."""
+    for line in lines:
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        for piece in session.reply(text):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+
+
+def typed_lines(prompt: str = "> ") -> Iterator[str]:
+    """Lines typed at a terminal (with line editing), until Ctrl-D."""
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
