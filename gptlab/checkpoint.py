@@ -408,6 +408,10 @@ def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None) -> 
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     _write_json(folder / CONFIG_NAME, config)
     generation = {k: v for k, v in _special_ids(tokenizer).items() if v is not None}
+    end = getattr(tokenizer, "end_id", None)
+    if end is not None and generation.get("eos_token_id") is not None:
+        # A chat reply ends with <|end|>: transformers' generate stops there too.
+        generation["eos_token_id"] = [generation["eos_token_id"], end]
     _write_json(folder / GENERATION_CONFIG_NAME, generation)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -1,8 +1,10 @@
 """`gptlab demo`: the whole pipeline on TinyWorld, through the same commands a user would run.
 
-world -> tokenizer -> shards -> pretraining -> samples -> ``report.md`` with a loss-curve plot,
-data statistics, samples, timings and the machine. Each later stage (evaluation, SFT,
-preferences, arena, ladder) adds itself here and to the report when it lands.
+world -> tokenizer -> shards -> a ladder of model sizes (pretraining + evaluation of each) -> SFT of
+the largest -> instruction following of the base model (few-shot) and the SFT model (zero-shot)
+-> ``report.md`` with plots: data statistics, the pretraining curve, the scaling ladder and its
+phenomena table, in-context learning with intervals, instruction tuning, samples, timings and
+the machine. Each later stage (preferences, arena) adds itself here when it lands.
 """
 
 from __future__ import annotations
@@ -16,39 +18,42 @@ from pathlib import Path
 
 import torch
 
+from gptlab import scaling
 from gptlab.cli import main as gptlab
 from gptlab.engine import Engine
 from gptlab.errors import UserError
+from gptlab.eval import GptlabBackend, evaluate
 from gptlab.model import GPT
+from gptlab.report import NOT_YET, Claim, ladder_section
 from gptlab.tokenizer import Tokenizer
+
+INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
 
 
 @dataclass(frozen=True)
 class DemoPreset:
     world: str  # TinyWorld preset
     vocab_size: int
-    model: tuple[str, ...]  # --set overrides for pretraining
-    train: tuple[str, ...]
+    ladder: str  # ladder preset
+    ladder_sets: tuple[str, ...]  # --set overrides on top of it
+    sft_sets: tuple[str, ...]
+    instruct_limit: int  # test conversations per instruction family
 
 
 PRESETS = {
     "quick": DemoPreset(
-        world="quick",
-        vocab_size=1024,
-        model=("model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=256"),
-        train=("train.max_steps=250", "train.batch_size=16", "train.seq_len=128", "train.lr=3e-3",
-               "train.warmup_steps=20", "train.eval_every=50", "train.eval_batches=4", "train.save_every=125",
-               "train.log_every=10"),
+        world="quick", vocab_size=263, ladder="quick",
+        ladder_sets=("sizes.depths=[1, 2, 3]", "sizes.tokens_per_param=4", "eval.limit=20"),
+        sft_sets=("train.max_steps=60", "train.eval_every=0", "train.save_every=0"),
+        instruct_limit=10,
     ),
     "default": DemoPreset(
-        world="default",
-        vocab_size=2048,
-        model=("model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=256"),
-        train=("train.max_steps=1000", "train.batch_size=16", "train.seq_len=256", "train.lr=3e-3",
-               "train.warmup_steps=50", "train.eval_every=100", "train.eval_batches=8", "train.save_every=250",
-               "train.log_every=10"),
+        world="default", vocab_size=263, ladder="default", ladder_sets=(),
+        sft_sets=("train.max_steps=300", "train.eval_every=100", "train.save_every=0"),
+        instruct_limit=50,
     ),
 }
+
 
 def sample_prompts(world: Path) -> list[tuple[str, str]]:
     """(prompt, expected) pairs on held-out items: a fact about a held-out person, an addition
@@ -121,33 +126,96 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
         raise UserError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
+    world = out / "world"
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    stage("world", ["world", "--out", str(out / "world"), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
-    stage("tokenizer", ["tokenizer", "--input", str(out / "world" / "corpus"), "--vocab-size", str(spec.vocab_size),
+    stage("world", ["world", "--out", str(world), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
+    stage("tokenizer", ["tokenizer", "--input", str(world / "corpus"), "--vocab-size", str(spec.vocab_size),
                         "--out", str(out / "tokenizer")], timings)
-    stage("prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(out / "world" / "corpus"),
+    stage("prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(world / "corpus"),
                       "--out", str(out / "shards"), "--val-fraction", "0.02", "--overwrite"], timings)
-    sets = [f"data.shards={out / 'shards'}", f"train.seed={seed}", *spec.model, *spec.train]
-    base = out / "base"
-    stage("pretrain", ["pretrain", "--out", str(base), *sum((["--set", s] for s in sets), [])], timings)
+    ladder_sets = [f"data.world={world}", f"data.shards={out / 'shards'}", f"train.seed={seed}", *spec.ladder_sets]
+    stage("ladder", ["ladder", "--preset", spec.ladder, "--out", str(out / "ladder"),
+                     *sum((["--set", s] for s in ladder_sets), [])], timings)
+    ladder = json.loads((out / "ladder" / "ladder.json").read_text())
+    base = out / "ladder" / "runs" / ladder["runs"][-1]["name"]
+    sft_sets = [f"init={base / 'model'}", f"data.train={world / 'sft' / 'train.jsonl'}", f"train.seed={seed}",
+                *spec.sft_sets]
+    stage("sft", ["sft", "--out", str(out / "sft"), *sum((["--set", s] for s in sft_sets), [])], timings)
 
-    print("== demo: samples", flush=True)
+    print("== demo: instruction following and samples", flush=True)
+    start = time.perf_counter()
+    instruct = instruction_following(world, base / "model", out / "sft" / "model", spec.instruct_limit)
     model = GPT.from_pretrained(base / "model")
     engine = Engine(model, Tokenizer.from_pretrained(base / "model"))
     samples = [
-        (prompt, expected, engine.generate_text(prompt, max_new_tokens=40, temperature=0.0).split("\n")[0])
-        for prompt, expected in sample_prompts(out / "world")
+        (prompt, expected, engine.generate_text(prompt, max_new_tokens=60, temperature=0.0).split("\n")[0])
+        for prompt, expected in sample_prompts(world)
     ]
+    conversations = chat_samples(world, out / "sft" / "model")
+    timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
     metrics = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
     plot_losses(metrics, out / "loss.png")
     meta = json.loads((out / "shards" / "meta.json").read_text())
-    report = render_report(preset, seed, model, meta, metrics, samples, timings)
+    report = render_report(preset, seed, out, model, meta, metrics, instruct, samples, conversations, timings)
     (out / "report.md").write_text(report)
     print(report)
     return out / "report.md"
+
+
+def instruction_following(world: Path, base: Path, tuned: Path, limit: int) -> dict:
+    """The base model prompted with a few examples vs the SFT model asked zero-shot, on the
+    held-out test conversations of every instruction family, scored by the oracle."""
+    held_out = set(json.loads((world / "world.json").read_text())["sft"]["held_out"])
+    runs = {
+        "base": evaluate(GptlabBackend.from_pretrained(base), ["world_instruct"], world, shots=[INSTRUCT_SHOTS],
+                         limit=limit, return_samples=True),
+        "sft": evaluate(GptlabBackend.from_pretrained(tuned), ["world_instruct"], world, shots=[0], chat=True,
+                        limit=limit, return_samples=True),
+    }
+    scores = {name: {(s["subject"], s["doc_id"]): float(s["correct"]) for s in r["samples"]} for name, r in runs.items()}
+    items = sorted(scores["base"])
+    families = sorted({family for family, _ in items})
+    result: dict = {"families": {}, "groups": {}, "examples": {}}
+    for family in families:
+        keys = [i for i in items if i[0] == family]
+        result["families"][family] = {
+            "held_out": family in held_out, "n": len(keys),
+            **{name: sum(scores[name][k] for k in keys) / len(keys) for name in scores},
+        }
+    for group, members in (("held-out families", held_out), ("seen families", set(families) - held_out)):
+        keys = [i for i in items if i[0] in members]
+        if keys:
+            base_values = [scores["base"][k] for k in keys]
+            sft_values = [scores["sft"][k] for k in keys]
+            result["groups"][group] = {
+                "n": len(keys), "base": sum(base_values) / len(keys), "sft": sum(sft_values) / len(keys),
+                "effect": scaling.difference_interval(base_values, sft_values, paired=True),
+            }
+    return result
+
+
+def chat_samples(world: Path, tuned: Path) -> list[tuple[str, str, str]]:
+    """(family, question, reply) for the first test conversation of each held-out family."""
+    held_out = json.loads((world / "world.json").read_text())["sft"]["held_out"]
+    tokenizer = Tokenizer.from_pretrained(tuned)
+    engine = Engine(GPT.from_pretrained(tuned).eval(), tokenizer)
+    stops = [t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None]
+    samples = []
+    with (world / "sft" / "test.jsonl").open() as f:
+        rows = [json.loads(line) for line in f]
+    for family in held_out:
+        row = next((r for r in rows if r["family"] == family), None)
+        if row is None:
+            continue
+        question = [m for m in row["messages"] if m["role"] != "assistant"][:2]
+        ids = tokenizer.apply_chat_template(question, add_generation_prompt=True)
+        reply = engine.generate([ids], max_new_tokens=60, temperature=0.0, stop_ids=stops)[0]
+        text = tokenizer.decode([t for t in reply if t not in stops])
+        samples.append((family, question[-1]["content"], text))
+    return samples
 
 
 def cell(text: str) -> str:
@@ -155,10 +223,21 @@ def cell(text: str) -> str:
     return text.replace("\n", " / ").replace("|", "\\|").replace("`", "'")
 
 
-def render_report(preset, seed, model: GPT, meta: dict, metrics: list[dict], samples, timings: dict) -> str:
+def render_report(preset, seed, out: Path, model: GPT, meta: dict, metrics: list[dict], instruct: dict, samples,
+                  conversations, timings: dict) -> str:
     train_losses = [m for m in metrics if "loss" in m]
     first, last = train_losses[0], train_losses[-1]
     val = [m for m in metrics if "val_loss" in m]
+    held = instruct["groups"].get("held-out families")
+    sft_claim = Claim(
+        "Instruction tuning gives zero-shot gains on unseen tasks",
+        f"SFT zero-shot minus base {INSTRUCT_SHOTS}-shot, held-out instruction families (oracle-scored)",
+    )
+    if held:
+        sft_claim.effect, sft_claim.lo, sft_claim.hi = held["effect"]
+        if sft_claim.lo <= 0:
+            sft_claim.note = "if no: a larger base model or more SFT steps"
+    extra = [sft_claim, *(c for c in NOT_YET if "Instruction" not in c.claim)]
     lines = [
         "# gptlab demo report",
         "",
@@ -172,7 +251,7 @@ def render_report(preset, seed, model: GPT, meta: dict, metrics: list[dict], sam
         "",
         f"Tokenizer: byte-level BPE, {meta['vocab_size']:,} tokens.",
         "",
-        "## Pretraining",
+        "## Pretraining (the ladder's largest model, the base of SFT)",
         "",
         f"llama, {model.num_params():,} parameters ({model.config.n_layer} layers, width {model.config.n_embd}), "
         f"{last['step']} steps, {last['tokens']:,} tokens.",
@@ -181,14 +260,38 @@ def render_report(preset, seed, model: GPT, meta: dict, metrics: list[dict], sam
         "|---|---|",
         f"| train loss at step {first['step']} | {first['loss']:.3f} |",
         f"| train loss at step {last['step']} | {last['loss']:.3f} |",
-        *([f"| val loss at step {val[0]['step']} | {val[0]['val_loss']:.3f} |",
-           f"| val loss at step {val[-1]['step']} | {val[-1]['val_loss']:.3f} |"] if val else []),
+        *([f"| val loss at step {val[-1]['step']} | {val[-1]['val_loss']:.3f} |"] if val else []),
         f"| throughput (last log window) | {last['tok_per_s']:,.0f} tokens/s |",
         f"| peak memory | {last['peak_mem_mb']:,.0f} MB |",
         "",
         "![loss curve](loss.png)",
         "",
-        "## Samples on held-out items (greedy, first line)",
+        ladder_section(out / "ladder", extra=extra, heading="##", link_prefix="ladder/"),
+        "",
+        "## Instruction tuning",
+        "",
+        f"The base model is prompted with {INSTRUCT_SHOTS} solved examples of the same family (`Q: ... A: ...`); "
+        "the SFT model gets the question alone through its chat template. The oracle scores correctness. "
+        "Effects in points with paired 95% bootstrap intervals.",
+        "",
+        f"| families | questions | base {INSTRUCT_SHOTS}-shot | SFT zero-shot | SFT - base [95% CI] |",
+        "|---|---|---|---|---|",
+        *(f"| {group} | {g['n']} | {g['base'] * 100:.1f} | {g['sft'] * 100:.1f} | "
+          f"{g['effect'][0] * 100:+.1f} [{g['effect'][1] * 100:+.1f}, {g['effect'][2] * 100:+.1f}] |"
+          for group, g in instruct["groups"].items()),
+        "",
+        "| family | held out | questions | base | SFT |",
+        "|---|---|---|---|---|",
+        *(f"| {family} | {'yes' if f['held_out'] else ''} | {f['n']} | {f['base'] * 100:.0f} | {f['sft'] * 100:.0f} |"
+          for family, f in instruct["families"].items()),
+        "",
+        "Conversations with the SFT model on held-out families (greedy):",
+        "",
+        "| family | user | assistant |",
+        "|---|---|---|",
+        *(f"| {family} | {cell(question)} | {cell(reply)} |" for family, question, reply in conversations),
+        "",
+        "## Base-model samples on held-out items (greedy, first line)",
         "",
         "| prompt | expected | model |",
         "|---|---|---|",

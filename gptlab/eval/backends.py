@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from gptlab.errors import UserError
+from gptlab.tokenizer import END
 
 # What transformers writes as model_max_length when a tokenizer sets no limit; lm-eval ignores it.
 _UNLIMITED = int(1e29)
@@ -66,6 +67,15 @@ class Backend(ABC):
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
+
+    @property
+    def end_of_turn(self) -> tuple[str, ...]:
+        """Stop strings of a chat reply."""
+        return ()
+
+    def chat_context(self, messages: Sequence[dict]) -> str:
+        """The conversation through the model's chat template, ending in the generation prompt."""
+        raise UserError(f"the {self.name} backend has no chat template to ask through: drop --chat")
 
     @abstractmethod
     def loglikelihood(self, requests: Sequence[tuple[str, str]], batch_size: int = 32) -> list[tuple[float, bool]]:
@@ -425,6 +435,16 @@ class GptlabBackend(TokenBackend):
     def _encode(self, texts, add_special_tokens):
         return self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
 
+    @property
+    def end_of_turn(self):
+        return (END,) if self.tokenizer.end_id is not None else ()
+
+    def chat_context(self, messages):
+        if self.tokenizer.chat_template is None:
+            raise UserError("this model's tokenizer has no chat template: drop --chat")
+        # Special tokens stay as text; encode() reads them back as the same ids, BOS included.
+        return self.tokenizer.decode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
     def _decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -501,6 +521,17 @@ class HFBackend(TokenBackend):
         self.bos_text = tok.bos_token
         self.eos_id = tok.eos_token_id
         self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    @property
+    def end_of_turn(self):
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return tuple(self.tokenizer.convert_ids_to_tokens(ids))
+
+    def chat_context(self, messages):
+        if not self.tokenizer.chat_template:
+            raise UserError("this model's tokenizer has no chat template: drop --chat")
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
     def _resolve_max_length(self) -> int:
         """As lm-eval: the config's context length, else the tokenizer's, else 2048."""

@@ -38,12 +38,15 @@ def evaluate(
     limit: int | None = None,
     seed: int = 0,
     return_samples: bool = False,
+    chat: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``backend`` on ``tasks`` (names or .toml paths) at each shot count.
 
     ``data`` is what the tasks read: a TinyWorld folder (world_mmlu, arith_*, words_*), an MMLU
     folder, a GSM8K JSONL file or a text file. ``limit`` keeps the first n test documents (per
-    subject for MMLU, as lm-eval's per-subject tasks). Returns ``{"results", "config"}`` and,
+    subject for MMLU, as lm-eval's per-subject tasks). ``chat`` asks generation tasks through the
+    model's chat template, shots as earlier turns (lm-eval's ``--apply_chat_template
+    --fewshot_as_multiturn``). Returns ``{"results", "config"}`` and,
     with ``return_samples``, ``"samples"``: one record per document and shot count.
     Every task is loaded and every shot count checked before the model runs.
     """
@@ -65,6 +68,8 @@ def evaluate(
         if task.kind != PPL:
             for k in shots:
                 task.check_shots(k)
+        if chat and task.kind != GEN:
+            raise UserError(f"--chat applies to generation tasks; {task.name} is {task.kind.replace('_', ' ')}")
 
     results: dict[str, Any] = {}
     samples: list[dict] = []
@@ -72,7 +77,7 @@ def evaluate(
         task_shots = shots if task.kind != PPL else [0]
         for k in task_shots:
             before = Counter(backend.counters)
-            scores, records = run_task(backend, task, k, seed, batch_size)
+            scores, records = run_task(backend, task, k, seed, batch_size, chat)
             scores["truncated"] = backend.counters["truncated"] - before["truncated"]
             scores["seam_merges"] = backend.counters["seam_merges"] - before["seam_merges"]
             _warn_encoding(task.name, k, scores)
@@ -82,7 +87,7 @@ def evaluate(
                 results[task.name] = scores
             samples += records
     config = {
-        "tasks": names, "shots": shots, "cot": cot, "batch_size": batch_size, "limit": limit, "seed": seed,
+        "tasks": names, "shots": shots, "cot": cot, "chat": chat, "batch_size": batch_size, "limit": limit, "seed": seed,
         "data": None if data is None else str(data), "backend": backend.name, "versions": _versions(),
     }
     out: dict[str, Any] = {"results": results, "config": config}
@@ -104,12 +109,14 @@ def _warn_encoding(name: str, k: int, scores: dict) -> None:
         )
 
 
-def run_task(backend: Backend, task: Task, k: int, seed: int, batch_size: int) -> tuple[dict, list[dict]]:
+def run_task(
+    backend: Backend, task: Task, k: int, seed: int, batch_size: int, chat: bool = False
+) -> tuple[dict, list[dict]]:
     """(aggregated scores, per-sample records) of one task at k shots."""
     if task.kind == MC:
         return _run_multiple_choice(backend, task, k, seed, batch_size)
     if task.kind == GEN:
-        return _run_generation(backend, task, k, seed, batch_size)
+        return _run_generation(backend, task, k, seed, batch_size, chat)
     return _run_perplexity(backend, task, batch_size)
 
 
@@ -147,9 +154,22 @@ def _run_multiple_choice(backend, task, k, seed, batch_size):
     return result, records
 
 
-def _run_generation(backend, task, k, seed, batch_size):
+def _chat_request(backend: Backend, task: Task, doc, shots) -> GenerationRequest:
+    """The question as a conversation: each shot a user turn and its answer, then the question."""
+    messages = []
+    for shot in shots:
+        messages += [{"role": "user", "content": task.doc_to_text(shot.data)},
+                     {"role": "assistant", "content": task.shot_target(shot.data)}]
+    question = task.chat_messages(doc.data) if task.chat_messages else [{"role": "user", "content": task.doc_to_text(doc.data)}]
+    system = [m for m in question if m["role"] == "system"]
+    rest = [m for m in question if m["role"] != "system"]
+    return GenerationRequest(backend.chat_context(system + messages + rest), backend.end_of_turn, task.max_new_tokens)
+
+
+def _run_generation(backend, task, k, seed, batch_size, chat=False):
     requests = [
-        GenerationRequest(task.context(doc, task.shots(doc, k, seed)), task.until, task.max_new_tokens)
+        _chat_request(backend, task, doc, task.shots(doc, k, seed)) if chat
+        else GenerationRequest(task.context(doc, task.shots(doc, k, seed)), task.until, task.max_new_tokens)
         for doc in task.docs
     ]
     outputs = backend.generate_until(requests, batch_size)
@@ -159,7 +179,10 @@ def _run_generation(backend, task, k, seed, batch_size):
     for doc, output in zip(task.docs, outputs):
         reference = task.reference(doc.data)
         strict = metrics.extract(output, task.strict_regex)
-        scores = {"exact_match": metrics.exact_match(strict, reference, task.regexes_to_ignore, task.ignore_case)}
+        if task.score is not None:
+            scores = {"exact_match": task.score(doc.data, output)}
+        else:
+            scores = {"exact_match": metrics.exact_match(strict, reference, task.regexes_to_ignore, task.ignore_case)}
         lenient = strict
         if task.flexible_regex:
             lenient = metrics.extract(output, task.flexible_regex, group_select=-1)
@@ -171,9 +194,15 @@ def _run_generation(backend, task, k, seed, batch_size):
         per_doc.append(scores)
         records.append(
             _record(task, doc, k, prediction=strict, target=reference, correct=bool(scores["exact_match"]),
-                    output=output)
+                    output=output, scores=scores)
         )
-    return _aggregate(per_doc, names), records
+    result = _aggregate(per_doc, names)
+    if task.per_subject:
+        subjects: dict[str, list[dict]] = {}
+        for doc, scores in zip(task.docs, per_doc):
+            subjects.setdefault(doc.subject, []).append(scores)
+        result["subjects"] = {name: _aggregate(s, names) for name, s in sorted(subjects.items())}
+    return result, records
 
 
 def _run_perplexity(backend, task, batch_size):

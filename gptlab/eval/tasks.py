@@ -74,6 +74,10 @@ class Task:
     ignore_case: bool = False
     partial_credit: bool = False
     per_subject: bool = False  # report each subject too (MMLU)
+    exclude_self: bool = False  # shots drawn from the test set itself never include the document
+    score: Callable[[dict, str], float] | None = None  # replaces exact match (e.g. the TinyWorld oracle)
+    # The conversation a chat model is asked (--chat): the question's messages without the answer.
+    chat_messages: Callable[[dict], list[dict]] | None = None
 
     def shots(self, doc: Doc, k: int, seed: int) -> list[Doc]:
         """The k few-shot examples of one document: the pool's first k, or a seeded random
@@ -82,6 +86,8 @@ class Task:
         if k == 0:
             return []
         pool = self.fewshot.get(doc.subject, [])
+        if self.exclude_self:
+            pool = [d for d in pool if d.doc_id != doc.doc_id]
         if self.sampler == "first_n":
             return pool[:k]
         rng = random.Random(f"{seed}:{self.name}:{doc.doc_id}")
@@ -103,7 +109,7 @@ class Task:
             hint = f"{where} is missing or empty" if where else "its task file names no fewshot data"
             raise UserError(f"task {self.name} has no few-shot examples ({hint}): use --shots 0")
         for subject, pool in self.fewshot.items():
-            if len(pool) < k:
+            if len(pool) - self.exclude_self < k:
                 raise UserError(
                     f"task {self.name}: {k} shots asked but {self.fewshot_source[subject]} holds only "
                     f"{len(pool)} example(s); ask for at most {len(pool)} shots"
@@ -309,6 +315,36 @@ def words_task(name: str, world: Path, word_task: str, limit: int | None) -> Tas
     )
 
 
+def instruct_task(name: str, world: Path, limit: int | None) -> Task:
+    """TinyWorld's held-out instruction test set (``sft/test.jsonl``), one subject per family,
+    scored by the oracle. Plain prompt ``Q: {question} A:`` with shots of the same family from
+    the test set (never the question itself) for a base model; with ``--chat`` the question's
+    messages go through the model's chat template, as a user would ask an instruction-tuned model.
+    ``--limit`` keeps the first n questions of each family."""
+    from gptlab.world import Oracle
+
+    path = _require_file(world / "sft" / "test.jsonl", "world_instruct reads a TinyWorld folder's sft/test.jsonl")
+    oracle = Oracle(world)
+    rows = read_jsonl(path)
+    docs, seen = [], {}
+    for i, row in enumerate(rows):
+        seen[row["family"]] = seen.get(row["family"], 0) + 1
+        if limit is None or seen[row["family"]] <= limit:
+            docs.append(Doc(i, row, row["family"]))
+    pools: dict[str | None, list[Doc]] = {}
+    for doc in docs:
+        pools.setdefault(doc.subject, []).append(doc)
+    question = lambda d: [m for m in d["messages"] if m["role"] != "assistant"]
+    answer = lambda d: d["messages"][-1]["content"]
+    return Task(
+        name=name, kind=GEN, docs=docs, doc_to_text=lambda d: f"Q: {question(d)[-1]['content']} A:",
+        shot_target=answer, fewshot_delimiter="\n", fewshot=pools, fewshot_source={f: str(path) for f in pools},
+        reference=answer, until=("\n",), max_new_tokens=_longest_target(docs, answer, 64), per_subject=True,
+        exclude_self=True, score=lambda d, output: float(bool(oracle.correct(question(d), output.strip()))),
+        chat_messages=question,
+    )
+
+
 def gsm8k_task(name: str, data: Path, limit: int | None) -> Task:
     """GSM8K as lm-eval's ``gsm8k``: ``Question: ...\\nAnswer:``, the full worked answer as the
     shot target, strict ``#### N`` and flexible last-number extraction. ``data`` is the test
@@ -447,7 +483,7 @@ def _toml_gold(path: Path, choices: Callable[[dict], list[str]], target: Callabl
 
 def known_names(data: Path | None) -> list[str]:
     """Task names for suggestions: the built-in ones, and those a TinyWorld folder holds."""
-    names = ["mmlu", "gsm8k", "ppl", "world_mmlu", "arith", "words"]
+    names = ["mmlu", "gsm8k", "ppl", "world_mmlu", "world_instruct", "arith", "words"]
     names += [f"words_{t}" for t in WORD_TASKS]
     names += [f"arith_{op}_{k}" for op in ARITH_OPS for k in range(2, 6)] + [f"arith_{k}" for k in range(2, 6)]
     if data is not None and (data / "bench" / "arith").is_dir():
@@ -486,7 +522,7 @@ def load_task(name: str, data: Path | None, cot: bool = False, limit: int | None
     """One task by name (or TOML path). ``data``: the folder or file the task reads."""
     if name.endswith(".toml"):
         return toml_task(Path(name), limit)
-    needs_data = name in ("mmlu", "gsm8k", "ppl", "world_mmlu") or name.startswith(("arith_", "words_"))
+    needs_data = name in ("mmlu", "gsm8k", "ppl", "world_mmlu", "world_instruct") or name.startswith(("arith_", "words_"))
     if not needs_data:
         near = difflib.get_close_matches(name, known_names(data), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else "; see `gptlab eval --help` for the task names"
@@ -500,6 +536,8 @@ def load_task(name: str, data: Path | None, cot: bool = False, limit: int | None
         if not root.is_dir():
             raise UserError(f"{data} is not a TinyWorld folder (no bench/world_mmlu): write one with `gptlab world`")
         return mmlu_task(name, root, limit, need_shots)
+    if name == "world_instruct":
+        return instruct_task(name, data, limit)
     if name == "gsm8k":
         return gsm8k_task(name, data, limit)
     if name == "ppl":

@@ -19,10 +19,10 @@ class Mixture:
     """Relative shares (by characters) of the corpus families other than biographies."""
 
     qa: float = 0.12  # questions and answers about train-split people (free form and MMLU form)
-    arith: float = 0.22  # bare equations "Q: 12+35=? A: 47."
-    arith_worked: float = 0.26  # worked digit-by-digit solutions ending in "The answer is N."
-    words: float = 0.25  # bursty in-context episodes of word tasks
-    prose: float = 0.15  # plain prose about the countries, cities, companies and universities
+    arith: float = 0.2  # bare equations "Q: 12+35=? A: 47."
+    arith_worked: float = 0.2  # worked digit-by-digit solutions ending in "The answer is N."
+    words: float = 0.4  # bursty in-context episodes of word tasks
+    prose: float = 0.08  # plain prose about the countries, cities, companies and universities
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,260 @@
+"""`gptlab ladder`: the scaling and emergence study on one machine.
+
+A ladder is a list of model sizes from one dial (depth; width and heads follow, see
+``scaling.ladder_config``), each pretrained on the same corpus for a budget that grows with its
+size, then evaluated on the abilities the lecture's claims are about: world_mmlu at 0 and 5 shots,
+arithmetic by digits under standard and chain-of-thought prompting (exact match and partial
+credit), and the word tasks at k = 0..8 examples. Each run lives in ``OUT/runs/d{depth}`` and is
+skipped when its ``result.json`` is there, so a killed ladder resumes run by run (and a killed
+run resumes from its last checkpoint). ``OUT/ladder.json`` holds every run and the fits;
+``gptlab.report`` turns it into ``report.md`` with plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gptlab import scaling
+from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
+from gptlab.data import iter_documents, prepare, read_meta
+from gptlab.errors import UserError
+from gptlab.eval import GptlabBackend, evaluate
+from gptlab.fileio import write_json_atomic
+from gptlab.pretrain import PretrainConfig, pretrain
+from gptlab.tokenizer import Tokenizer
+from gptlab.train.loop import TrainConfig
+from gptlab.world import write_world
+
+WORD_TASKS = ["reverse", "cycle_letters", "swap_ends", "sort_letters", "double_first"]
+
+
+@dataclass
+class SizesConfig:
+    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    aspect: int = 24  # width = depth * aspect, rounded up to a multiple of head_dim
+    head_dim: int = 16
+    family: str = "llama"
+    block_size: int = 512
+    # The budget of each run: tokens per parameter (all parameters, as Chinchilla counts them),
+    # or a fixed number of FLOPs per run (then bigger models see fewer tokens).
+    tokens_per_param: float | None = 4.0
+    flops: float | None = None
+    min_steps: int = 20
+
+
+@dataclass
+class DataConfig:
+    world: str | None = None  # a TinyWorld folder; None: write one into OUT/world
+    world_preset: str = "default"
+    world_seed: int = 0
+    shards: str | None = None  # `gptlab prepare` output of the world's corpus; None: made in OUT/shards
+    # 263 = the 256 bytes + gptlab's 7 special tokens: one token per character. Word tasks work
+    # on letters, which small models cannot see inside multi-letter BPE tokens (docs/tinyworld.md).
+    vocab_size: int = 263
+
+
+@dataclass
+class EvalConfig:
+    limit: int | None = 60  # questions per task (and per world_mmlu subject); None: all
+    batch_size: int = 32
+    mmlu_shots: list[int] = field(default_factory=lambda: [0, 5])
+    word_tasks: list[str] = field(default_factory=lambda: list(WORD_TASKS))
+    word_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    # Empty: every arithmetic task of the world.
+    arith_tasks: list[str] = field(default_factory=lambda: ["add_2", "add_3", "sub_2", "sub_3", "mul_2"])
+
+
+@dataclass
+class LadderConfig:
+    sizes: SizesConfig = field(default_factory=SizesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        batch_size=16, seq_len=512, lr=3e-3, warmup_steps=30, eval_every=0, eval_batches=8, save_every=200,
+        log_every=25, seed=0,
+    ))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Presets are overrides on the defaults above; a --config file and --set come on top of them.
+PRESETS: dict[str, dict] = {
+    "quick": {
+        "sizes": {"depths": [1, 2, 3]},
+        "data": {"world_preset": "quick"},
+        "eval": {"limit": 30, "word_shots": [0, 1, 4], "arith_tasks": ["add_2", "sub_2"]},
+    },
+    "default": {},
+    "gpu": {
+        "sizes": {"depths": [4, 6, 8, 10, 12], "aspect": 64, "head_dim": 64, "block_size": 1024,
+                  "tokens_per_param": 20.0},
+        "data": {"world_preset": "large"},
+        "train": {"batch_size": 64, "seq_len": 512, "lr": 2e-3, "save_every": 500, "compile": True},
+        "eval": {"limit": 200, "arith_tasks": []},
+    },
+}
+
+
+def load_config(preset: str, config_path: str | None, overrides: list[str]) -> LadderConfig:
+    if preset not in PRESETS:
+        raise UserError(f"unknown ladder preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raw = read_raw(config_path)
+    merged = _merge(json.loads(json.dumps(PRESETS[preset])), raw)
+    return build(LadderConfig, apply_overrides(merged, overrides))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def ensure_data(cfg: DataConfig, out: Path) -> tuple[Path, Path]:
+    """The world folder and the shards folder, made in OUT when the config names none."""
+    world = Path(cfg.world) if cfg.world else out / "world"
+    if not (world / "world.json").is_file():
+        if cfg.world:
+            raise UserError(f"{world} is not a TinyWorld folder (no world.json); write one with `gptlab world --out {world}`")
+        print(f"== ladder: writing TinyWorld ({cfg.world_preset}) -> {world}", flush=True)
+        write_world(world, seed=cfg.world_seed, preset=cfg.world_preset)
+    shards = Path(cfg.shards) if cfg.shards else out / "shards"
+    if not (shards / "meta.json").is_file():
+        if cfg.shards:
+            raise UserError(f"{shards} has no meta.json; make the shards with `gptlab prepare --out {shards}`")
+        print(f"== ladder: tokenizer ({cfg.vocab_size} tokens) and shards -> {shards}", flush=True)
+        tokenizer = Tokenizer.train(iter_documents(world / "corpus"), vocab_size=cfg.vocab_size)
+        tokenizer.save_pretrained(out / "tokenizer")
+        prepare(out / "tokenizer", world / "corpus", shards, val_fraction=0.02, overwrite=True)
+    return world, shards
+
+
+def arith_tasks(cfg: EvalConfig, world: Path) -> list[str]:
+    if cfg.arith_tasks:
+        return list(cfg.arith_tasks)
+    return json.loads((world / "world.json").read_text())["benchmarks"]["arith"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def plan(cfg: LadderConfig, vocab_size: int) -> list[dict]:
+    """Size, tokens, steps and FLOPs of every run, before any is trained."""
+    s, t = cfg.sizes, cfg.train
+    if len(set(s.depths)) != len(s.depths) or not s.depths:
+        raise UserError(f"sizes.depths {s.depths} must list distinct depths, e.g. [2, 3, 4]")
+    runs = []
+    for depth in sorted(s.depths):
+        model = scaling.ladder_config(
+            depth, vocab_size=vocab_size, block_size=s.block_size, aspect=s.aspect, head_dim=s.head_dim, family=s.family
+        )
+        tokens = scaling.tokens_for_budget(model, tokens_per_param=s.tokens_per_param, flops=s.flops, seq_len=t.seq_len)
+        steps = max(s.min_steps, round(tokens / (t.batch_size * t.seq_len)))
+        tokens = steps * t.batch_size * t.seq_len
+        runs.append({
+            "name": f"d{depth}", "depth": depth, "model": model, "steps": steps, "tokens": tokens,
+            "params": scaling.num_params(model), "flops": scaling.training_flops(model, tokens, t.seq_len),
+        })
+    return runs
+
+
+def train_run(cfg: LadderConfig, run: dict, shards: Path, run_dir: Path):
+    train = dict(to_dict(cfg.train), max_steps=run["steps"], warmup_steps=min(cfg.train.warmup_steps, run["steps"] // 5))
+    pretrain_cfg = build(PretrainConfig, {"model": to_dict(run["model"]), "data": {"shards": str(shards)}, "train": train})
+    return pretrain(pretrain_cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
+
+
+def evaluate_run(cfg: EvalConfig, model, tokenizer, world: Path) -> tuple[dict, list[dict]]:
+    """Every ability of one model: {task: {setting: metrics}} and the per-item samples."""
+    backend = GptlabBackend(model, tokenizer)
+    metrics: dict[str, dict] = {}
+    samples: list[dict] = []
+
+    def run(tasks: list[str], shots: list[int], cot: bool, label) -> None:
+        out = evaluate(
+            backend, tasks, world, shots=shots, cot=cot, batch_size=cfg.batch_size, limit=cfg.limit,
+            return_samples=True,
+        )
+        for task, by_shots in out["results"].items():
+            for k in shots:
+                setting = label(k)
+                metrics.setdefault(task, {})[setting] = _shot_result(by_shots, k, len(shots))
+        for item in out["samples"]:
+            samples.append({**item, "setting": label(item["shots"])})
+
+    run(["world_mmlu"], cfg.mmlu_shots, False, lambda k: f"{k}-shot")
+    run([f"words_{t}" for t in cfg.word_tasks], cfg.word_shots, False, lambda k: f"{k}-shot")
+    tasks = [f"arith_{t}" for t in arith_tasks(cfg, world)]
+    run(tasks, [0], False, lambda k: "standard")
+    run(tasks, [0], True, lambda k: "cot")
+    return metrics, samples
+
+
+def _shot_result(by_shots: dict, k: int, n_shot_counts: int) -> dict:
+    return by_shots[f"{k}-shot"] if n_shot_counts > 1 else by_shots
+
+
+def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    world, shards = ensure_data(cfg.data, out)
+    meta = read_meta(shards)
+    runs = plan(cfg, meta["vocab_size"])
+    write_json_atomic(out / "run.json", run_info(to_dict(cfg), preset=preset, seed=cfg.train.seed))
+    print("== ladder: " + ", ".join(f"{r['name']} {r['params']:,} params x {r['tokens']:,} tokens" for r in runs),
+          flush=True)
+    results = []
+    for run in runs:
+        run_dir = out / "runs" / run["name"]
+        result_path = run_dir / "result.json"
+        if result_path.is_file():
+            print(f"== ladder: {run['name']} done before; kept", flush=True)
+            results.append(json.loads(result_path.read_text()))
+            continue
+        print(f"== ladder: {run['name']}: training {run['steps']} steps", flush=True)
+        started = time.perf_counter()
+        model = train_run(cfg, run, shards, run_dir)
+        trained = time.perf_counter() - started
+        model.eval()
+        tokenizer = Tokenizer.from_pretrained(run_dir / "model")
+        print(f"== ladder: {run['name']}: evaluating", flush=True)
+        with torch.no_grad():
+            metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
+        with (run_dir / "samples.jsonl").open("w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        result = {
+            "name": run["name"], "depth": run["depth"], "params": run["params"],
+            "non_embedding_params": scaling.num_params(run["model"], non_embedding=True),
+            "flops": run["flops"], "tokens": run["tokens"], "steps": run["steps"],
+            "val_loss": next(r["val_loss"] for r in reversed(records) if "val_loss" in r),
+            "train_seconds": round(trained, 1), "eval_seconds": round(time.perf_counter() - started - trained, 1),
+            "model": to_dict(run["model"]), "metrics": metrics,
+        }
+        write_json_atomic(result_path, result)
+        results.append(result)
+    ladder = {"preset": preset, "world": str(world), "runs": results, "fit": fits(results)}
+    write_json_atomic(out / "ladder.json", ladder)
+    return ladder
+
+
+def fits(runs: list[dict]) -> dict:
+    compute = [r["flops"] for r in runs]
+    loss = [r["val_loss"] for r in runs]
+    result: dict = {"monotone": scaling.monotone_decreasing(loss)}
+    power = scaling.fit_power_law(compute, loss)
+    result["power_law"] = power.as_dict() if power else {"unsupported": scaling.power_law_unsupported_reason(compute, loss)}
+    chinchilla = scaling.fit_chinchilla([r["params"] for r in runs], [r["tokens"] for r in runs], loss)
+    result["chinchilla"] = chinchilla.as_dict() if chinchilla else {
+        "unsupported": scaling.chinchilla_unsupported_reason([r["params"] for r in runs], [r["tokens"] for r in runs])
+    }
+    return result

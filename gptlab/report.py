@@ -1,0 +1,399 @@
+"""Reports: a ladder folder -> ``report.md`` with PNG plots and the phenomena table.
+
+Every claim of the lecture is stated, measured on the ladder's own samples with a seeded 95%
+bootstrap interval, and marked reproduced only when the interval excludes zero in the claimed
+direction. A claim the ladder cannot measure says so; one that did not appear is reported as not
+appearing, with what would be needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptlab import scaling
+
+
+@dataclass
+class Claim:
+    claim: str
+    measure: str
+    effect: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+    note: str = ""
+    unit: str = "points"  # "points": accuracy differences shown x100; "exponent": as is
+
+    @property
+    def reproduced(self) -> bool | None:
+        return None if self.lo is None else self.lo > 0
+
+    def row(self) -> str:
+        if self.effect is None:
+            measured, verdict = "not measured yet", "—"
+        else:
+            scale = 100 if self.unit == "points" else 1
+            fmt = "{:+.1f}" if self.unit == "points" else "{:.3f}"
+            measured = f"{fmt.format(self.effect * scale)} [{fmt.format(self.lo * scale)}, {fmt.format(self.hi * scale)}]"
+            verdict = "yes" if self.reproduced else "no"
+        return f"| {self.claim} | {self.measure} | {measured} | {verdict} | {self.note} |"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-item scores
+
+
+class Samples:
+    """Per-item scores of every run, keyed by (run name, task, setting) -> {item: score}."""
+
+    def __init__(self, ladder_dir: Path, runs: list[dict]):
+        self.scores: dict[tuple[str, str, str, str], dict] = {}
+        for run in runs:
+            path = ladder_dir / "runs" / run["name"] / "samples.jsonl"
+            for line in path.read_text().splitlines():
+                s = json.loads(line)
+                item = (s.get("subject"), s["doc_id"])
+                key = (run["name"], s["task"], s["setting"])
+                self.scores.setdefault(key + ("correct",), {})[item] = float(s["correct"])
+                if "partial_credit" in s.get("scores", {}):
+                    self.scores.setdefault(key + ("partial_credit",), {})[item] = s["scores"]["partial_credit"]
+
+    def vector(self, run: str, tasks: list[str], setting: str, metric: str = "correct") -> tuple[list, np.ndarray]:
+        """(items, scores) pooled over tasks, in a fixed item order so two vectors pair up."""
+        items, values = [], []
+        for task in tasks:
+            scores = self.scores.get((run, task, setting, metric), {})
+            for item in sorted(scores, key=str):
+                items.append((task, item))
+                values.append(scores[item])
+        return items, np.asarray(values)
+
+    def paired(self, a: tuple, b: tuple, tasks: list[str], metric: str = "correct") -> tuple[np.ndarray, np.ndarray]:
+        """Two score vectors over the items both (run, setting) pairs answered."""
+        items_a, va = self.vector(a[0], tasks, a[1], metric)
+        items_b, vb = self.vector(b[0], tasks, b[1], metric)
+        common = sorted(set(items_a) & set(items_b), key=str)
+        index_a = {item: i for i, item in enumerate(items_a)}
+        index_b = {item: i for i, item in enumerate(items_b)}
+        return (np.asarray([va[index_a[i]] for i in common]), np.asarray([vb[index_b[i]] for i in common]))
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float] | None:
+    return scaling.difference_interval(a, b, paired=True) if a.size else None
+
+
+def _gain_growth(samples: Samples, small: str, large: str, tasks: list[str], base: str, better: str):
+    """(gain of the large model) - (gain of the small one), paired over the items all four answered."""
+    s_base, s_better = samples.paired((small, base), (small, better), tasks)
+    l_base, l_better = samples.paired((large, base), (large, better), tasks)
+    n = min(s_base.size, l_base.size)
+    if n == 0:
+        return None
+    return scaling.difference_interval(s_better[:n] - s_base[:n], l_better[:n] - l_base[:n], paired=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims
+
+
+def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> list[Claim]:
+    runs = ladder["runs"]
+    small, large = runs[0]["name"], runs[-1]["name"]
+    metrics = runs[-1]["metrics"]
+    arith = sorted(t for t in metrics if t.startswith("arith_"))
+    words = sorted(t for t in metrics if t.startswith("words_"))
+    word_k = sorted(int(s.split("-")[0]) for s in metrics[words[0]]) if words else []
+    claims: list[Claim] = []
+
+    fit = ladder["fit"]["power_law"]
+    loss_claim = Claim("Loss falls smoothly with compute (power law)", "exponent α of L(C) = a·C^-α + L∞", unit="exponent")
+    if "alpha" in fit and fit.get("intervals"):
+        lo, hi = fit["intervals"]["alpha"]
+        loss_claim.effect, loss_claim.lo, loss_claim.hi = fit["alpha"], lo, hi
+        loss_claim.note = "monotone over the ladder" if ladder["fit"]["monotone"] else "NOT monotone over the ladder"
+    else:
+        loss_claim.note = fit.get("unsupported") or "a fit with an interval needs at least 4 sizes"
+        if "alpha" in fit:
+            loss_claim.note += f" (exact fit: α = {fit['alpha']:.3f})"
+    claims.append(loss_claim)
+
+    if words and word_k:
+        k = f"{word_k[-1]}-shot"
+        claims.append(_claim(
+            "An ability appears with scale (exact match)", f"word tasks {k}, exact match, {large} minus {small}",
+            samples.paired((small, k), (large, k), words),
+            "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
+        ))
+        if len(runs) >= 2:
+            second = runs[1]["name"]
+            em = _difference(*samples.paired((small, k), (second, k), words))
+            pc = _difference(*samples.paired((small, k), (second, k), words, "partial_credit"))
+            claim = Claim(
+                "The jump is partly the metric (Schaeffer et al.)",
+                f"word tasks {k}, partial credit (1 - edit distance), {second} minus {small}, where exact match "
+                "barely moves",
+            )
+            if pc and em:
+                claim.effect, claim.lo, claim.hi = pc
+                claim.note = f"exact match over the same step: {em[0] * 100:+.1f} [{em[1] * 100:+.1f}, {em[2] * 100:+.1f}]"
+            claims.append(claim)
+    if arith:
+        claims.append(_claim(
+            "Arithmetic appears with scale (exact match)",
+            f"arithmetic exact match, {large} minus {small}, standard prompting",
+            samples.paired((small, "standard"), (large, "standard"), arith),
+            "if no: arithmetic needs more compute per model than this ladder spends (docs/tinyworld.md)",
+        ))
+    if words and word_k and word_k[-1] > 0:
+        claims.append(_claim(
+            "Few-shot beats zero-shot", f"word tasks, {k} minus 0-shot accuracy, {large}",
+            samples.paired((large, "0-shot"), (large, k), words), "if no: more word-task episodes (mixture.words)",
+        ))
+        claims.append(_claim(
+            "The few-shot gain grows with size", f"({k} - 0-shot) of {large} minus that of {small}",
+            _gain_growth(samples, small, large, words, "0-shot", k), "if no: a wider ladder",
+        ))
+    if arith:
+        claims.append(_claim(
+            "Chain of thought beats standard prompting", f"arithmetic exact match, CoT minus standard, {large}",
+            samples.paired((large, "standard"), (large, "cot"), arith),
+            "if no: CoT needs models trained past the worked-solution format; more compute per model",
+        ))
+        claims.append(_claim(
+            "The CoT gain grows with size", f"(CoT - standard) of {large} minus that of {small}",
+            _gain_growth(samples, small, large, arith, "standard", "cot"), "if no: a wider ladder",
+        ))
+    if "world_mmlu" in metrics and "5-shot" in metrics["world_mmlu"]:
+        claims.append(_claim(
+            "Few-shot helps multiple choice (MMLU format)", f"world_mmlu 5-shot minus 0-shot, {large}",
+            samples.paired((large, "0-shot"), (large, "5-shot"), ["world_mmlu"]), "",
+        ))
+    claims.extend(extra)
+    return claims
+
+
+def _claim(claim: str, measure: str, pair, if_not: str) -> Claim:
+    result = Claim(claim, measure)
+    if isinstance(pair, tuple) and len(pair) == 2:
+        pair = _difference(*pair)
+    if pair is None:
+        result.note = "no items to compare"
+        return result
+    result.effect, result.lo, result.hi = pair
+    if result.lo <= 0:
+        result.note = if_not
+    return result
+
+
+NOT_YET = [
+    Claim("Instruction tuning gives zero-shot gains on unseen tasks", "SFT zero-shot minus base few-shot, held-out families",
+          note="measured by `gptlab demo` (SFT stage)"),
+    Claim("RLHF / DPO move a model toward human preferences", "oracle win rate vs the SFT model", note="alignment stage not built yet"),
+    Claim("The arena ranks models by preference", "Elo / Bradley-Terry with the oracle as judge", note="arena not built yet"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(ladder: dict, path: Path) -> None:
+    plt = _plt()
+    runs = ladder["runs"]
+    compute = np.array([r["flops"] for r in runs])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(compute, [r["val_loss"] for r in runs], "o", label="val loss")
+    for r in runs:
+        ax.annotate(f"{r['name']} ({r['params'] / 1e6:.2f}M)", (r["flops"], r["val_loss"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    fit = ladder["fit"]["power_law"]
+    if "alpha" in fit:
+        grid = np.geomspace(compute.min() / 1.5, compute.max() * 1.5, 100)
+        ax.plot(grid, fit["a"] * grid ** (-fit["alpha"]) + fit["l_inf"], "--",
+                label=f"fit: {fit['a']:.3g}·C^-{fit['alpha']:.3f} + {fit['l_inf']:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title("Loss vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_emergence(ladder: dict, samples: Samples, path: Path) -> None:
+    """Each ability against compute under exact match (left) and partial credit (right)."""
+    plt = _plt()
+    runs = ladder["runs"]
+    compute = [r["flops"] for r in runs]
+    metrics = runs[-1]["metrics"]
+    series = [(t.removeprefix("arith_"), t, "standard") for t in sorted(metrics) if t.startswith("arith_")]
+    for task in sorted(t for t in metrics if t.startswith("words_")):
+        k = max(metrics[task], key=lambda s: int(s.split("-")[0]))
+        series.append((f"{task.removeprefix('words_')} ({k})", task, k))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, metric, title in ((axes[0], "correct", "exact match"), (axes[1], "partial_credit", "partial credit")):
+        for label, task, setting in series:
+            means = [samples.vector(r["name"], [task], setting, metric)[1].mean() for r in runs]
+            ax.plot(compute, means, "o-" if task.startswith("words_") else "s--", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute (FLOPs)")
+        ax.set_title(f"Abilities vs compute, {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fewshot(ladder: dict, samples: Samples, path: Path) -> None:
+    plt = _plt()
+    runs = ladder["runs"]
+    words = sorted(t for t in runs[-1]["metrics"] if t.startswith("words_"))
+    ks = sorted(int(s.split("-")[0]) for s in runs[-1]["metrics"][words[0]])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        ax.plot(ks, [samples.vector(r["name"], words, f"{k}-shot")[1].mean() for k in ks], "o-",
+                label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("examples in the prompt (k)")
+    ax.set_ylabel("accuracy, word tasks pooled")
+    ax.set_title("In-context learning vs model size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
+    plt = _plt()
+    runs = ladder["runs"]
+    tasks = sorted(t for t in runs[-1]["metrics"] if t.startswith("arith_"))
+    effects = [scaling.difference_interval(*samples.paired((r["name"], "standard"), (r["name"], "cot"), tasks), paired=True)
+               for r in runs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(len(runs))
+    mean = np.array([e[0] for e in effects]) * 100
+    err = np.array([[e[0] - e[1], e[2] - e[0]] for e in effects]).T * 100
+    ax.bar(x, mean, yerr=err, capsize=4)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, [f"{r['name']}\n{r['params'] / 1e6:.2f}M" for r in runs])
+    ax.set_ylabel("CoT minus standard (points, 95% CI)")
+    ax.set_title("Chain-of-thought gain vs model size")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _mean(run: dict, task: str, setting: str, metric: str = "acc") -> str:
+    result = run["metrics"].get(task, {}).get(setting, {})
+    value = result.get(metric, result.get("exact_match"))
+    return "—" if value is None else f"{value * 100:.1f}"
+
+
+def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#", link_prefix: str = "") -> str:
+    """The ladder's part of a report (markdown) and its plots, written into ladder_dir; image links
+    get ``link_prefix`` so a report in another folder (the demo's) finds them."""
+    ladder = json.loads((ladder_dir / "ladder.json").read_text())
+    runs = ladder["runs"]
+    samples = Samples(ladder_dir, runs)
+    plot_loss(ladder, ladder_dir / "loss_vs_compute.png")
+    plots = [f"![loss vs compute]({link_prefix}loss_vs_compute.png)"]
+    metrics = runs[-1]["metrics"]
+    if any(t.startswith("arith_") for t in metrics):
+        plot_emergence(ladder, samples, ladder_dir / "emergence.png")
+        plot_cot(ladder, samples, ladder_dir / "cot.png")
+        plots += [f"![emergence]({link_prefix}emergence.png)", f"![cot]({link_prefix}cot.png)"]
+    if any(t.startswith("words_") for t in metrics):
+        plot_fewshot(ladder, samples, ladder_dir / "fewshot.png")
+        plots.append(f"![few-shot]({link_prefix}fewshot.png)")
+    claims = ladder_claims(ladder, samples, extra or NOT_YET)
+    h = heading
+    fit = ladder["fit"]["power_law"]
+    fit_line = (
+        f"Power law: L(C) = {fit['a']:.3g}·(C)^-{fit['alpha']:.3f} + {fit['l_inf']:.3f}"
+        + (f", α 95% interval [{fit['intervals']['alpha'][0]:.3f}, {fit['intervals']['alpha'][1]:.3f}]"
+           if fit.get("intervals") else " (exact with 3 points: no interval)")
+        if "alpha" in fit else f"Power law: not fitted ({fit.get('unsupported')})."
+    )
+    chin = ladder["fit"]["chinchilla"]
+    chin_line = (
+        f"Chinchilla L(N, D): E = {chin['E']:.3f}, α = {chin['alpha']:.3f}, β = {chin['beta']:.3f}."
+        if "E" in chin else f"Chinchilla L(N, D): not fitted ({chin.get('unsupported')})."
+    )
+    arith = sorted(t for t in metrics if t.startswith("arith_"))
+    words = sorted(t for t in metrics if t.startswith("words_"))
+    word_settings = sorted(metrics[words[0]], key=lambda s: int(s.split("-")[0])) if words else []
+    lines = [
+        f"{h} Scaling ladder",
+        "",
+        "| run | parameters | tokens | FLOPs | val loss | train s |",
+        "|---|---|---|---|---|---|",
+        *(f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['flops']:.2e} | {r['val_loss']:.3f} | "
+          f"{r['train_seconds']:.0f} |" for r in runs),
+        "",
+        fit_line,
+        "",
+        chin_line,
+        "",
+        f"{h}# Phenomena",
+        "",
+        "Effects with seeded 95% bootstrap intervals over the evaluated items (paired where the items are the "
+        "same); accuracy effects in points. Reproduced = the interval excludes zero in the claimed direction.",
+        "",
+        "| claim | measure | effect [95% CI] | reproduced | note |",
+        "|---|---|---|---|---|",
+        *(c.row() for c in claims),
+        "",
+        f"{h}# Abilities by size (accuracy, %)",
+        "",
+        "| run | " + " | ".join(
+            [f"world_mmlu {s}" for s in metrics.get("world_mmlu", {})]
+            + [f"words {s}" for s in word_settings]
+            + ["arith standard", "arith CoT"]) + " |",
+        "|---|" + "---|" * (len(metrics.get("world_mmlu", {})) + len(word_settings) + 2),
+    ]
+    for r in runs:
+        cells = [_mean(r, "world_mmlu", s) for s in metrics.get("world_mmlu", {})]
+        cells += [f"{samples.vector(r['name'], words, s)[1].mean() * 100:.1f}" for s in word_settings]
+        cells += [f"{samples.vector(r['name'], arith, s)[1].mean() * 100:.1f}" if arith else "—" for s in ("standard", "cot")]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    lines += ["", f"{h}# In-context learning of {runs[-1]['name']} (accuracy %, 95% bootstrap interval)", "",
+              "| ability | setting | accuracy [95% CI] | items |", "|---|---|---|---|"]
+    groups = [("world_mmlu", ["world_mmlu"], list(metrics.get("world_mmlu", {}))),
+              ("word tasks, pooled", words, word_settings), ("arithmetic, pooled", arith, ["standard", "cot"])]
+    for label, tasks, settings in groups:
+        for setting in settings if tasks else []:
+            values = samples.vector(runs[-1]["name"], tasks, setting)[1]
+            if values.size:
+                mean, lo, hi = scaling.bootstrap_mean_interval(values)
+                lines.append(f"| {label} | {setting} | {mean * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}] | {values.size} |")
+    lines += ["", *(p + "\n" for p in plots)]
+    return "\n".join(lines)
+
+
+def write_ladder_report(ladder_dir: Path) -> Path:
+    path = ladder_dir / "report.md"
+    path.write_text(ladder_section(ladder_dir) + "\n")
+    return path

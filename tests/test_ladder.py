@@ -1,0 +1,56 @@
+"""A two-size ladder end to end on tiny settings: training, evaluation, ladder.json, report and plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gptlab.cli import main as gptlab
+
+TINY = [
+    "sizes.depths=[1, 2]", "sizes.aspect=16", "sizes.head_dim=16", "sizes.block_size=256",
+    "sizes.tokens_per_param=0.5", "sizes.min_steps=15",
+    "data.vocab_size=300", "train.batch_size=4", "train.seq_len=64", "train.save_every=0", "train.eval_batches=2",
+    "eval.limit=4", "eval.batch_size=8", "eval.mmlu_shots=[0, 1]", "eval.word_tasks=['reverse', 'double_first']",
+    "eval.word_shots=[0, 2]", "eval.arith_tasks=['add_2']",
+]
+
+
+@pytest.fixture(scope="module")
+def ladder_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ladder") / "ladder"
+    assert gptlab(["ladder", "--preset", "quick", "--out", str(out), *sum((["--set", s] for s in TINY), [])]) == 0
+    return out
+
+
+def test_two_size_ladder_writes_runs_fits_report_and_plots(ladder_dir):
+    ladder = json.loads((ladder_dir / "ladder.json").read_text())
+    runs = ladder["runs"]
+    assert [r["name"] for r in runs] == ["d1", "d2"]
+    assert runs[0]["params"] < runs[1]["params"] and runs[0]["flops"] < runs[1]["flops"]
+    for run in runs:
+        assert {"name", "params", "flops", "tokens", "val_loss", "metrics"} <= set(run)
+        assert set(run["metrics"]) == {"world_mmlu", "words_reverse", "words_double_first", "arith_add_2"}
+        assert set(run["metrics"]["arith_add_2"]) == {"standard", "cot"}
+        assert set(run["metrics"]["words_reverse"]) == {"0-shot", "2-shot"}
+    # Two sizes cannot support a three-parameter law: the fit says why instead of inventing one.
+    assert "unsupported" in ladder["fit"]["power_law"]
+    report = (ladder_dir / "report.md").read_text()
+    assert "| claim | measure |" in report and "not measured yet" in report
+    for plot in ("loss_vs_compute.png", "emergence.png", "cot.png", "fewshot.png"):
+        assert (ladder_dir / plot).stat().st_size > 1000, plot
+        assert f"({plot})" in report
+
+
+def test_a_finished_ladder_resumes_without_retraining(ladder_dir, capsys):
+    before = (ladder_dir / "ladder.json").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (ladder_dir / "runs").glob("*/result.json")}
+    assert gptlab(["ladder", "--preset", "quick", "--out", str(ladder_dir), *sum((["--set", s] for s in TINY), [])]) == 0
+    assert "done before; kept" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (ladder_dir / "ladder.json").read_text() == before
+
+
+def test_unknown_ladder_preset_is_a_user_error(tmp_path, capsys):
+    assert gptlab(["ladder", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown ladder preset 'huge'" in capsys.readouterr().err
