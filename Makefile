@@ -22,7 +22,7 @@ PRESET ?= default
 demo: install
 	$(VENV)/bin/gptlab demo --preset $(PRESET) --out runs/demo
 
-BENCHMARKS := train_step decode pretrain_throughput prepare_throughput pretrain_memory
+BENCHMARKS := train_step decode pretrain_throughput prepare_throughput pretrain_memory eval_mmlu
 bench: install
 	set -e; for name in $(BENCHMARKS); do $(PY) benchmarks/$$name.py; done
 

@@ -131,7 +131,7 @@ def cmd_eval(args) -> None:
         warnings.simplefilter("always")
         results = evaluate(
             backend, args.tasks.split(","), args.data, shots=shots, cot=args.cot, batch_size=args.batch_size,
-            limit=args.limit, seed=args.seed, return_samples=args.samples is not None,
+            limit=args.limit, seed=args.seed, return_samples=args.samples is not None, chat=args.chat,
         )
     for warning in caught:
         print(f"gptlab: warning: {warning.message}", file=sys.stderr)
@@ -219,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model folder (or, with --backend openai, the served model's name)")
     p.add_argument("--tasks", required=True,
                    help="comma-separated: mmlu, gsm8k, world_mmlu, arith_{op}_{digits} (arith_3, arith: groups), "
-                        "words_{task} (words: all), ppl, or a .toml task file")
+                        "words_{task} (words: all), world_instruct, ppl, or a .toml task file")
     p.add_argument("--data", help="what the tasks read: a TinyWorld folder, an MMLU folder, a GSM8K JSONL, a text file")
     p.add_argument("--shots", default="0", help="comma-separated shot counts, e.g. 0,1,5 (results keyed by '5-shot')")
     p.add_argument("--cot", action="store_true", help="chain-of-thought exemplars and answer regex (arith tasks)")
+    p.add_argument("--chat", action="store_true",
+                   help="ask generation tasks through the model's chat template, shots as earlier turns")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="first N test documents per task (per subject for MMLU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random few-shot picks")

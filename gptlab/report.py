@@ -128,13 +128,19 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
             "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
         ))
         if len(runs) >= 2:
-            second = runs[1]["name"]
-            em = _difference(*samples.paired((small, k), (second, k), words))
-            pc = _difference(*samples.paired((small, k), (second, k), words, "partial_credit"))
+            # The largest size whose exact match has not yet left the smallest model's: if partial
+            # credit has already risen by then, the all-or-nothing metric hid a gradual gain.
+            before = runs[1]["name"]
+            for run in runs[1:]:
+                em = _difference(*samples.paired((small, k), (run["name"], k), words))
+                if em and em[1] <= 0:
+                    before = run["name"]
+            em = _difference(*samples.paired((small, k), (before, k), words))
+            pc = _difference(*samples.paired((small, k), (before, k), words, "partial_credit"))
             claim = Claim(
                 "The jump is partly the metric (Schaeffer et al.)",
-                f"word tasks {k}, partial credit (1 - edit distance), {second} minus {small}, where exact match "
-                "barely moves",
+                f"word tasks {k}, partial credit (1 - edit distance), {before} minus {small}: the largest size "
+                "whose exact match has not moved",
             )
             if pc and em:
                 claim.effect, claim.lo, claim.hi = pc
@@ -167,10 +173,15 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
             _gain_growth(samples, small, large, arith, "standard", "cot"), "if no: a wider ladder",
         ))
     if "world_mmlu" in metrics and "5-shot" in metrics["world_mmlu"]:
-        claims.append(_claim(
+        claim = _claim(
             "Few-shot helps multiple choice (MMLU format)", f"world_mmlu 5-shot minus 0-shot, {large}",
             samples.paired((large, "0-shot"), (large, "5-shot"), ["world_mmlu"]), "",
-        ))
+        )
+        cut = metrics["world_mmlu"]["5-shot"].get("truncated", 0)
+        if cut:
+            claim.note = (f"{cut} of the 5-shot requests are longer than the model's window and were cut from the "
+                          "left (lm-eval's rule); a longer block_size would keep all five examples")
+        claims.append(claim)
     claims.extend(extra)
     return claims
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gptlab.cli import main as gptlab_main
+from gptlab.errors import UserError
 from gptlab.eval import GenerationRequest, GptlabBackend, HFBackend, OpenAIBackend, evaluate, format_table
 from gptlab.eval import metrics
 from gptlab.eval.backends import rolling_windows
@@ -445,3 +446,63 @@ def test_openai_backend_reads_echoed_logprobs():
         assert backend.generate_until([GenerationRequest("Q: 40+2=? A:", ("\n",), 8)]) == [" 42"]
     finally:
         server.shutdown()
+
+
+# --------------------------------------------------------------------------- instructions and chat
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> Path:
+    from gptlab.world import write_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, seed=0, preset="quick")
+    return root
+
+
+def test_world_instruct_prompts_shots_of_the_same_family_never_the_question(tiny_world):
+    task = load_task("world_instruct", tiny_world, limit=3)
+    families = {d.subject for d in task.docs}
+    assert len(task.docs) == 3 * len(families)
+    for doc in task.docs:
+        shots = task.shots(doc, 2, seed=0)
+        assert all(s.subject == doc.subject and s.doc_id != doc.doc_id for s in shots)
+        question = doc.data["messages"][-2]["content"]
+        assert task.context(doc, shots) == "".join(
+            f"Q: {s.data['messages'][-2]['content']} A: {s.data['messages'][-1]['content']}\n" for s in shots
+        ) + f"Q: {question} A:"
+    with pytest.raises(UserError, match="holds only 2 example"):
+        task.check_shots(3)  # 3 per family, minus the question itself
+
+
+def test_chat_context_encodes_to_the_chat_template(backend):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "alpha -> ?"}]
+    context = backend.chat_context(messages)
+    assert backend.encode([context])[0] == backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert backend.end_of_turn == ("<|end|>",)
+
+
+def test_oracle_scores_world_instruct_answers_with_and_without_chat(tiny_world, backend, monkeypatch):
+    task = load_task("world_instruct", tiny_world, limit=2)
+    answers = {d.data["messages"][-2]["content"]: d.data["messages"][-1]["content"] for d in task.docs}
+    asked = []
+
+    def answer_every_question(requests, batch_size=32):
+        asked.extend(requests)
+        # The last user message of a plain prompt is "Q: ... A:"; of a chat prompt, before <|end|>.
+        return [" " + next(a for q, a in answers.items() if r.context.endswith((f"Q: {q} A:", f"{q}<|end|><|assistant|>")))
+                for r in requests]
+
+    monkeypatch.setattr(backend, "generate_until", answer_every_question)
+    for chat in (False, True):
+        asked.clear()
+        out = evaluate(backend, ["world_instruct"], tiny_world, shots=[1], limit=2, chat=chat, return_samples=True)
+        result = out["results"]["world_instruct"]
+        assert result["exact_match"] == 1.0 and result["n"] == len(task.docs)
+        assert set(result["subjects"]) == {d.subject for d in task.docs}
+        assert all(("<|assistant|>" in r.context) == chat for r in asked)
+        assert all(r.until == (("<|end|>",) if chat else ("\n",)) for r in asked)
+    monkeypatch.setattr(backend, "generate_until", lambda requests, batch_size=32: [" I do not know."] * len(requests))
+    assert evaluate(backend, ["world_instruct"], tiny_world, limit=1)["results"]["world_instruct"]["exact_match"] == 0.0
+    with pytest.raises(UserError, match="--chat applies to generation tasks"):
+        evaluate(backend, ["world_mmlu"], tiny_world, limit=1, chat=True)

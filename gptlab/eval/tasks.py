@@ -109,10 +109,11 @@ class Task:
             hint = f"{where} is missing or empty" if where else "its task file names no fewshot data"
             raise UserError(f"task {self.name} has no few-shot examples ({hint}): use --shots 0")
         for subject, pool in self.fewshot.items():
-            if len(pool) - self.exclude_self < k:
+            available = len(pool) - self.exclude_self  # a document is never its own example
+            if available < k:
                 raise UserError(
                     f"task {self.name}: {k} shots asked but {self.fewshot_source[subject]} holds only "
-                    f"{len(pool)} example(s); ask for at most {len(pool)} shots"
+                    f"{available} example(s){f' for {subject}' if subject else ''}; ask for at most {available} shots"
                 )
 
 
