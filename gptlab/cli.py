@@ -116,9 +116,7 @@ def cmd_ladder(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import warnings
-
-    from gptlab.eval import evaluate, format_table, load_backend, write_results, write_samples
+    from gptlab.eval import evaluate, format_table, load_backend, warnings_as_lines, write_results, write_samples
 
     try:
         shots = [int(k) for k in args.shots.split(",")]
@@ -127,14 +125,11 @@ def cmd_eval(args) -> None:
     for path in filter(None, (args.out, args.samples)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     backend = load_backend(args.backend, args.model, device=args.device, base_url=args.base_url)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_as_lines():
         results = evaluate(
             backend, args.tasks.split(","), args.data, shots=shots, cot=args.cot, batch_size=args.batch_size,
             limit=args.limit, seed=args.seed, return_samples=args.samples is not None, chat=args.chat,
         )
-    for warning in caught:
-        print(f"gptlab: warning: {warning.message}", file=sys.stderr)
     results["config"]["model"] = args.model
     write_results(args.out, results)
     if args.samples:

@@ -22,7 +22,7 @@ from gptlab import scaling
 from gptlab.cli import main as gptlab
 from gptlab.engine import Engine
 from gptlab.errors import UserError
-from gptlab.eval import GptlabBackend, evaluate
+from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.model import GPT
 from gptlab.report import NOT_YET, Claim, ladder_section
 from gptlab.tokenizer import Tokenizer
@@ -145,7 +145,8 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
 
     print("== demo: instruction following and samples", flush=True)
     start = time.perf_counter()
-    instruct = instruction_following(world, base / "model", out / "sft" / "model", spec.instruct_limit)
+    with warnings_as_lines():
+        instruct = instruction_following(world, base / "model", out / "sft" / "model", spec.instruct_limit)
     model = GPT.from_pretrained(base / "model")
     engine = Engine(model, Tokenizer.from_pretrained(base / "model"))
     samples = [

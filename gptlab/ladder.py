@@ -23,7 +23,7 @@ from gptlab import scaling
 from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
 from gptlab.data import iter_documents, prepare, read_meta
 from gptlab.errors import UserError
-from gptlab.eval import GptlabBackend, evaluate
+from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.fileio import write_json_atomic
 from gptlab.pretrain import PretrainConfig, pretrain
 from gptlab.tokenizer import Tokenizer
@@ -227,7 +227,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
         model.eval()
         tokenizer = Tokenizer.from_pretrained(run_dir / "model")
         print(f"== ladder: {run['name']}: evaluating", flush=True)
-        with torch.no_grad():
+        with torch.no_grad(), warnings_as_lines():
             metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
         with (run_dir / "samples.jsonl").open("w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)

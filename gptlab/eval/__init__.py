@@ -7,9 +7,9 @@ tasks, perplexity, TOML task files). See docs/eval.md.
 """
 
 from gptlab.eval.backends import Backend, GenerationRequest, GptlabBackend, HFBackend, OpenAIBackend, load_backend
-from gptlab.eval.harness import evaluate, format_table, write_results, write_samples
+from gptlab.eval.harness import evaluate, format_table, warnings_as_lines, write_results, write_samples
 
 __all__ = [
     "Backend", "GenerationRequest", "GptlabBackend", "HFBackend", "OpenAIBackend", "load_backend",
-    "evaluate", "format_table", "write_results", "write_samples",
+    "evaluate", "format_table", "warnings_as_lines", "write_results", "write_samples",
 ]

@@ -13,11 +13,13 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from gptlab.errors import UserError
 from gptlab.eval import metrics
@@ -94,6 +96,17 @@ def evaluate(
     if return_samples:
         out["samples"] = samples
     return out
+
+
+@contextmanager
+def warnings_as_lines(stream: TextIO | None = None) -> Iterator[None]:
+    """Encoding warnings (truncations, seam merges) as one ``gptlab: warning:`` line each, the
+    way the CLI reports everything, instead of Python's two-line warning format."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print(f"gptlab: warning: {warning.message}", file=stream or sys.stderr)
 
 
 def _warn_encoding(name: str, k: int, scores: dict) -> None:
