@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import platform
 import subprocess
 import sys
@@ -36,6 +37,14 @@ def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {path} is not valid TOML ({e}); fix the file") from None
     return apply_overrides(raw, overrides)
+
+
+def read_run_raw(config_path: str | Path | None, overrides: list[str], out_dir: Path, resume: bool) -> dict:
+    """A run's raw config: the one its run.json recorded when resuming without --config (so a
+    resumed run trains on what it started with), else the file plus overrides."""
+    if resume and config_path is None and (out_dir / "run.json").is_file():
+        return apply_overrides(json.loads((out_dir / "run.json").read_text())["config"], overrides)
+    return read_raw(config_path, overrides)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -7,13 +7,12 @@ loss over the held-out split.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from gptlab.config import apply_overrides, build, get_dotted, read_raw, run_info, set_dotted, to_dict
+from gptlab.config import build, get_dotted, read_run_raw, run_info, set_dotted, to_dict
 from gptlab.data import TokenLoader, read_meta
 from gptlab.errors import UserError
 from gptlab.fileio import write_json_atomic
@@ -40,10 +39,7 @@ def load_config(config_path: str | None, overrides: list[str], out_dir: Path, re
 
     model.vocab_size defaults to the shards' vocabulary, so a user never has to copy it by hand.
     """
-    if resume and config_path is None and (out_dir / "run.json").is_file():
-        raw = apply_overrides(json.loads((out_dir / "run.json").read_text())["config"], overrides)
-    else:
-        raw = read_raw(config_path, overrides)
+    raw = read_run_raw(config_path, overrides, out_dir, resume)
     cfg = build(PretrainConfig, raw)  # refuses unknown keys before any file is read
     if get_dotted(raw, "model.vocab_size") is None:
         set_dotted(raw, "model.vocab_size", read_meta(cfg.data.shards)["vocab_size"])

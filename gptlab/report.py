@@ -179,7 +179,7 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
         )
         cut = metrics["world_mmlu"]["5-shot"].get("truncated", 0)
         if cut:
-            claim.note = (f"{cut} of the 5-shot requests are longer than the model's window and were cut from the "
+            claim.note = (f"{cut} of the 5-shot scoring requests (one per choice) are longer than the model's window and were cut from the "
                           "left (lm-eval's rule); a longer block_size would keep all five examples")
         claims.append(claim)
     claims.extend(extra)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.checkpoint import model_config_from_hf
-from gptlab.config import apply_overrides, build, get_dotted, read_raw, run_info, set_dotted, to_dict
+from gptlab.config import build, get_dotted, read_run_raw, run_info, set_dotted, to_dict
 from gptlab.data.chat import IGNORE, TRUNCATION, ChatBatches, eval_batches, load_chat_data, to_device
 from gptlab.errors import UserError
 from gptlab.fileio import write_json_atomic
@@ -67,10 +67,7 @@ def load_config(config_path: str | None, overrides: list[str], out_dir: Path, re
     train.seq_len defaults to the init model's block_size: conversations are as long as the
     model can read.
     """
-    if resume and config_path is None and (out_dir / "run.json").is_file():
-        raw = apply_overrides(json.loads((out_dir / "run.json").read_text())["config"], overrides)
-    else:
-        raw = read_raw(config_path, overrides)
+    raw = read_run_raw(config_path, overrides, out_dir, resume)
     cfg = build(SftConfig, raw)  # refuses unknown keys before any file is read
     if get_dotted(raw, "train.seq_len") is None:
         block_size = _block_size(Path(cfg.init))

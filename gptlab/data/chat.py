@@ -24,7 +24,6 @@ never sees it, and its targets are ignored (-100).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptlab.data.documents import _lines
+from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
 
@@ -83,16 +82,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"chat data file {path} does not exist; check the data.train / data.val paths")
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number} is not valid JSON ({e.msg}): fix or remove that line") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number} is not a JSON object: each line must be one record")
-        yield number, record
+    yield from jsonl_records(path)
 
 
 def encode_record(tokenizer: Tokenizer, record: dict) -> Example:

@@ -115,7 +115,9 @@ def _join(lines: list[str]) -> str:
     return "".join(lines).removesuffix("\n").removesuffix("\r")
 
 
-def _read_jsonl(path: Path) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
+    object ends with one error naming the file and the line."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -123,7 +125,14 @@ def _read_jsonl(path: Path) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number} is not valid JSON ({e.msg}): fix or remove that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number} is not a JSON object: each line must be one record")
+        yield number, record
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    for number, record in jsonl_records(path):
+        if not isinstance(record.get("text"), str):
             raise UserError(
                 f"{path}:{number} has no string 'text' field: each JSONL line must be an object "
                 f'like {{"text": "..."}}'

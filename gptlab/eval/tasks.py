@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import json
 import math
 import random
 import re
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
 from gptlab.eval import metrics
 
@@ -121,19 +121,7 @@ class Task:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {line_no}: not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {line_no}: expected a JSON object, found {type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [record for _, record in jsonl_records(path)]
 
 
 def read_csv_rows(path: Path, columns: int | None = None) -> list[tuple[int, list[str]]]:
