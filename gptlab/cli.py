@@ -138,6 +138,15 @@ def cmd_eval(args) -> None:
     print(f"results -> {args.out}" + (f"; samples -> {args.samples}" if args.samples else ""))
 
 
+def cmd_report(args) -> None:
+    from gptlab.report import write_ladder_report
+
+    folder = Path(args.folder)
+    if not (folder / "ladder.json").is_file():
+        raise UserError(f"{folder} has no ladder.json: give a folder written by `gptlab ladder`")
+    print(f"report -> {write_ladder_report(folder)}")
+
+
 def cmd_demo(args) -> None:
     from gptlab.demo import run_demo
 
@@ -229,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results JSON (metrics, stderr, n, config)")
     p.add_argument("--samples", default=None, help="per-sample JSONL (prediction, target, correct, log-probs)")
     p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("report", help="render a ladder folder's report.md and plots again (no training)")
+    p.add_argument("folder", help="a folder written by `gptlab ladder`")
+    p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")
     p.add_argument("--out", default="runs/demo")

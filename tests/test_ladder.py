@@ -54,3 +54,14 @@ def test_a_finished_ladder_resumes_without_retraining(ladder_dir, capsys):
 def test_unknown_ladder_preset_is_a_user_error(tmp_path, capsys):
     assert gptlab(["ladder", "--preset", "huge", "--out", str(tmp_path / "x")]) == 2
     assert "unknown ladder preset 'huge'" in capsys.readouterr().err
+
+
+def test_report_renders_a_ladder_folder_again_without_training(ladder_dir, tmp_path, capsys):
+    before = (ladder_dir / "report.md").read_text()
+    (ladder_dir / "report.md").unlink()
+    (ladder_dir / "fewshot.png").unlink()
+    assert gptlab(["report", str(ladder_dir)]) == 0
+    assert (ladder_dir / "report.md").read_text() == before
+    assert (ladder_dir / "fewshot.png").stat().st_size > 1000
+    assert gptlab(["report", str(tmp_path)]) == 2
+    assert "has no ladder.json" in capsys.readouterr().err
