@@ -142,8 +142,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(e)
         raise errors[0]
     if origin is list:
-        if not isinstance(value, list):
-            value = [v for v in str(value).split(",") if v]
+        if not isinstance(value, list):  # --set key=2,3 as well as key=[2, 3]
+            value = [parse_value(v.strip()) for v in str(value).split(",") if v.strip()]
         (item,) = typing.get_args(hint)
         return [coerce(v, item, key) for v in value]
     if hint is bool:

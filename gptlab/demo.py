@@ -22,6 +22,7 @@ from gptlab import scaling
 from gptlab.cli import main as gptlab
 from gptlab.engine import Engine
 from gptlab.errors import UserError
+from gptlab.fileio import write_text_atomic
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.model import GPT
 from gptlab.report import NOT_YET, Claim, ladder_section
@@ -161,7 +162,7 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     plot_losses(metrics, out / "loss.png")
     meta = json.loads((out / "shards" / "meta.json").read_text())
     report = render_report(preset, seed, out, model, meta, metrics, instruct, samples, conversations, timings)
-    (out / "report.md").write_text(report)
+    write_text_atomic(out / "report.md", report)
     print(report)
     return out / "report.md"
 

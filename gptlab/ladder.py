@@ -24,7 +24,8 @@ from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
 from gptlab.data import iter_documents, prepare, read_meta
 from gptlab.errors import UserError
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
-from gptlab.fileio import write_json_atomic
+from gptlab.eval.tasks import load_task
+from gptlab.fileio import write_json_atomic, write_text_atomic
 from gptlab.pretrain import PretrainConfig, pretrain
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import TrainConfig
@@ -41,8 +42,8 @@ class SizesConfig:
     family: str = "llama"
     block_size: int = 512
     # The budget of each run: tokens per parameter (all parameters, as Chinchilla counts them),
-    # or a fixed number of FLOPs per run (then bigger models see fewer tokens).
-    tokens_per_param: float | None = 4.0
+    # or, when set, a fixed number of FLOPs per run (then bigger models see fewer tokens).
+    tokens_per_param: float = 4.0
     flops: float | None = None
     min_steps: int = 20
 
@@ -153,12 +154,19 @@ def plan(cfg: LadderConfig, vocab_size: int) -> list[dict]:
     s, t = cfg.sizes, cfg.train
     if len(set(s.depths)) != len(s.depths) or not s.depths:
         raise UserError(f"sizes.depths {s.depths} must list distinct depths, e.g. [2, 3, 4]")
+    if t.eval_batches < 1:
+        raise UserError("train.eval_batches must be at least 1: the ladder fits the validation loss of every run")
+    budget = {"flops": s.flops} if s.flops is not None else {"tokens_per_param": s.tokens_per_param}
     runs = []
     for depth in sorted(s.depths):
-        model = scaling.ladder_config(
-            depth, vocab_size=vocab_size, block_size=s.block_size, aspect=s.aspect, head_dim=s.head_dim, family=s.family
-        )
-        tokens = scaling.tokens_for_budget(model, tokens_per_param=s.tokens_per_param, flops=s.flops, seq_len=t.seq_len)
+        try:
+            model = scaling.ladder_config(
+                depth, vocab_size=vocab_size, block_size=s.block_size, aspect=s.aspect, head_dim=s.head_dim,
+                family=s.family,
+            )
+            tokens = scaling.tokens_for_budget(model, seq_len=t.seq_len, **budget)
+        except ValueError as e:
+            raise UserError(f"ladder sizes: {e}; fix the sizes.* settings") from None
         steps = max(s.min_steps, round(tokens / (t.batch_size * t.seq_len)))
         tokens = steps * t.batch_size * t.seq_len
         runs.append({
@@ -204,11 +212,34 @@ def _shot_result(by_shots: dict, k: int, n_shot_counts: int) -> dict:
     return by_shots[f"{k}-shot"] if n_shot_counts > 1 else by_shots
 
 
+def check_tasks(cfg: EvalConfig, world: Path) -> None:
+    """Load every task and check every shot count before any model trains."""
+    for names, shots, cot in (
+        (["world_mmlu"], cfg.mmlu_shots, False), ([f"words_{t}" for t in cfg.word_tasks], cfg.word_shots, False),
+        ([f"arith_{t}" for t in arith_tasks(cfg, world)], [0], True),
+    ):
+        if len(set(shots)) != len(shots):
+            raise UserError(f"shot counts {shots} repeat a value; list each once")
+        for name in names:
+            task = load_task(name, world, cot=cot, limit=cfg.limit, need_shots=max(shots) > 0)
+            for k in shots:
+                task.check_shots(k)
+
+
 def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
+    plan(cfg, cfg.data.vocab_size)  # refuse bad sizes before minutes of data preparation
     out.mkdir(parents=True, exist_ok=True)
     world, shards = ensure_data(cfg.data, out)
+    check_tasks(cfg.eval, world)
     meta = read_meta(shards)
     runs = plan(cfg, meta["vocab_size"])
+    for run in runs:
+        result_path = out / "runs" / run["name"] / "result.json"
+        if result_path.is_file() and json.loads(result_path.read_text()).get("plan") != _signature(cfg, run):
+            raise UserError(
+                f"{result_path.parent} was trained or evaluated with other settings than this ladder's; "
+                "use a new --out, or delete that run to redo it"
+            )
     write_json_atomic(out / "run.json", run_info(to_dict(cfg), preset=preset, seed=cfg.train.seed))
     print("== ladder: " + ", ".join(f"{r['name']} {r['params']:,} params x {r['tokens']:,} tokens" for r in runs),
           flush=True)
@@ -229,22 +260,33 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
         print(f"== ladder: {run['name']}: evaluating", flush=True)
         with torch.no_grad(), warnings_as_lines():
             metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
-        with (run_dir / "samples.jsonl").open("w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples)
+        write_text_atomic(run_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
+        if val_loss is None:
+            raise UserError(
+                f"{run['name']} has no validation loss: the shards' val split is smaller than one batch of "
+                f"train.seq_len; prepare the shards with a larger --val-fraction"
+            )
         result = {
             "name": run["name"], "depth": run["depth"], "params": run["params"],
             "non_embedding_params": scaling.num_params(run["model"], non_embedding=True),
             "flops": run["flops"], "tokens": run["tokens"], "steps": run["steps"],
-            "val_loss": next(r["val_loss"] for r in reversed(records) if "val_loss" in r),
+            "val_loss": val_loss,
             "train_seconds": round(trained, 1), "eval_seconds": round(time.perf_counter() - started - trained, 1),
-            "model": to_dict(run["model"]), "metrics": metrics,
+            "model": to_dict(run["model"]), "metrics": metrics, "plan": _signature(cfg, run),
         }
         write_json_atomic(result_path, result)
         results.append(result)
     ladder = {"preset": preset, "world": str(world), "runs": results, "fit": fits(results)}
     write_json_atomic(out / "ladder.json", ladder)
     return ladder
+
+
+def _signature(cfg: LadderConfig, run: dict) -> dict:
+    """What a kept run must share with the ladder asking for it: its model, steps, training and evaluation."""
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("save_every", "log_every", "keep_checkpoints")}
+    return {"model": to_dict(run["model"]), "steps": run["steps"], "train": train, "eval": to_dict(cfg.eval)}
 
 
 def fits(runs: list[dict]) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gptlab import scaling
+from gptlab.fileio import write_text_atomic
 
 
 @dataclass
@@ -71,14 +72,11 @@ class Samples:
                 values.append(scores[item])
         return items, np.asarray(values)
 
-    def paired(self, a: tuple, b: tuple, tasks: list[str], metric: str = "correct") -> tuple[np.ndarray, np.ndarray]:
-        """Two score vectors over the items both (run, setting) pairs answered."""
-        items_a, va = self.vector(a[0], tasks, a[1], metric)
-        items_b, vb = self.vector(b[0], tasks, b[1], metric)
-        common = sorted(set(items_a) & set(items_b), key=str)
-        index_a = {item: i for i, item in enumerate(items_a)}
-        index_b = {item: i for i, item in enumerate(items_b)}
-        return (np.asarray([va[index_a[i]] for i in common]), np.asarray([vb[index_b[i]] for i in common]))
+    def paired(self, *keys: tuple, tasks: list[str], metric: str = "correct") -> list[np.ndarray]:
+        """One score vector per (run, setting), over the items every one of them answered, in one order."""
+        vectors = [dict(zip(*self.vector(run, tasks, setting, metric))) for run, setting in keys]
+        common = sorted(set.intersection(*(set(v) for v in vectors)), key=str)
+        return [np.asarray([v[item] for item in common]) for v in vectors]
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float] | None:
@@ -87,12 +85,10 @@ def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float] | No
 
 def _gain_growth(samples: Samples, small: str, large: str, tasks: list[str], base: str, better: str):
     """(gain of the large model) - (gain of the small one), paired over the items all four answered."""
-    s_base, s_better = samples.paired((small, base), (small, better), tasks)
-    l_base, l_better = samples.paired((large, base), (large, better), tasks)
-    n = min(s_base.size, l_base.size)
-    if n == 0:
-        return None
-    return scaling.difference_interval(s_better[:n] - s_base[:n], l_better[:n] - l_base[:n], paired=True)
+    s_base, s_better, l_base, l_better = samples.paired(
+        (small, base), (small, better), (large, base), (large, better), tasks=tasks
+    )
+    return _difference(s_better - s_base, l_better - l_base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,39 +120,43 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
         k = f"{word_k[-1]}-shot"
         claims.append(_claim(
             "An ability appears with scale (exact match)", f"word tasks {k}, exact match, {large} minus {small}",
-            samples.paired((small, k), (large, k), words),
+            samples.paired((small, k), (large, k), tasks=words),
             "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
         ))
         if len(runs) >= 2:
-            # The largest size whose exact match has not yet left the smallest model's: if partial
-            # credit has already risen by then, the all-or-nothing metric hid a gradual gain.
-            before = runs[1]["name"]
+            # The sizes before exact match first leaves the smallest model's: if partial credit
+            # has already risen by the last of them, the all-or-nothing metric hid a gradual gain.
+            before = None
             for run in runs[1:]:
-                em = _difference(*samples.paired((small, k), (run["name"], k), words))
-                if em and em[1] <= 0:
-                    before = run["name"]
-            em = _difference(*samples.paired((small, k), (before, k), words))
-            pc = _difference(*samples.paired((small, k), (before, k), words, "partial_credit"))
+                em = _difference(*samples.paired((small, k), (run["name"], k), tasks=words))
+                if em is None or em[1] > 0:
+                    break
+                before = run["name"]
             claim = Claim(
                 "The jump is partly the metric (Schaeffer et al.)",
-                f"word tasks {k}, partial credit (1 - edit distance), {before} minus {small}: the largest size "
-                "whose exact match has not moved",
+                f"word tasks {k}, partial credit (1 - edit distance), {before or runs[1]['name']} minus {small}: "
+                "the largest size whose exact match has not moved",
             )
-            if pc and em:
-                claim.effect, claim.lo, claim.hi = pc
-                claim.note = f"exact match over the same step: {em[0] * 100:+.1f} [{em[1] * 100:+.1f}, {em[2] * 100:+.1f}]"
+            if before is None:
+                claim.note = "exact match already moves at the second size: a ladder with finer steps is needed"
+            else:
+                em = _difference(*samples.paired((small, k), (before, k), tasks=words))
+                pc = _difference(*samples.paired((small, k), (before, k), tasks=words, metric="partial_credit"))
+                if pc:
+                    claim.effect, claim.lo, claim.hi = pc
+                    claim.note = f"exact match over the same step: {em[0] * 100:+.1f} [{em[1] * 100:+.1f}, {em[2] * 100:+.1f}]"
             claims.append(claim)
     if arith:
         claims.append(_claim(
             "Arithmetic appears with scale (exact match)",
             f"arithmetic exact match, {large} minus {small}, standard prompting",
-            samples.paired((small, "standard"), (large, "standard"), arith),
+            samples.paired((small, "standard"), (large, "standard"), tasks=arith),
             "if no: arithmetic needs more compute per model than this ladder spends (docs/tinyworld.md)",
         ))
     if words and word_k and word_k[-1] > 0:
         claims.append(_claim(
             "Few-shot beats zero-shot", f"word tasks, {k} minus 0-shot accuracy, {large}",
-            samples.paired((large, "0-shot"), (large, k), words), "if no: more word-task episodes (mixture.words)",
+            samples.paired((large, "0-shot"), (large, k), tasks=words), "if no: more word-task episodes (mixture.words)",
         ))
         claims.append(_claim(
             "The few-shot gain grows with size", f"({k} - 0-shot) of {large} minus that of {small}",
@@ -165,7 +165,7 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
     if arith:
         claims.append(_claim(
             "Chain of thought beats standard prompting", f"arithmetic exact match, CoT minus standard, {large}",
-            samples.paired((large, "standard"), (large, "cot"), arith),
+            samples.paired((large, "standard"), (large, "cot"), tasks=arith),
             "if no: CoT needs models trained past the worked-solution format; more compute per model",
         ))
         claims.append(_claim(
@@ -175,7 +175,7 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
     if "world_mmlu" in metrics and "5-shot" in metrics["world_mmlu"]:
         claim = _claim(
             "Few-shot helps multiple choice (MMLU format)", f"world_mmlu 5-shot minus 0-shot, {large}",
-            samples.paired((large, "0-shot"), (large, "5-shot"), ["world_mmlu"]), "",
+            samples.paired((large, "0-shot"), (large, "5-shot"), tasks=["world_mmlu"]), "",
         )
         cut = metrics["world_mmlu"]["5-shot"].get("truncated", 0)
         if cut:
@@ -188,7 +188,7 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
 
 def _claim(claim: str, measure: str, pair, if_not: str) -> Claim:
     result = Claim(claim, measure)
-    if isinstance(pair, tuple) and len(pair) == 2:
+    if isinstance(pair, list):  # two paired score vectors, not yet an effect
         pair = _difference(*pair)
     if pair is None:
         result.note = "no items to compare"
@@ -296,7 +296,7 @@ def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
     plt = _plt()
     runs = ladder["runs"]
     tasks = sorted(t for t in runs[-1]["metrics"] if t.startswith("arith_"))
-    effects = [scaling.difference_interval(*samples.paired((r["name"], "standard"), (r["name"], "cot"), tasks), paired=True)
+    effects = [_difference(*samples.paired((r["name"], "standard"), (r["name"], "cot"), tasks=tasks)) or (np.nan,) * 3
                for r in runs]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(len(runs))
@@ -406,5 +406,5 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
 
 def write_ladder_report(ladder_dir: Path) -> Path:
     path = ladder_dir / "report.md"
-    path.write_text(ladder_section(ladder_dir) + "\n")
+    write_text_atomic(path, ladder_section(ladder_dir) + "\n")
     return path

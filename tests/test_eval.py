@@ -310,6 +310,12 @@ def test_toml_generation_task(files, backend):
     sample = result["samples"][0]
     assert sample["target"] == "ahpla" and "\n" not in sample["output"]
     assert sample["prediction"] == sample["output"].strip()
+    # Shots drawn from the test file itself never include the question (nor its answer).
+    rev = load_task(str(task), None)
+    for doc in rev.docs:
+        assert doc.doc_id not in [s.doc_id for s in rev.shots(doc, 3, seed=0)]
+    with pytest.raises(UserError, match="holds only 3 example"):
+        rev.check_shots(4)
 
 
 # --------------------------------------------------------------------------- parity with lm-evaluation-harness
@@ -471,8 +477,13 @@ def test_world_instruct_prompts_shots_of_the_same_family_never_the_question(tiny
         assert task.context(doc, shots) == "".join(
             f"Q: {s.data['messages'][-2]['content']} A: {s.data['messages'][-1]['content']}\n" for s in shots
         ) + f"Q: {question} A:"
-    with pytest.raises(UserError, match="holds only 2 example"):
-        task.check_shots(3)  # 3 per family, minus the question itself
+    whole = load_task("world_instruct", tiny_world)
+    by_id = {d.doc_id: d for d in whole.docs}
+    assert all(task.shots(d, 2, seed=0) == whole.shots(by_id[d.doc_id], 2, seed=0) for d in task.docs)  # --limit changes no prompt
+    smallest = min(len(pool) for pool in whole.fewshot.values())
+    task.check_shots(smallest - 1)
+    with pytest.raises(UserError, match=f"holds only {smallest - 1} example"):
+        task.check_shots(smallest)  # the family's questions minus the question itself
 
 
 def test_chat_context_encodes_to_the_chat_template(backend):

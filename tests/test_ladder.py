@@ -65,3 +65,11 @@ def test_report_renders_a_ladder_folder_again_without_training(ladder_dir, tmp_p
     assert (ladder_dir / "fewshot.png").stat().st_size > 1000
     assert gptlab(["report", str(tmp_path)]) == 2
     assert "has no ladder.json" in capsys.readouterr().err
+
+
+def test_a_ladder_with_other_settings_refuses_the_kept_runs(ladder_dir, capsys):
+    run_json = (ladder_dir / "run.json").read_text()
+    changed = [s for s in TINY if not s.startswith("eval.limit")] + ["eval.limit=3"]
+    assert gptlab(["ladder", "--preset", "quick", "--out", str(ladder_dir), *sum((["--set", s] for s in changed), [])]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert (ladder_dir / "run.json").read_text() == run_json  # nothing written is lost

@@ -624,7 +624,9 @@ class OpenAIBackend(Backend):
         for start in range(0, len(moved), batch_size):
             chunk = moved[start : start + batch_size]
             for (context, _), lp in zip(chunk, self._echo([c + x for c, x in chunk])):
-                picked = [i for i, offset in enumerate(lp["text_offset"]) if offset >= len(context)]
+                # The first token of an echoed prompt has no log-prob (null): nothing conditions it.
+                picked = [i for i, offset in enumerate(lp["text_offset"])
+                          if offset >= len(context) and lp["token_logprobs"][i] is not None]
                 total = sum(lp["token_logprobs"][i] for i in picked)
                 greedy = all(
                     max(lp["top_logprobs"][i].items(), key=lambda kv: kv[1])[0] == lp["tokens"][i] for i in picked

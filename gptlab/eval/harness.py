@@ -169,11 +169,14 @@ def _run_multiple_choice(backend, task, k, seed, batch_size):
 
 def _chat_request(backend: Backend, task: Task, doc, shots) -> GenerationRequest:
     """The question as a conversation: each shot a user turn and its answer, then the question."""
+    def ask(data: dict) -> list[dict]:
+        return task.chat_messages(data) if task.chat_messages else [{"role": "user", "content": task.doc_to_text(data)}]
+
     messages = []
     for shot in shots:
-        messages += [{"role": "user", "content": task.doc_to_text(shot.data)},
+        messages += [{"role": "user", "content": ask(shot.data)[-1]["content"]},
                      {"role": "assistant", "content": task.shot_target(shot.data)}]
-    question = task.chat_messages(doc.data) if task.chat_messages else [{"role": "user", "content": task.doc_to_text(doc.data)}]
+    question = ask(doc.data)
     system = [m for m in question if m["role"] == "system"]
     rest = [m for m in question if m["role"] != "system"]
     return GenerationRequest(backend.chat_context(system + messages + rest), backend.end_of_turn, task.max_new_tokens)

@@ -314,21 +314,19 @@ def instruct_task(name: str, world: Path, limit: int | None) -> Task:
 
     path = _require_file(world / "sft" / "test.jsonl", "world_instruct reads a TinyWorld folder's sft/test.jsonl")
     oracle = Oracle(world)
-    rows = read_jsonl(path)
-    docs, seen = [], {}
-    for i, row in enumerate(rows):
-        seen[row["family"]] = seen.get(row["family"], 0) + 1
-        if limit is None or seen[row["family"]] <= limit:
-            docs.append(Doc(i, row, row["family"]))
+    everything = [Doc(i, row, row["family"]) for i, row in enumerate(read_jsonl(path))]
     pools: dict[str | None, list[Doc]] = {}
-    for doc in docs:
+    for doc in everything:
         pools.setdefault(doc.subject, []).append(doc)
+    # Shots come from the whole family whatever --limit keeps, so a limit changes no prompt.
+    docs = [doc for pool in pools.values() for doc in (pool if limit is None else pool[:limit])]
+    docs.sort(key=lambda doc: doc.doc_id)
     question = lambda d: [m for m in d["messages"] if m["role"] != "assistant"]
     answer = lambda d: d["messages"][-1]["content"]
     return Task(
         name=name, kind=GEN, docs=docs, doc_to_text=lambda d: f"Q: {question(d)[-1]['content']} A:",
         shot_target=answer, fewshot_delimiter="\n", fewshot=pools, fewshot_source={f: str(path) for f in pools},
-        reference=answer, until=("\n",), max_new_tokens=_longest_target(docs, answer, 64), per_subject=True,
+        reference=answer, until=("\n",), max_new_tokens=_longest_target(everything, answer, 64), per_subject=True,
         exclude_self=True, score=lambda d, output: float(bool(oracle.correct(question(d), output.strip()))),
         chat_messages=question,
     )
@@ -417,6 +415,8 @@ def toml_task(path: Path, limit: int | None) -> Task:
         fewshot={None: pool} if pool else {},
         fewshot_source={None: str(path.parent / spec["fewshot"])} if "fewshot" in spec else {},
         sampler=spec.get("fewshot_sampler", "random"),
+        # Shots from the test file itself (lm-eval's fallback) must never be the question.
+        exclude_self="fewshot" in spec and (path.parent / spec["fewshot"]).resolve() == test.resolve(),
     )
     if task.sampler not in ("random", "first_n"):
         raise UserError(f"{path}: fewshot_sampler must be 'random' or 'first_n', got {task.sampler!r}")
