@@ -27,10 +27,7 @@ float rounding.
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -585,7 +582,8 @@ class HFBackend(TokenBackend):
 
 
 class OpenAIBackend(Backend):
-    """An OpenAI-compatible ``/v1/completions`` endpoint (``gptlab serve``, vLLM, ...).
+    """An OpenAI-compatible ``/v1/completions`` endpoint (``gptlab serve``, vLLM, ...), through the
+    ``openai`` client (``pip install gptlab[openai]``). It talks only to the server the user names.
 
     Log-likelihoods come from ``echo`` with ``max_tokens=0`` and ``logprobs``: the server's own
     tokens, split at the context's end by their text offsets, so no local tokenizer is needed.
@@ -595,27 +593,29 @@ class OpenAIBackend(Backend):
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 600.0) -> None:
         super().__init__()
-        self.url = base_url.rstrip("/") + ("/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/completions")
-        self.model = model
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
-
-    def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps({"model": self.model, **body}).encode(), headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise UserError(f"{self.url} answered {e.code}: {e.read().decode(errors='replace')[:200]}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"cannot reach {self.url} ({e}): is the server running?") from None
+            import openai
+        except ImportError:
+            raise UserError("the openai backend needs the openai client: pip install 'gptlab[openai]'") from None
+        base_url = base_url.rstrip("/")
+        self.url = base_url if base_url.endswith("/v1") else base_url + "/v1"
+        self.model = model
+        self._errors = (openai.APIStatusError, openai.APIConnectionError)
+        self.client = openai.OpenAI(
+            base_url=self.url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none", timeout=timeout,
+            max_retries=0,
+        )
+
+    def _complete(self, **body) -> list[dict]:
+        """The response's choices in index order, as plain dicts."""
+        try:
+            response = self.client.completions.create(model=self.model, **body)
+        except self._errors as e:
+            raise UserError(f"{self.url}/completions failed ({str(e)[:200]}): is the server running?") from None
+        return sorted((c.model_dump() for c in response.choices), key=lambda c: c["index"])
 
     def _echo(self, prompts: list[str]) -> list[dict]:
-        body = {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
-        choices = sorted(self._post(body)["choices"], key=lambda c: c["index"])
+        choices = self._complete(prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0)
         return [c["logprobs"] for c in choices]
 
     def loglikelihood(self, requests, batch_size=32):
@@ -644,8 +644,8 @@ class OpenAIBackend(Backend):
     def generate_until(self, requests, batch_size=32):
         out = []
         for r in requests:  # stop strings and budgets may differ per request
-            body = {"prompt": r.context, "max_tokens": r.max_new_tokens, "temperature": 0, "stop": list(r.until)[:4]}
-            out.append(cut_at_stops(self._post(body)["choices"][0]["text"], r.until))
+            choices = self._complete(prompt=r.context, max_tokens=r.max_new_tokens, temperature=0, stop=list(r.until)[:4])
+            out.append(cut_at_stops(choices[0]["text"], r.until))
         return out
 
 
