@@ -38,29 +38,25 @@ def cmd_prepare(args) -> None:
     print(f"shards -> {args.out}")
 
 
-def cmd_pretrain(args) -> None:
-    from gptlab.pretrain import load_config, pretrain
-
+def train_stage(args, load_config, train) -> None:
+    """A training command: resolve the config, train (resuming when asked), name the model folder."""
     out = Path(args.out)
     cfg = load_config(args.config, args.set, out, args.resume)
-    pretrain(cfg, out, resume=args.resume)
+    train(cfg, out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"model -> {out / 'model'}")
 
 
+def cmd_pretrain(args) -> None:
+    from gptlab.pretrain import load_config, pretrain
+
+    train_stage(args, load_config, pretrain)
+
+
 def cmd_sample(args) -> None:
     from gptlab.engine import Engine
-    from gptlab.model import GPT
-    from gptlab.tokenizer import Tokenizer
 
-    model_dir = Path(args.model)
-    model = GPT.from_pretrained(model_dir)
-    if not (model_dir / "tokenizer.json").is_file():
-        raise UserError(
-            f"{model_dir} has no tokenizer.json, so the prompt cannot be encoded; "
-            "copy the tokenizer files into the model folder (gptlab pretrain saves them there)"
-        )
-    engine = Engine(model.eval(), Tokenizer.from_pretrained(model_dir))
+    engine = Engine.from_pretrained(args.model)
     for piece in engine.stream_text(
         args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -72,34 +68,23 @@ def cmd_sample(args) -> None:
 def cmd_sft(args) -> None:
     from gptlab.align.sft import load_config, sft
 
-    out = Path(args.out)
-    cfg = load_config(args.config, args.set, out, args.resume)
-    sft(cfg, out, resume=args.resume)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"model -> {out / 'model'}")
+    train_stage(args, load_config, sft)
 
 
 def cmd_chat(args) -> None:
     from gptlab.align.chat import ChatSession, run_chat, typed_lines
     from gptlab.engine import Engine
-    from gptlab.model import GPT
-    from gptlab.tokenizer import Tokenizer
 
-    model_dir = Path(args.model)
-    model = GPT.from_pretrained(model_dir)
-    if not (model_dir / "tokenizer.json").is_file():
-        raise UserError(
-            f"{model_dir} has no tokenizer.json, so messages cannot be encoded; "
-            "copy the tokenizer files into the model folder (gptlab pretrain and sft save them there)"
-        )
-    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(256, model.config.block_size // 2)
+    engine = Engine.from_pretrained(args.model)
+    block_size = engine.model.config.block_size
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(256, block_size // 2)
     session = ChatSession(
-        Engine(model.eval(), Tokenizer.from_pretrained(model_dir)), system=args.system,
+        engine, system=args.system,
         max_new_tokens=max_new_tokens, temperature=args.temperature, seed=args.seed,
         notify=lambda message: print(f"gptlab: {message}", file=sys.stderr, flush=True),
     )
     if sys.stdin.isatty():
-        print(f"chatting with {model_dir}; Ctrl-D to quit", file=sys.stderr)
+        print(f"chatting with {args.model}; Ctrl-D to quit", file=sys.stderr)
         run_chat(session, typed_lines("> "))
     else:  # scripted: one message per line, one reply per message
         run_chat(session, sys.stdin)

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from gptlab import scaling
+from gptlab.align.chat import ChatSession
 from gptlab.cli import main as gptlab
 from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.model import GPT
-from gptlab.report import NOT_YET, Claim, ladder_section
-from gptlab.tokenizer import Tokenizer
+from gptlab.report import NOT_YET, Claim, ladder_section, plot_pretraining_loss
 
 INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
 
@@ -99,29 +99,6 @@ def machine() -> str:
     return f"{cpu}; {device}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def plot_losses(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    tokens_per_step = metrics[-1]["tokens"] / metrics[-1]["step"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot([s * tokens_per_step for s, _ in val], [v for _, v in val], "o-", label="val loss")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Pretraining on TinyWorld")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     if preset not in PRESETS:
         raise UserError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -146,41 +123,40 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
 
     print("== demo: instruction following and samples", flush=True)
     start = time.perf_counter()
+    base_engine, tuned_engine = Engine.from_pretrained(base / "model"), Engine.from_pretrained(out / "sft" / "model")
     with warnings_as_lines():
-        instruct = instruction_following(world, base / "model", out / "sft" / "model", spec.instruct_limit)
-    model = GPT.from_pretrained(base / "model")
-    engine = Engine(model, Tokenizer.from_pretrained(base / "model"))
+        instruct = instruction_following(world, base_engine, tuned_engine, spec.instruct_limit)
     samples = [
-        (prompt, expected, engine.generate_text(prompt, max_new_tokens=60, temperature=0.0).split("\n")[0])
+        (prompt, expected, base_engine.generate_text(prompt, max_new_tokens=60, temperature=0.0).split("\n")[0])
         for prompt, expected in sample_prompts(world)
     ]
-    conversations = chat_samples(world, out / "sft" / "model")
+    conversations = chat_samples(world, tuned_engine)
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
     metrics = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
-    plot_losses(metrics, out / "loss.png")
+    plot_pretraining_loss(metrics, out / "loss.png")
     meta = json.loads((out / "shards" / "meta.json").read_text())
-    report = render_report(preset, seed, out, model, meta, metrics, instruct, samples, conversations, timings)
+    report = render_report(preset, seed, out, base_engine.model, meta, metrics, instruct, samples, conversations, timings)
     write_text_atomic(out / "report.md", report)
     print(report)
     return out / "report.md"
 
 
-def instruction_following(world: Path, base: Path, tuned: Path, limit: int) -> dict:
+def instruction_following(world: Path, base: Engine, tuned: Engine, limit: int) -> dict:
     """The base model prompted with a few examples vs the SFT model asked zero-shot, on the
     held-out test conversations of every instruction family, scored by the oracle."""
     held_out = set(json.loads((world / "world.json").read_text())["sft"]["held_out"])
     runs = {
-        "base": evaluate(GptlabBackend.from_pretrained(base), ["world_instruct"], world, shots=[INSTRUCT_SHOTS],
-                         limit=limit, return_samples=True),
-        "sft": evaluate(GptlabBackend.from_pretrained(tuned), ["world_instruct"], world, shots=[0], chat=True,
+        "base": evaluate(GptlabBackend(base.model, base.tokenizer), ["world_instruct"], world,
+                         shots=[INSTRUCT_SHOTS], limit=limit, return_samples=True),
+        "sft": evaluate(GptlabBackend(tuned.model, tuned.tokenizer), ["world_instruct"], world, shots=[0], chat=True,
                         limit=limit, return_samples=True),
     }
     scores = {name: {(s["subject"], s["doc_id"]): float(s["correct"]) for s in r["samples"]} for name, r in runs.items()}
     items = sorted(scores["base"])
     families = sorted({family for family, _ in items})
-    result: dict = {"families": {}, "groups": {}, "examples": {}}
+    result: dict = {"families": {}, "groups": {}}
     for family in families:
         keys = [i for i in items if i[0] == family]
         result["families"][family] = {
@@ -199,12 +175,9 @@ def instruction_following(world: Path, base: Path, tuned: Path, limit: int) -> d
     return result
 
 
-def chat_samples(world: Path, tuned: Path) -> list[tuple[str, str, str]]:
+def chat_samples(world: Path, tuned: Engine) -> list[tuple[str, str, str]]:
     """(family, question, reply) for the first test conversation of each held-out family."""
     held_out = json.loads((world / "world.json").read_text())["sft"]["held_out"]
-    tokenizer = Tokenizer.from_pretrained(tuned)
-    engine = Engine(GPT.from_pretrained(tuned).eval(), tokenizer)
-    stops = [t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None]
     samples = []
     with (world / "sft" / "test.jsonl").open() as f:
         rows = [json.loads(line) for line in f]
@@ -212,11 +185,10 @@ def chat_samples(world: Path, tuned: Path) -> list[tuple[str, str, str]]:
         row = next((r for r in rows if r["family"] == family), None)
         if row is None:
             continue
-        question = [m for m in row["messages"] if m["role"] != "assistant"][:2]
-        ids = tokenizer.apply_chat_template(question, add_generation_prompt=True)
-        reply = engine.generate([ids], max_new_tokens=60, temperature=0.0, stop_ids=stops)[0]
-        text = tokenizer.decode([t for t in reply if t not in stops])
-        samples.append((family, question[-1]["content"], text))
+        system = next((m["content"] for m in row["messages"] if m["role"] == "system"), None)
+        question = next(m["content"] for m in row["messages"] if m["role"] == "user")
+        session = ChatSession(tuned, system=system, max_new_tokens=60, temperature=0.0)
+        samples.append((family, question, "".join(session.reply(question))))
     return samples
 
 

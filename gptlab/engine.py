@@ -12,7 +12,9 @@ collects them, and the text helpers decode them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -62,6 +64,20 @@ class Engine:
     def __init__(self, model: GPT, tokenizer=None):
         self.model = model
         self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> "Engine":
+        """The model of a folder, in eval mode, with the tokenizer that text needs."""
+        from gptlab.tokenizer import Tokenizer
+
+        path = Path(path)
+        model = GPT.from_pretrained(path, device=device, dtype=dtype).eval()
+        if not (path / "tokenizer.json").is_file():
+            raise UserError(
+                f"{path} has no tokenizer.json, so text cannot be encoded; copy the tokenizer files into the "
+                "model folder (gptlab pretrain and sft save them there)"
+            )
+        return cls(model, Tokenizer.from_pretrained(path))
 
     def stream(
         self,

@@ -220,6 +220,29 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pretraining_loss(metrics: list[dict], path: Path) -> None:
+    plt = _plt()
+    train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    tokens_per_step = metrics[-1]["tokens"] / metrics[-1]["step"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot([s * tokens_per_step for s, _ in val], [v for _, v in val], "o-", label="val loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Pretraining on TinyWorld")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(plt, fig, path)
+
+
 def plot_loss(ladder: dict, path: Path) -> None:
     plt = _plt()
     runs = ladder["runs"]
@@ -240,9 +263,7 @@ def plot_loss(ladder: dict, path: Path) -> None:
     ax.set_title("Loss vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_emergence(ladder: dict, samples: Samples, path: Path) -> None:
@@ -266,9 +287,7 @@ def plot_emergence(ladder: dict, samples: Samples, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_fewshot(ladder: dict, samples: Samples, path: Path) -> None:
@@ -287,9 +306,7 @@ def plot_fewshot(ladder: dict, samples: Samples, path: Path) -> None:
     ax.set_title("In-context learning vs model size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
@@ -308,9 +325,7 @@ def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
     ax.set_ylabel("CoT minus standard (points, 95% CI)")
     ax.set_title("Chain-of-thought gain vs model size")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -420,14 +420,10 @@ class GptlabBackend(TokenBackend):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> GptlabBackend:
-        from gptlab.model import GPT
-        from gptlab.tokenizer import Tokenizer
+        from gptlab.engine import Engine
 
-        path = Path(path)
-        model = GPT.from_pretrained(path, device=device, dtype=dtype)
-        if not (path / "tokenizer.json").is_file():
-            raise UserError(f"{path} has no tokenizer.json: copy the tokenizer files into the model folder")
-        return cls(model, Tokenizer.from_pretrained(path))
+        engine = Engine.from_pretrained(path, device=device, dtype=dtype)
+        return cls(engine.model, engine.tokenizer)
 
     def _encode(self, texts, add_special_tokens):
         return self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
