@@ -84,6 +84,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32:  # skips two conversion calls, a third of a decode step's norm
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # Normalise in fp32 as Hugging Face's Llama does, so bf16 runs agree with it.
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
 
@@ -95,20 +97,22 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (block_size, head_dim) in Hugging Face's rotate-half layout."""
+    """cos and sin of shape (block_size, head_dim) for Hugging Face's rotate-half layout.
+
+    rotate_half(x) = cat(-x2, x1) is roll(x, D/2) = cat(x2, x1) with the first half negated, so
+    the sign is folded into the first half of sin here and ``apply_rope`` rolls instead of
+    slicing, negating and concatenating.
+    """
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     positions = torch.arange(config.block_size, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, T, D); cos, sin: (B, 1, T, D) or (1, 1, T, D)."""
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x: (B, T, heads, D); cos, sin: (B, T, 1, D) or (1, T, 1, D), sin signed as in ``rope_tables``."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 class KVCache:
@@ -150,14 +154,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, kv_cache):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.rotary:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
+        if self.rotary:  # queries and keys rotate together: one set of element-wise ops, not two
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(
@@ -258,8 +260,8 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
         else:
-            cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)
-            sin = self.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
+            cos = self.rope_cos[position_ids].unsqueeze(2).to(x.dtype)
+            sin = self.rope_sin[position_ids].unsqueeze(2).to(x.dtype)
         x = self.drop(x)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and kv_cache is None:

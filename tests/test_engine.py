@@ -4,7 +4,7 @@ samples only from the allowed set, stops and streams correctly."""
 import pytest
 import torch
 
-from gptlab.engine import Engine, sample_next
+from gptlab.engine import Engine, PackedLinears, sample_next
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 
@@ -31,8 +31,20 @@ def step_logits(model: GPT, prompt: list[int], new: list[int]) -> torch.Tensor:
     return full_logits(model, prompt + new)[len(prompt) - 1 : len(prompt) - 1 + len(new)]
 
 
+@pytest.fixture(params=["plain", "packed"])
+def packing(request, monkeypatch):
+    """Run a test on the default linear layers and again with every weight prepacked for oneDNN."""
+    if request.param == "packed":
+        if not PackedLinears(tiny("llama"))._usable():
+            pytest.skip("this PyTorch build has no oneDNN linear")
+        monkeypatch.setattr(PackedLinears, "MIN_WEIGHTS", 0)  # the test models' weights are all small
+    else:
+        monkeypatch.setattr(PackedLinears, "MIN_WEIGHTS", float("inf"))
+    return request.param
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_cached_decode_equals_full_forward(family):
+def test_cached_decode_equals_full_forward(family, packing):
     model = tiny(family)
     engine = Engine(model)
     tokens, logprobs = engine.generate(PROMPTS, 12, temperature=0, return_logprobs=True)
@@ -43,6 +55,42 @@ def test_cached_decode_equals_full_forward(family):
         torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=0)
         assert logits.argmax(-1).tolist() == new
         assert engine.generate([prompt], 12, temperature=0) == [new]  # padding changes nothing
+    assert len(engine.packed.packs) == (0 if packing == "plain" else len(engine.packed.linears))
+
+
+def test_packed_weights_follow_the_model(monkeypatch):
+    """Packed copies never go stale: an optimizer step repacks them on the next generation, a weight
+    changed inside the block falls back to the plain layer, and gradients still flow."""
+    if not PackedLinears(tiny("llama"))._usable():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    monkeypatch.setattr(PackedLinears, "MIN_WEIGHTS", 0)
+    model = tiny("llama")
+    engine = Engine(model)
+    before = engine.generate(PROMPTS, 6, temperature=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.train()
+    model(torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[0]])).backward()
+    optimizer.step()
+    model.eval()
+    after = engine.generate(PROMPTS, 6, temperature=0)
+    assert after != before
+    for prompt, new in zip(PROMPTS, after):
+        assert step_logits(model, prompt, new).argmax(-1).tolist() == new
+
+    ids = torch.tensor([PROMPTS[0]])
+    with engine.packed():
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2)
+            expected = torch.nn.functional.linear(model.hidden(ids), model.lm_head.weight)
+            torch.testing.assert_close(model(ids), expected, atol=0, rtol=0)
+        model.zero_grad()
+        model(ids, ids).backward()
+        packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids, ids).backward()
+    for packed_grad, p in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(packed_grad, p.grad, atol=0, rtol=0)
+    assert all("forward" not in m.__dict__ for m in engine.packed.linears)  # the layers are plain again
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.tokenizer import END
 
@@ -410,6 +411,7 @@ class GptlabBackend(TokenBackend):
             )
         self.model = model
         self.tokenizer = tokenizer
+        self.engine = Engine(model, tokenizer)  # one engine, so its packed CPU weights are made once
         self.max_length = model.config.block_size
         self.bos_text = tokenizer.bos_token
         self.eos_id = tokenizer.eos_id
@@ -420,8 +422,6 @@ class GptlabBackend(TokenBackend):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> GptlabBackend:
-        from gptlab.engine import Engine
-
         engine = Engine.from_pretrained(path, device=device, dtype=dtype)
         return cls(engine.model, engine.tokenizer)
 
@@ -446,7 +446,7 @@ class GptlabBackend(TokenBackend):
 
     def _logprobs_at(self, ids, positions, mask, rows, cols):
         device = self._device()
-        with self._eval_mode(), torch.inference_mode():
+        with self._eval_mode(), self.engine.packed(), torch.inference_mode():
             hidden = self.model.hidden(ids.to(device), positions.to(device), None if mask is None else mask.to(device))
             logits = self.model.lm_head(hidden[rows.to(device), cols.to(device)])
         return logits.float().log_softmax(-1).cpu()
@@ -456,7 +456,7 @@ class GptlabBackend(TokenBackend):
 
         device, model = self._device(), self.model
         batch, width = ids.shape
-        with self._eval_mode(), torch.inference_mode():
+        with self._eval_mode(), self.engine.packed(), torch.inference_mode():
             cache = KVCache(model.config, 1, width, device, next(model.parameters()).dtype)
             model.hidden(ids[:1, :prefix].to(device), positions[:1, :prefix].to(device), None, cache)
             cache.k, cache.v = cache.k.repeat(1, batch, 1, 1, 1), cache.v.repeat(1, batch, 1, 1, 1)
@@ -480,9 +480,7 @@ class GptlabBackend(TokenBackend):
             self.model.train(training)
 
     def _generate(self, prompts, max_new_tokens, stop_ids):
-        from gptlab.engine import Engine
-
-        return Engine(self.model, self.tokenizer).generate(prompts, max_new_tokens, temperature=0, stop_ids=stop_ids)
+        return self.engine.generate(prompts, max_new_tokens, temperature=0, stop_ids=stop_ids)
 
 
 # --------------------------------------------------------------------------- Hugging Face models
