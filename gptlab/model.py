@@ -205,8 +205,11 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.family == "gpt2" else None
+        # Embeddings start empty: their own N(0, 1) init would only be overwritten below.
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
+        self.wpe = None
+        if config.family == "gpt2":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd, _weight=torch.empty(config.block_size, config.n_embd))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
@@ -214,10 +217,14 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if config.family == "llama":
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", torch.empty(config.block_size, config.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(config.block_size, config.head_dim), persistent=False)
         self.activation_checkpointing = False
+        if self.wte.weight.device.type == "meta":
+            # A model built on meta is about to be loaded or materialised, and computing on meta
+            # costs a second of imports on first use, so weights and rotary tables wait for that.
+            return
+        self.init_rope()
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
