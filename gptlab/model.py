@@ -132,14 +132,10 @@ class KVCache:
     def update(self, layer: int, k, v):
         """Write this step's keys/values for one layer and return all of them so far."""
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def select(self, rows: torch.Tensor):
-        """Keep only the given batch rows (e.g. finished sequences dropped)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        keys, values = self.k[layer], self.v[layer]
+        keys[:, :, self.pos:end] = k
+        values[:, :, self.pos:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class Attention(nn.Module):
