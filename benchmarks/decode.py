@@ -57,6 +57,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="gptlab's decode steps on CUDA"
+    )
+    parser.add_argument(
+        "--peer-cache", choices=["dynamic", "static"], default="dynamic",
+        help="transformers' KV cache: its default, or the static one it compiles (the GPU target's peer)",
+    )
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
 
@@ -68,7 +75,8 @@ def main() -> None:
         peer.save_pretrained(folder)
         ours = GPT.from_pretrained(folder, device=args.device, dtype=dtype).eval()
     peer = peer.to(device=args.device, dtype=dtype)
-    engine = Engine(ours)
+    engine = Engine(ours, cuda_graphs=args.cuda_graphs)
+    peer_cache = {"cache_implementation": "static"} if args.peer_cache == "static" else {}
     n = args.new_tokens
 
     print(f"shape {args.shape}: {ours.num_params() / 1e6:.1f}M parameters, {args.dtype} on {args.device}, "
@@ -87,7 +95,7 @@ def main() -> None:
             with torch.inference_mode():
                 out = peer.generate(
                     input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=n,
-                    min_new_tokens=n, pad_token_id=0,
+                    min_new_tokens=n, pad_token_id=0, **peer_cache,
                 )
             return out[:, args.prompt_len:].tolist()
 

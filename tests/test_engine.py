@@ -58,6 +58,31 @@ def test_cached_decode_equals_full_forward(family, packing):
     assert len(engine.packed.packs) == (0 if packing == "plain" else len(engine.packed.linears))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_static_decode_equals_growing_cache(family, monkeypatch):
+    """The fixed-shape decode step that CUDA graphs replay computes what the growing cache does."""
+    model = tiny(family)
+    expected = Engine(model).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
+    monkeypatch.setattr(Engine, "STATIC_DECODE_DEVICES", ("cpu", "cuda"))
+    tokens, logprobs = Engine(model).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
+    assert tokens == expected[0]
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected[1]), atol=1e-5, rtol=0)
+    assert Engine(model).generate([PROMPTS[1]], 12, temperature=0) == [tokens[1]]  # no padding mask
+    assert Engine(model, cuda_graphs=False).generate(PROMPTS, 12, temperature=0) == tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cuda_graph_decode_equals_eager(family):
+    model = tiny(family).cuda()
+    eager = Engine(model, cuda_graphs=False).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
+    graphed = Engine(model).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
+    assert graphed[0] == eager[0]
+    torch.testing.assert_close(torch.tensor(graphed[1]), torch.tensor(eager[1]), atol=1e-4, rtol=0)
+    cpu = Engine(tiny(family)).generate(PROMPTS, 12, temperature=0)
+    assert graphed[0] == cpu
+
+
 def test_packed_weights_follow_the_model(monkeypatch):
     """Packed copies never go stale: an optimizer step repacks them on the next generation, a weight
     changed inside the block falls back to the plain layer, and gradients still flow."""
