@@ -66,9 +66,9 @@ def _onednn_linear(packed, version, module, x):
 class PackedLinears:
     """CPU inference through oneDNN, with every linear weight prepacked into its blocked layout.
 
-    PyTorch multiplies fp32 on the CPU through MKL, which on AMD processors (this project's CI
-    machines) does not use AVX-512; oneDNN's prepacked matmul is 1.3-1.9x faster there for
-    decode-sized batches (benchmarks/RESULTS.md) and agrees with it to fp32 rounding. The price
+    PyTorch multiplies fp32 on the CPU through MKL; on this project's AMD EPYC machines oneDNN's
+    prepacked matmul is 1.5-3.6x faster for decode-sized batches (benchmarks/RESULTS.md) and
+    agrees with it to fp32 rounding. The price
     is a second copy of the linear weights for as long as this object lives. Weights under
     ``MIN_WEIGHTS`` elements stay on MKL: oneDNN's fixed cost per call (~15 us) outweighs its
     speed on them.
