@@ -57,9 +57,12 @@ def sample_next(
     return (index.gather(-1, choice) if index is not None else choice).squeeze(-1)
 
 
-def _onednn_linear(packed, version, module, x):
-    if module.weight._version != version or torch.is_grad_enabled():  # changed since packing, or training
-        return nn.functional.linear(x, module.weight, module.bias)
+def _onednn_linear(packed, key, module, x):
+    weight = module.weight
+    # Plain layer when training, when the weight changed since packing (in place, or swapped by
+    # .to()), or when autocast hands it another dtype.
+    if torch.is_grad_enabled() or (weight.data_ptr(), weight._version) != key or x.dtype != packed.dtype:
+        return nn.functional.linear(x, weight, module.bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
 
@@ -90,12 +93,13 @@ class PackedLinears:
 
     def _usable(self) -> bool:
         weight = self.model.lm_head.weight
-        return (
-            weight.device.type == "cpu"
-            and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        )
+        if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            return False
+        if weight.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return weight.dtype == torch.float32
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -108,7 +112,7 @@ class PackedLinears:
             if module not in self.packs or self.packs[module][0] != key:
                 self.packs[module] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
             packed = self.packs[module][1]
-            module.__dict__["forward"] = partial(_onednn_linear, packed, weight._version, module)
+            module.__dict__["forward"] = partial(_onednn_linear, packed, key[:2], module)
         try:
             yield
         finally:
@@ -119,17 +123,19 @@ class PackedLinears:
 class StaticKVCache(KVCache):
     """A KV cache whose decode steps keep every shape fixed, as a CUDA graph needs.
 
-    A one-token step writes at the slot held in the device tensor ``index`` and attends over the
-    whole cache (the caller's mask hides the slots not written yet), so no Python number reaches
-    the step. A prompt (more than one token) is written as in ``KVCache``.
+    While ``fixed_shape`` is set (by ``StaticDecodeStep``), a step writes at the slot held in
+    the device tensor ``index`` and attends over the whole cache (the step's mask hides the
+    slots not written yet), so no Python number reaches it. Otherwise, for the prompt, it is a
+    ``KVCache``.
     """
 
     def __init__(self, config, batch_size: int, max_len: int, device, dtype):
         super().__init__(config, batch_size, max_len, device, dtype)
         self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.fixed_shape = False
 
     def update(self, layer: int, k, v):
-        if k.size(2) > 1:
+        if not self.fixed_shape:
             return super().update(layer, k, v)
         keys, values = self.k[layer], self.v[layer]
         keys.index_copy_(2, self.index, k)
@@ -155,11 +161,16 @@ class StaticDecodeStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def _forward(self) -> torch.Tensor:
+    def _forward(self, slot: int) -> torch.Tensor:
         mask = (self.slots <= self.cache.index)[None, None, None, :]  # written slots, this one included
         if self.real_key is not None:
             mask = mask & self.real_key
-        return self.model.lm_head(self.model.hidden(self.ids, self.positions, mask, self.cache)[:, -1]).float()
+        self.cache.pos, self.cache.fixed_shape = slot, True  # pos: for hidden()'s length check only
+        try:
+            hidden = self.model.hidden(self.ids, self.positions, mask, self.cache)
+        finally:
+            self.cache.pos, self.cache.fixed_shape = slot + 1, False
+        return self.model.lm_head(hidden[:, -1]).float()
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the next token after ``ids`` (B, 1), written at slot ``cache.pos``."""
@@ -167,27 +178,29 @@ class StaticDecodeStep:
         self.ids.copy_(ids)
         self.positions.copy_(positions)
         self.cache.index.fill_(slot)
-        if self.cache.k.device.type != "cuda":
-            self.logits = self._forward()
-        elif self.graph is None:
-            self._capture()
-        else:
-            self.graph.replay()
-        self.cache.pos = slot + 1  # hidden() counts every warm-up and capture run; this is the truth
+        device = self.cache.k.device
+        if device.type != "cuda":
+            self.logits = self._forward(slot)
+            return self.logits
+        with torch.cuda.device(device):  # streams and capture follow the current device, not the model's
+            if self.graph is None:
+                self._capture(slot)
+            else:
+                self.graph.replay()
         return self.logits
 
-    def _capture(self) -> None:
+    def _capture(self, slot: int) -> None:
         # Warm-up on a side stream first, as capture requires; every run writes the same keys and
         # values into the same slot, so the cache ends as one step would leave it.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward()
+                self._forward(slot)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+            self.logits = self._forward(slot)
         self.graph.replay()
 
 

@@ -158,6 +158,15 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
+        if T == 1 and self.n_kv_head != self.n_head:
+            # One query per head: the heads that share a K/V head become its query rows, so any
+            # kernel, masked or not, reads each K/V head once and needs no GQA support.
+            group = self.n_head // self.n_kv_head
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_kv_head, group, self.head_dim), k, v,
+                attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            )
+            return self.proj(y.reshape(B, 1, self.n_head * self.head_dim))
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,

@@ -68,7 +68,12 @@ def test_static_decode_equals_growing_cache(family, monkeypatch):
     assert tokens == expected[0]
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected[1]), atol=1e-5, rtol=0)
     assert Engine(model).generate([PROMPTS[1]], 12, temperature=0) == [tokens[1]]  # no padding mask
-    assert Engine(model, cuda_graphs=False).generate(PROMPTS, 12, temperature=0) == tokens
+    # One-token prompts: the prefill is a one-token step too, and must not attend to empty slots.
+    single = [[5], [60]]
+    expected = Engine(model, cuda_graphs=False).generate(single, 12, temperature=0, return_logprobs=True)
+    got = Engine(model).generate(single, 12, temperature=0, return_logprobs=True)
+    assert got[0] == expected[0]
+    torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -105,7 +110,10 @@ def test_packed_weights_follow_the_model(monkeypatch):
     ids = torch.tensor([PROMPTS[0]])
     with engine.packed():
         with torch.no_grad():
-            model.lm_head.weight.mul_(2)
+            model.lm_head.weight.mul_(2)  # in place: the version counter moves
+            expected = torch.nn.functional.linear(model.hidden(ids), model.lm_head.weight)
+            torch.testing.assert_close(model(ids), expected, atol=0, rtol=0)
+            model.lm_head.weight.data = model.lm_head.weight.data * 3  # new storage, same version counter
             expected = torch.nn.functional.linear(model.hidden(ids), model.lm_head.weight)
             torch.testing.assert_close(model(ids), expected, atol=0, rtol=0)
         model.zero_grad()
