@@ -6,7 +6,7 @@ prompts and no EOS, so neither side stops early and both do the same number of s
 Reports new tokens per second (medians of interleaved repeats) and how many tokens differ.
 
     python benchmarks/decode.py                                   # CPU, fp32, small Llama
-    python benchmarks/decode.py --device cuda --dtype bfloat16 --shape gpt2-124m
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --peer-cache static
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ SHAPES = {
         transformers.LlamaForCausalLM,
         transformers.LlamaConfig(
             vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+            max_position_embeddings=1024, rms_norm_eps=1e-5,
+        ),
+    ),
+    "llama-124m": (  # the issue's GPU shape: GPT-2 small's widths in the llama family
+        transformers.LlamaForCausalLM,
+        transformers.LlamaConfig(
+            vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
             max_position_embeddings=1024, rms_norm_eps=1e-5,
         ),
     ),
