@@ -208,13 +208,14 @@ class Engine:
     """Generates from a ``GPT`` on its own device and dtype; a tokenizer is needed only for text.
 
     The tokenizer is duck-typed: ``encode(text) -> list[int]`` (adding BOS), ``decode(ids) -> str``
-    and ``eos_id``. On CUDA, decode steps replay a CUDA graph (``cuda_graphs=False`` runs them
-    eagerly, with a cache that grows step by step).
+    and ``eos_id``. With ``cuda_graphs=True``, decode steps on CUDA replay a CUDA graph over a
+    fixed-shape cache; it is opt-in until it has been checked and timed on a GPU (only its
+    fixed-shape step has been tested, on CPU). Otherwise the cache grows step by step.
     """
 
     STATIC_DECODE_DEVICES = ("cuda",)
 
-    def __init__(self, model: GPT, tokenizer=None, cuda_graphs: bool = True):
+    def __init__(self, model: GPT, tokenizer=None, cuda_graphs: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs

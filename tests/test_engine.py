@@ -64,14 +64,15 @@ def test_static_decode_equals_growing_cache(family, monkeypatch):
     model = tiny(family)
     expected = Engine(model).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
     monkeypatch.setattr(Engine, "STATIC_DECODE_DEVICES", ("cpu", "cuda"))
-    tokens, logprobs = Engine(model).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
+    static = Engine(model, cuda_graphs=True)
+    tokens, logprobs = static.generate(PROMPTS, 12, temperature=0, return_logprobs=True)
     assert tokens == expected[0]
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected[1]), atol=1e-5, rtol=0)
-    assert Engine(model).generate([PROMPTS[1]], 12, temperature=0) == [tokens[1]]  # no padding mask
+    assert static.generate([PROMPTS[1]], 12, temperature=0) == [tokens[1]]  # no padding mask
     # One-token prompts: the prefill is a one-token step too, and must not attend to empty slots.
     single = [[5], [60]]
-    expected = Engine(model, cuda_graphs=False).generate(single, 12, temperature=0, return_logprobs=True)
-    got = Engine(model).generate(single, 12, temperature=0, return_logprobs=True)
+    expected = Engine(model).generate(single, 12, temperature=0, return_logprobs=True)
+    got = static.generate(single, 12, temperature=0, return_logprobs=True)
     assert got[0] == expected[0]
     torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-5, rtol=0)
 
@@ -80,12 +81,12 @@ def test_static_decode_equals_growing_cache(family, monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_cuda_graph_decode_equals_eager(family):
     model = tiny(family).cuda()
-    eager = Engine(model, cuda_graphs=False).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
-    graphed = Engine(model).generate(PROMPTS, 12, temperature=0, return_logprobs=True)
-    assert graphed[0] == eager[0]
-    torch.testing.assert_close(torch.tensor(graphed[1]), torch.tensor(eager[1]), atol=1e-4, rtol=0)
-    cpu = Engine(tiny(family)).generate(PROMPTS, 12, temperature=0)
-    assert graphed[0] == cpu
+    for prompts in (PROMPTS, [[5], [60]]):
+        eager = Engine(model).generate(prompts, 12, temperature=0, return_logprobs=True)
+        graphed = Engine(model, cuda_graphs=True).generate(prompts, 12, temperature=0, return_logprobs=True)
+        assert graphed[0] == eager[0]
+        torch.testing.assert_close(torch.tensor(graphed[1]), torch.tensor(eager[1]), atol=1e-4, rtol=0)
+        assert graphed[0] == Engine(tiny(family)).generate(prompts, 12, temperature=0)
 
 
 def test_packed_weights_follow_the_model(monkeypatch):
