@@ -71,15 +71,15 @@ class PackedLinears:
 
     PyTorch multiplies fp32 on the CPU through MKL; on this project's AMD EPYC machines oneDNN's
     prepacked matmul is 1.5-3.6x faster for decode-sized batches (benchmarks/RESULTS.md) and
-    agrees with it to fp32 rounding. The price
-    is a second copy of the linear weights for as long as this object lives. Weights under
-    ``MIN_WEIGHTS`` elements stay on MKL: oneDNN's fixed cost per call (~15 us) outweighs its
-    speed on them.
+    agrees with it to fp32 rounding. The price is a second copy of the linear weights for as
+    long as this object lives. Weights under ``MIN_WEIGHTS`` elements stay on MKL: oneDNN's
+    fixed cost per call (~15 us) outweighs its speed on them.
 
-    ``with packed():`` routes the model's linear layers through the packed copies; a weight
-    that changed since it was packed (its version counter moved: an optimizer step, a load) is
-    packed again on entry, and inside the block falls back to the plain layer, as does any
-    call with gradients enabled. On other devices, dtypes or builds it does nothing.
+    ``with packed():`` routes the model's linear layers through the packed copies. A weight that
+    changed since it was packed (its storage or version counter moved: an optimizer step, a
+    load, ``.to()``) is packed again on entry, and inside the block falls back to the plain
+    layer, as does any call with gradients enabled. On other devices, dtypes or builds it does
+    nothing.
     """
 
     MIN_WEIGHTS = 1 << 17
