@@ -138,6 +138,18 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), preset=args.preset, seed=args.seed)
 
 
+def add_config_options(p: argparse.ArgumentParser, config_help: str = "a TOML file; every key has a default") -> None:
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """The options of every command that trains through the one loop (pretrain, sft)."""
+    add_config_options(p)
+    p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlab", description="Train, evaluate, align and rank GPT-style models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -165,10 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = commands.add_parser("pretrain", help="pretrain with next-token prediction (torchrun for several processes)")
-    p.add_argument("--config", help="a TOML file; every key has a default")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    add_training_options(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = commands.add_parser("sample", help="continue a prompt with a model")
@@ -182,10 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = commands.add_parser("sft", help="supervised fine-tuning on chat data (torchrun for several processes)")
-    p.add_argument("--config", help="a TOML file; every key has a default")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    add_training_options(p)
     p.set_defaults(func=cmd_sft)
 
     p = commands.add_parser("chat", help="talk to a model in the terminal (one message per line from a pipe)")
@@ -199,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("ladder", help="scaling and emergence: train and evaluate a ladder of model sizes")
     p.add_argument("--preset", default="default", help="quick (<= 20 min on a 2-core CPU) | default | gpu")
-    p.add_argument("--config", help="a TOML file on top of the preset")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    add_config_options(p, "a TOML file on top of the preset")
     p.add_argument("--out", required=True, help="ladder folder: runs/, ladder.json, report.md and plots; resumable")
     p.set_defaults(func=cmd_ladder)
 

@@ -9,6 +9,7 @@ the machine. Each later stage (preferences, arena) adds itself here when it land
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import torch
 from gptlab import scaling
 from gptlab.align.chat import ChatSession
 from gptlab.cli import main as gptlab
+from gptlab.data.documents import jsonl_records
 from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
@@ -56,20 +58,19 @@ PRESETS = {
 }
 
 
-def sample_prompts(world: Path) -> list[tuple[str, str]]:
-    """(prompt, expected) pairs on held-out items: a fact about a held-out person, an addition
-    answered directly and step by step, and a two-shot word reversal."""
+def first_records(path: Path, n: int) -> list[dict]:
+    return [record for _, record in itertools.islice(jsonl_records(path), n)]
 
-    def first(path: Path, n: int = 1) -> list[dict]:
-        with path.open() as f:
-            return [json.loads(next(f)) for _ in range(n)]
 
-    truth = json.loads((world / "world.json").read_text())
+def sample_prompts(world: Path, truth: dict) -> list[tuple[str, str]]:
+    """(prompt, expected) pairs on held-out items of the world (``truth``: its world.json): a fact
+    about a held-out person, an addition answered directly and step by step, and a two-shot word
+    reversal."""
     person = next(p for p in truth["people"] if p["split"] == "test")
-    add = first(world / "bench" / "arith" / "add_2_test.jsonl")[0]
+    add = first_records(world / "bench" / "arith" / "add_2_test.jsonl", 1)[0]
     answer = add["answer"].rsplit("#### ", 1)[1]
-    shots = first(world / "bench" / "words" / "reverse_fewshot.jsonl", 2)
-    word = first(world / "bench" / "words" / "reverse_test.jsonl")[0]
+    shots = first_records(world / "bench" / "words" / "reverse_fewshot.jsonl", 2)
+    word = first_records(world / "bench" / "words" / "reverse_test.jsonl", 1)[0]
     episode = "".join(f"{s['input']} -> {s['output']}\n" for s in shots) + f"{word['input']} ->"
     return [
         (f"Q: In which city was {person['name']} born? A:", person["birth_city"]),
@@ -124,17 +125,19 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     print("== demo: instruction following and samples", flush=True)
     start = time.perf_counter()
     base_engine, tuned_engine = Engine.from_pretrained(base / "model"), Engine.from_pretrained(out / "sft" / "model")
+    truth = json.loads((world / "world.json").read_text())
+    held_out = truth["sft"]["held_out"]
     with warnings_as_lines():
-        instruct = instruction_following(world, base_engine, tuned_engine, spec.instruct_limit)
+        instruct = instruction_following(world, held_out, base_engine, tuned_engine, spec.instruct_limit)
     samples = [
         (prompt, expected, base_engine.generate_text(prompt, max_new_tokens=60, temperature=0.0).split("\n")[0])
-        for prompt, expected in sample_prompts(world)
+        for prompt, expected in sample_prompts(world, truth)
     ]
-    conversations = chat_samples(world, tuned_engine)
+    conversations = chat_samples(world, held_out, tuned_engine)
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
-    metrics = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    metrics = [record for _, record in jsonl_records(base / "metrics.jsonl")]
     plot_pretraining_loss(metrics, out / "loss.png")
     meta = json.loads((out / "shards" / "meta.json").read_text())
     report = render_report(preset, seed, out, base_engine.model, meta, metrics, instruct, samples, conversations, timings)
@@ -143,10 +146,10 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     return out / "report.md"
 
 
-def instruction_following(world: Path, base: Engine, tuned: Engine, limit: int) -> dict:
+def instruction_following(world: Path, held_out: list[str], base: Engine, tuned: Engine, limit: int) -> dict:
     """The base model prompted with a few examples vs the SFT model asked zero-shot, on the
     held-out test conversations of every instruction family, scored by the oracle."""
-    held_out = set(json.loads((world / "world.json").read_text())["sft"]["held_out"])
+    held_out = set(held_out)
     runs = {
         "base": evaluate(GptlabBackend(base.model, base.tokenizer), ["world_instruct"], world,
                          shots=[INSTRUCT_SHOTS], limit=limit, return_samples=True),
@@ -175,12 +178,10 @@ def instruction_following(world: Path, base: Engine, tuned: Engine, limit: int) 
     return result
 
 
-def chat_samples(world: Path, tuned: Engine) -> list[tuple[str, str, str]]:
+def chat_samples(world: Path, held_out: list[str], tuned: Engine) -> list[tuple[str, str, str]]:
     """(family, question, reply) for the first test conversation of each held-out family."""
-    held_out = json.loads((world / "world.json").read_text())["sft"]["held_out"]
     samples = []
-    with (world / "sft" / "test.jsonl").open() as f:
-        rows = [json.loads(line) for line in f]
+    rows = [record for _, record in jsonl_records(world / "sft" / "test.jsonl")]
     for family in held_out:
         row = next((r for r in rows if r["family"] == family), None)
         if row is None:

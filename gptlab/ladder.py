@@ -12,6 +12,7 @@ run resumes from its last checkpoint). ``OUT/ladder.json`` holds every run and t
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from gptlab import scaling
 from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
 from gptlab.data import iter_documents, prepare, read_meta
+from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.eval.tasks import load_task
@@ -103,7 +105,7 @@ def load_config(preset: str, config_path: str | None, overrides: list[str]) -> L
     if preset not in PRESETS:
         raise UserError(f"unknown ladder preset {preset!r}; choose one of {', '.join(PRESETS)}")
     raw = read_raw(config_path)
-    merged = _merge(json.loads(json.dumps(PRESETS[preset])), raw)
+    merged = _merge(copy.deepcopy(PRESETS[preset]), raw)
     return build(LadderConfig, apply_overrides(merged, overrides))
 
 
@@ -233,24 +235,26 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
     check_tasks(cfg.eval, world)
     meta = read_meta(shards)
     runs = plan(cfg, meta["vocab_size"])
+    kept = {}
     for run in runs:
         result_path = out / "runs" / run["name"] / "result.json"
-        if result_path.is_file() and json.loads(result_path.read_text()).get("plan") != _signature(cfg, run):
-            raise UserError(
-                f"{result_path.parent} was trained or evaluated with other settings than this ladder's; "
-                "use a new --out, or delete that run to redo it"
-            )
+        if result_path.is_file():
+            kept[run["name"]] = json.loads(result_path.read_text())
+            if kept[run["name"]].get("plan") != _signature(cfg, run):
+                raise UserError(
+                    f"{result_path.parent} was trained or evaluated with other settings than this ladder's; "
+                    "use a new --out, or delete that run to redo it"
+                )
     write_json_atomic(out / "run.json", run_info(to_dict(cfg), preset=preset, seed=cfg.train.seed))
     print("== ladder: " + ", ".join(f"{r['name']} {r['params']:,} params x {r['tokens']:,} tokens" for r in runs),
           flush=True)
     results = []
     for run in runs:
-        run_dir = out / "runs" / run["name"]
-        result_path = run_dir / "result.json"
-        if result_path.is_file():
+        if run["name"] in kept:
             print(f"== ladder: {run['name']} done before; kept", flush=True)
-            results.append(json.loads(result_path.read_text()))
+            results.append(kept[run["name"]])
             continue
+        run_dir = out / "runs" / run["name"]
         print(f"== ladder: {run['name']}: training {run['steps']} steps", flush=True)
         started = time.perf_counter()
         model = train_run(cfg, run, shards, run_dir)
@@ -261,7 +265,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
         with torch.no_grad(), warnings_as_lines():
             metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
         write_text_atomic(run_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = [record for _, record in jsonl_records(run_dir / "metrics.jsonl")]
         val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
         if val_loss is None:
             raise UserError(
@@ -276,7 +280,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
             "train_seconds": round(trained, 1), "eval_seconds": round(time.perf_counter() - started - trained, 1),
             "model": to_dict(run["model"]), "metrics": metrics, "plan": _signature(cfg, run),
         }
-        write_json_atomic(result_path, result)
+        write_json_atomic(run_dir / "result.json", result)
         results.append(result)
     ladder = {"preset": preset, "world": str(world), "runs": results, "fit": fits(results)}
     write_json_atomic(out / "ladder.json", ladder)

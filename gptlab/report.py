@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gptlab import scaling
+from gptlab.data.documents import jsonl_records
 from gptlab.fileio import write_text_atomic
 
 
@@ -53,9 +54,7 @@ class Samples:
     def __init__(self, ladder_dir: Path, runs: list[dict]):
         self.scores: dict[tuple[str, str, str, str], dict] = {}
         for run in runs:
-            path = ladder_dir / "runs" / run["name"] / "samples.jsonl"
-            for line in path.read_text().splitlines():
-                s = json.loads(line)
+            for _, s in jsonl_records(ladder_dir / "runs" / run["name"] / "samples.jsonl"):
                 item = (s.get("subject"), s["doc_id"])
                 key = (run["name"], s["task"], s["setting"])
                 self.scores.setdefault(key + ("correct",), {})[item] = float(s["correct"])
@@ -126,12 +125,12 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
         if len(runs) >= 2:
             # The sizes before exact match first leaves the smallest model's: if partial credit
             # has already risen by the last of them, the all-or-nothing metric hid a gradual gain.
-            before = None
+            before = before_em = None
             for run in runs[1:]:
                 em = _difference(*samples.paired((small, k), (run["name"], k), tasks=words))
                 if em is None or em[1] > 0:
                     break
-                before = run["name"]
+                before, before_em = run["name"], em
             claim = Claim(
                 "The jump is partly the metric (Schaeffer et al.)",
                 f"word tasks {k}, partial credit (1 - edit distance), {before or runs[1]['name']} minus {small}: "
@@ -140,10 +139,10 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
             if before is None:
                 claim.note = "exact match already moves at the second size: a ladder with finer steps is needed"
             else:
-                em = _difference(*samples.paired((small, k), (before, k), tasks=words))
                 pc = _difference(*samples.paired((small, k), (before, k), tasks=words, metric="partial_credit"))
                 if pc:
                     claim.effect, claim.lo, claim.hi = pc
+                    em = before_em
                     claim.note = f"exact match over the same step: {em[0] * 100:+.1f} [{em[1] * 100:+.1f}, {em[2] * 100:+.1f}]"
             claims.append(claim)
     if arith:
@@ -226,6 +225,15 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _save_line_plot(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size=None) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    _save(plt, fig, path)
+
+
 def plot_pretraining_loss(metrics: list[dict], path: Path) -> None:
     plt = _plt()
     train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
@@ -235,12 +243,7 @@ def plot_pretraining_loss(metrics: list[dict], path: Path) -> None:
     ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot([s * tokens_per_step for s, _ in val], [v for _, v in val], "o-", label="val loss")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Pretraining on TinyWorld")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(plt, fig, path)
+    _save_line_plot(plt, fig, ax, path, "tokens", "cross-entropy (nats/token)", "Pretraining on TinyWorld")
 
 
 def plot_loss(ladder: dict, path: Path) -> None:
@@ -258,12 +261,7 @@ def plot_loss(ladder: dict, path: Path) -> None:
         ax.plot(grid, fit["a"] * grid ** (-fit["alpha"]) + fit["l_inf"], "--",
                 label=f"fit: {fit['a']:.3g}·C^-{fit['alpha']:.3f} + {fit['l_inf']:.2f}")
     ax.set_xscale("log")
-    ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("val loss (nats/token)")
-    ax.set_title("Loss vs compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    _save_line_plot(plt, fig, ax, path, "training compute (FLOPs)", "val loss (nats/token)", "Loss vs compute", 8)
 
 
 def plot_emergence(ladder: dict, samples: Samples, path: Path) -> None:
@@ -301,12 +299,10 @@ def plot_fewshot(ladder: dict, samples: Samples, path: Path) -> None:
                 label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("examples in the prompt (k)")
-    ax.set_ylabel("accuracy, word tasks pooled")
-    ax.set_title("In-context learning vs model size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(plt, fig, path)
+    _save_line_plot(
+        plt, fig, ax, path, "examples in the prompt (k)", "accuracy, word tasks pooled",
+        "In-context learning vs model size", 8,
+    )
 
 
 def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
