@@ -399,6 +399,19 @@ class Engine:
                     token[:, None], positions[:, end - 1:end], mask, cache, *sampling, static_step=static_step
                 )
 
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Dropout off while the model generates or scores; a model used in the middle of training
+        goes back to training mode afterwards."""
+        training = self.model.training
+        if training:
+            self.model.eval()
+        try:
+            yield
+        finally:
+            if training:
+                self.model.train()
+
     @torch.inference_mode()
     def _next(
         self, ids, positions, attn_mask, cache, temperature, top_k, top_p, generator, return_logprobs, static_step=None
@@ -406,18 +419,12 @@ class Engine:
         """Run ``ids`` through the model into ``cache`` and pick each row's next token from the
         last position's logits; returns (token (B,), its raw log-prob (B,) or None).
         A ``static_step`` runs one-token steps instead (its own mask covers ``attn_mask``)."""
-        training = self.model.training
-        if training:  # dropout must not touch generation; the caller's mode is restored below
-            self.model.eval()
-        try:
+        with self.eval_mode():
             if static_step is not None:
                 logits = static_step(ids, positions)
             else:
                 hidden = self.model.hidden(ids, positions, attn_mask, cache)
                 logits = self.model.lm_head(hidden[:, -1]).float()
-        finally:
-            if training:
-                self.model.train()
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if not return_logprobs:
             return token, None

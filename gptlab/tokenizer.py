@@ -28,7 +28,7 @@ from typing import Any
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, first_line
 from gptlab.fileio import write_json_atomic, write_text_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -168,7 +168,7 @@ class Tokenizer:
         try:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for every parse error
-            raise UserError(f"cannot read {path} ({_first_line(e)}): the file is corrupt or not a tokenizer") from None
+            raise UserError(f"cannot read {path} ({first_line(e)}): the file is corrupt or not a tokenizer") from None
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if (directory / name).is_file():
@@ -330,16 +330,11 @@ def _token_name(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({_first_line(e)}): the file is corrupt") from None
+        raise UserError(f"cannot read {path} ({first_line(e)}): the file is corrupt") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object: the file is corrupt")
     return data

@@ -164,8 +164,8 @@ def test_scores_equal_a_plain_forward_whatever_the_batch_size(files, backend, mo
     pairs = backend.encode_pairs(requests)
     expected = plain_scores(backend.model, pairs)
     prefix_runs = []
-    run_prefix = backend._logprobs_after_prefix
-    monkeypatch.setattr(backend, "_logprobs_after_prefix", lambda *a: prefix_runs.append(a[3]) or run_prefix(*a))
+    run_prefix = backend._logits_after_prefix
+    monkeypatch.setattr(backend, "_logits_after_prefix", lambda *a: prefix_runs.append(a[3]) or run_prefix(*a))
     by_size = {}
     for batch_size in (1, 7, 32):
         backend.counters.clear()

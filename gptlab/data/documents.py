@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, first_line
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -152,8 +152,7 @@ def _read_parquet(path: Path) -> Iterator[str]:
     try:
         file = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for unreadable files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path} is not a readable Parquet file ({reason}): check the file") from None
+        raise UserError(f"{path} is not a readable Parquet file ({first_line(e)}): check the file") from None
     schema = file.schema_arrow
     if "text" not in schema.names:
         raise UserError(

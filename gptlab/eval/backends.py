@@ -31,18 +31,15 @@ import os
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gptlab.engine import Engine
-from gptlab.errors import UserError
-from gptlab.tokenizer import END
+from gptlab.errors import UserError, first_line
+from gptlab.tokenizer import END, UNLIMITED_LENGTH
 
-# What transformers writes as model_max_length when a tokenizer sets no limit; lm-eval ignores it.
-_UNLIMITED = int(1e29)
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer gives a length
 # Rows sharing fewer context tokens than this are not worth a separate prefix pass.
 MIN_SHARED_PREFIX = 32
@@ -138,7 +135,7 @@ class TokenBackend(Backend):
     """The shared encoding and scoring of backends whose tokenizer and model run here.
 
     A subclass provides the tokenizer (``_encode``, ``_decode``, ``_token_texts``), the model
-    (``_logprobs_at``, ``_generate``) and ``max_length``.
+    (``_logits_at``, ``_generate``) and ``max_length``.
     """
 
     max_length: int
@@ -164,11 +161,11 @@ class TokenBackend(Backend):
         """The text of every single token id."""
 
     @abstractmethod
-    def _logprobs_at(
+    def _logits_at(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor
     ) -> torch.Tensor:
-        """Log-softmax (N, vocab) in fp32 at the given (row, column) positions of one forward.
-        ``mask`` is None (plain causal) or boolean (B, 1, T, T), True where a query may attend."""
+        """Logits (N, vocab), on the model's device, at the given (row, column) positions of one
+        forward. ``mask`` is None (plain causal) or boolean (B, 1, T, T), True where a query may attend."""
 
     @abstractmethod
     def _generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
@@ -192,7 +189,7 @@ class TokenBackend(Backend):
 
     def encode_pairs(self, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """(context tokens, continuation tokens) per request, as lm-eval's ``_encode_pair``."""
-        moved = [move_trailing_space(c, x) if c else (c, x) for c, x in requests]
+        moved = [move_trailing_space(c, x) for c, x in requests]
         texts = sorted({c for c, _ in moved if c} | {c + x for c, x in moved if c})
         tokens = dict(zip(texts, self.encode(texts)))
         empties = [x for c, x in moved if not c]
@@ -360,10 +357,13 @@ class TokenBackend(Backend):
         cols_t = torch.tensor([t[1] for t in targets])
         tokens_t = torch.tensor([t[2] for t in targets])
         if prefix:
-            logprobs = self._logprobs_after_prefix(ids, positions, segment_mask(segments), prefix, rows_t, cols_t)
+            logits = self._logits_after_prefix(ids, positions, segment_mask(segments), prefix, rows_t, cols_t)
         else:
             mask = segment_mask(segments) if needs_mask else None
-            logprobs = self._logprobs_at(ids, positions, mask, rows_t, cols_t)
+            logits = self._logits_at(ids, positions, mask, rows_t, cols_t)
+        # Scored where the logits are: only two numbers per target leave the device, not a vocabulary.
+        logprobs = logits.float().log_softmax(-1)
+        tokens_t = tokens_t.to(logprobs.device)
         picked = logprobs.gather(-1, tokens_t[:, None]).squeeze(-1).tolist()
         greedy = (logprobs.argmax(-1) == tokens_t).tolist()
         sums: dict[int, list] = {}
@@ -374,13 +374,13 @@ class TokenBackend(Backend):
         for request, (lp, g) in sums.items():
             results[request] = (lp, g)
 
-    def _logprobs_after_prefix(
+    def _logits_after_prefix(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, prefix: int, rows: torch.Tensor,
         cols: torch.Tensor,
     ) -> torch.Tensor:
-        """``_logprobs_at`` for rows whose first ``prefix`` tokens are equal. A backend with a KV
+        """``_logits_at`` for rows whose first ``prefix`` tokens are equal. A backend with a KV
         cache runs them once; this default runs every row whole."""
-        return self._logprobs_at(ids, positions, mask, rows, cols)
+        return self._logits_at(ids, positions, mask, rows, cols)
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -444,40 +444,28 @@ class GptlabBackend(TokenBackend):
     def _token_texts(self):
         return [self.tokenizer.decode([i]) for i in range(self.tokenizer.vocab_size)]
 
-    def _logprobs_at(self, ids, positions, mask, rows, cols):
+    def _logits_at(self, ids, positions, mask, rows, cols):
         device = self._device()
-        with self._eval_mode(), self.engine.packed(), torch.inference_mode():
+        with self.engine.eval_mode(), self.engine.packed(), torch.inference_mode():
             hidden = self.model.hidden(ids.to(device), positions.to(device), None if mask is None else mask.to(device))
-            logits = self.model.lm_head(hidden[rows.to(device), cols.to(device)])
-        return logits.float().log_softmax(-1).cpu()
+            return self.model.lm_head(hidden[rows.to(device), cols.to(device)])
 
-    def _logprobs_after_prefix(self, ids, positions, mask, prefix, rows, cols):
+    def _logits_after_prefix(self, ids, positions, mask, prefix, rows, cols):
         from gptlab.model import KVCache
 
         device, model = self._device(), self.model
         batch, width = ids.shape
-        with self._eval_mode(), self.engine.packed(), torch.inference_mode():
+        with self.engine.eval_mode(), self.engine.packed(), torch.inference_mode():
             cache = KVCache(model.config, 1, width, device, next(model.parameters()).dtype)
             model.hidden(ids[:1, :prefix].to(device), positions[:1, :prefix].to(device), None, cache)
             cache.k, cache.v = cache.k.repeat(1, batch, 1, 1, 1), cache.v.repeat(1, batch, 1, 1, 1)
             hidden = model.hidden(
                 ids[:, prefix:].to(device), positions[:, prefix:].to(device), mask[:, :, prefix:].to(device), cache
             )
-            logits = model.lm_head(hidden[rows.to(device), (cols - prefix).to(device)])
-        return logits.float().log_softmax(-1).cpu()
+            return model.lm_head(hidden[rows.to(device), (cols - prefix).to(device)])
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        """Dropout off while scoring; a model evaluated in the middle of training goes back to it."""
-        training = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(training)
 
     def _generate(self, prompts, max_new_tokens, stop_ids):
         return self.engine.generate(prompts, max_new_tokens, temperature=0, stop_ids=stop_ids)
@@ -504,7 +492,7 @@ class HFBackend(TokenBackend):
             self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise UserError(f"transformers cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"transformers cannot load {path}: {first_line(e)}") from None
         self.model.to(device=device, dtype=dtype or (torch.float32 if device == "cpu" else None))
         self.device = device
         tok = self.tokenizer
@@ -531,7 +519,7 @@ class HFBackend(TokenBackend):
             if value:
                 return int(value)
         limit = getattr(self.tokenizer, "model_max_length", None)
-        return int(limit) if limit and limit < _UNLIMITED else _DEFAULT_MAX_LENGTH
+        return int(limit) if limit and limit < UNLIMITED_LENGTH else _DEFAULT_MAX_LENGTH
 
     def _encode(self, texts, add_special_tokens):
         return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
@@ -542,7 +530,7 @@ class HFBackend(TokenBackend):
     def _token_texts(self):
         return self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
 
-    def _logprobs_at(self, ids, positions, mask, rows, cols):
+    def _logits_at(self, ids, positions, mask, rows, cols):
         attention = None
         if mask is not None:  # an additive 4D mask: transformers passes a 4D mask through as it is
             attention = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill(~mask, torch.finfo(self.model.dtype).min)
@@ -551,7 +539,7 @@ class HFBackend(TokenBackend):
             logits = self.model(
                 input_ids=ids.to(self.device), position_ids=positions.to(self.device), attention_mask=attention
             ).logits
-        return logits[rows.to(self.device), cols.to(self.device)].float().log_softmax(-1).cpu()
+        return logits[rows.to(self.device), cols.to(self.device)]
 
     def _generate(self, prompts, max_new_tokens, stop_ids):
         pad = self.tokenizer.pad_token_id

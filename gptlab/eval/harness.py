@@ -265,7 +265,7 @@ def _versions() -> dict[str, str]:
 
     import gptlab
 
-    return {"gptlab": getattr(gptlab, "__version__", "unknown"), "torch": torch.__version__}
+    return {"gptlab": gptlab.__version__, "torch": torch.__version__}
 
 
 # --------------------------------------------------------------------------- output

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
 
 MMLU_TEXT = "{{question.strip()}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
@@ -57,7 +58,7 @@ def write_mmlu_tasks(mmlu_dir: str | os.PathLike, out_dir: str | os.PathLike, gr
 
 def run_lm_eval_hf(
     model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, group: str, out_dir: str | os.PathLike,
-    shots: int = 5, batch_size: int = 32, limit: int | None = None, device: str = "cpu", env: dict | None = None,
+    shots: int = 5, batch_size: int = 32, device: str = "cpu", env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """``lm_eval --model hf`` on a local model folder and local tasks, offline, logging samples;
     ``env`` adds environment variables (e.g. thread counts)."""
@@ -67,7 +68,7 @@ def run_lm_eval_hf(
         "--tasks", group, "--include_path", str(Path(tasks_dir).resolve()), "--num_fewshot", str(shots),
         "--batch_size", str(batch_size), "--device", device, "--output_path", str(Path(out_dir).resolve()),
         "--log_samples",
-    ] + (["--limit", str(limit)] if limit is not None else [])
+    ]
     env = {
         **os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(Path(out_dir).resolve() / "datasets_cache"), **(env or {}),
@@ -80,8 +81,7 @@ def read_mmlu_samples(out_dir: str | os.PathLike, group: str) -> dict[tuple[str,
     found: dict[tuple[str, int], list[float]] = {}
     for path in Path(out_dir).rglob(f"samples_{group}_*.jsonl"):
         stem = path.name[len(f"samples_{group}_"):].rsplit("_", 1)[0]  # samples_{task}_{timestamp}.jsonl
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
+        for _, record in jsonl_records(path):
             found[(stem.replace("_", " "), record["doc_id"])] = [float(r[0]) for r in record["filtered_resps"]]
     if not found:
         raise UserError(f"no lm-eval sample logs for {group} under {out_dir}")
