@@ -76,11 +76,9 @@ def cmd_chat(args) -> None:
     from gptlab.engine import Engine
 
     engine = Engine.from_pretrained(args.model)
-    block_size = engine.model.config.block_size
-    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else min(256, block_size // 2)
     session = ChatSession(
         engine, system=args.system,
-        max_new_tokens=max_new_tokens, temperature=args.temperature, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
         notify=lambda message: print(f"gptlab: {message}", file=sys.stderr, flush=True),
     )
     if sys.stdin.isatty():

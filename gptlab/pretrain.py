@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config import build, get_dotted, read_run_raw, run_info, set_dotted, to_dict
+from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
 from gptlab.data import TokenLoader, read_meta
 from gptlab.errors import UserError
-from gptlab.fileio import write_json_atomic
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
@@ -132,15 +131,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> 
             evaluate=validation(cfg, runtime) if has_val and cfg.train.eval_batches > 0 else None,
             tokenizer=tokenizer,
         )
-        if runtime.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(
-                out_dir / "run.json",
-                run_info(to_dict(cfg), seed=cfg.train.seed, device=str(runtime.device), world_size=runtime.world_size,
-                         params=model.num_params()),
-            )
-        model = trainer.fit(resume=resume)
-        trainer.export(out_dir / "model")
-        return model
+        return trainer.run(to_dict(cfg), resume)
     finally:
         cleanup_runtime(runtime)

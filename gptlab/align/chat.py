@@ -12,9 +12,9 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Callable, TextIO
 
-from gptlab.data.chat import fit_history
 from gptlab.engine import Engine
 from gptlab.errors import UserError
+from gptlab.tokenizer import Tokenizer
 
 
 class ChatSession:
@@ -24,16 +24,19 @@ class ChatSession:
         self,
         engine: Engine,
         system: str | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         temperature: float = 0.8,
         seed: int | None = None,
         notify: Callable[[str], None] = lambda message: None,
     ):
+        """``max_new_tokens``: the longest reply; default half the model's block size, at most 256."""
         tokenizer = engine.tokenizer
         block_size = engine.model.config.block_size
+        if max_new_tokens is None:
+            max_new_tokens = min(256, block_size // 2)
         self.budget = block_size - max_new_tokens  # prompt tokens that leave room for a full reply
-        minimal = [{"role": "system", "content": system}] if system else []
-        minimal.append({"role": "user", "content": ""})
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        minimal = self.messages + [{"role": "user", "content": ""}]
         if self.budget < len(tokenizer.apply_chat_template(minimal, add_generation_prompt=True)):
             raise UserError(
                 f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's block_size "
@@ -41,7 +44,6 @@ class ChatSession:
             )
         self.engine, self.tokenizer = engine, tokenizer
         self.max_new_tokens, self.temperature, self.seed, self.notify = max_new_tokens, temperature, seed, notify
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.turns = 0
         self.stop_ids = [t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None]
 
@@ -66,6 +68,25 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+
+def fit_history(tokenizer: Tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], int]:
+    """The most recent part of a chat whose prompt (with the generation prompt) fits ``budget``
+    tokens: leading system messages stay, the oldest exchanges go first, whole (a user message
+    and the replies after it). Returns (messages, number dropped); the last message is never
+    dropped, so the caller checks that what is left fits."""
+    system = 0
+    while system < len(messages) and messages[system]["role"] == "system":
+        system += 1
+    head, rest = messages[:system], list(messages[system:])
+    dropped = 0
+    while len(rest) > 1 and len(tokenizer.apply_chat_template(head + rest, add_generation_prompt=True)) > budget:
+        rest.pop(0)
+        dropped += 1
+        while len(rest) > 1 and rest[0]["role"] != "user":
+            rest.pop(0)
+            dropped += 1
+    return head + rest, dropped
 
 
 def run_chat(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout) -> None:

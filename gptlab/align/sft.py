@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.checkpoint import model_config_from_hf
-from gptlab.config import build, get_dotted, read_run_raw, run_info, set_dotted, to_dict
+from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
 from gptlab.data.chat import IGNORE, TRUNCATION, ChatBatches, eval_batches, load_chat_data, to_device
 from gptlab.errors import UserError
-from gptlab.fileio import write_json_atomic
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
@@ -157,17 +156,6 @@ def sft(cfg: SftConfig, out_dir: str | Path, resume: bool = False) -> GPT:
         evaluate = validation(val_batches, runtime) if val_batches else None
         torch.manual_seed(tcfg.seed)
         trainer = Trainer(model, tcfg, runtime, out_dir, sft_loss, batches, evaluate=evaluate, tokenizer=tokenizer)
-        if runtime.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(
-                out_dir / "run.json",
-                run_info(
-                    to_dict(cfg), seed=tcfg.seed, device=str(runtime.device), world_size=runtime.world_size,
-                    params=model.num_params(), data={split: s.to_dict() for split, s in stats.items()},
-                ),
-            )
-        model = trainer.fit(resume=resume)
-        trainer.export(out_dir / "model")
-        return model
+        return trainer.run(to_dict(cfg), resume, data={split: s.to_dict() for split, s in stats.items()})
     finally:
         cleanup_runtime(runtime)

@@ -1,13 +1,11 @@
 """Documents in, shards out, batches back: the data path of every training stage.
 
-``TokenLoader``, ``permute`` and the chat data (``gptlab.data.chat``) are imported on first use:
-they need torch, which the tokenizing worker processes of ``prepare`` have no reason to import.
+``TokenLoader`` and ``permute`` are imported on first use: they need torch, which the
+tokenizing worker processes of ``prepare`` have no reason to import.
 """
 
 from gptlab.data.documents import iter_documents, require_documents
 from gptlab.data.shards import open_shard, prepare, read_meta, write_shard
-
-CHAT_NAMES = ("ChatBatches", "ChatStats", "Example", "encode_record", "eval_batches", "fit_history", "load_chat_data")
 
 __all__ = [
     "iter_documents",
@@ -18,7 +16,6 @@ __all__ = [
     "write_shard",
     "TokenLoader",
     "permute",
-    *CHAT_NAMES,
 ]
 
 
@@ -27,8 +24,4 @@ def __getattr__(name: str):
         from gptlab.data import loader
 
         return getattr(loader, name)
-    if name in CHAT_NAMES:
-        from gptlab.data import chat
-
-        return getattr(chat, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -289,22 +289,3 @@ def eval_batches(
         collate(examples, mine[i:i + micro_batch_size], seq_len, pad_id, packing)
         for i in range(0, len(mine), micro_batch_size)
     ]
-
-
-def fit_history(tokenizer: Tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], int]:
-    """The most recent part of a chat whose prompt (with the generation prompt) fits ``budget``
-    tokens: leading system messages stay, the oldest exchanges go first, whole (a user message
-    and the replies after it). Returns (messages, number dropped); the last message is never
-    dropped, so the caller checks that what is left fits."""
-    system = 0
-    while system < len(messages) and messages[system]["role"] == "system":
-        system += 1
-    head, rest = messages[:system], list(messages[system:])
-    dropped = 0
-    while len(rest) > 1 and len(tokenizer.apply_chat_template(head + rest, add_generation_prompt=True)) > budget:
-        rest.pop(0)
-        dropped += 1
-        while len(rest) > 1 and rest[0]["role"] != "user":
-            rest.pop(0)
-            dropped += 1
-    return head + rest, dropped

@@ -29,7 +29,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gptlab.checkpoint import atomic_folder, load_pretrained, write_model_files
+from gptlab.config import run_info
 from gptlab.errors import UserError
+from gptlab.fileio import write_json_atomic
 from gptlab.model import GPT
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7,})$")
@@ -480,6 +482,20 @@ class Trainer:
         finally:
             bar.close()
         return self.model
+
+    def run(self, config: dict, resume: bool = False, **info) -> GPT:
+        """A stage's whole run: run.json (its config and ``info``), training, and the exported
+        model in ``out_dir/model``; returns the trained model."""
+        if self.runtime.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                self.out_dir / "run.json",
+                run_info(config, seed=self.cfg.seed, device=str(self.runtime.device),
+                         world_size=self.runtime.world_size, params=self.model.num_params(), **info),
+            )
+        model = self.fit(resume=resume)
+        self.export(self.out_dir / "model")
+        return model
 
     def export(self, path: str | Path) -> None:
         """Publish the final checkpoint's model folder (weights and tokenizer, no trainer state)."""
