@@ -153,18 +153,12 @@ def _run_multiple_choice(backend, task, k, seed, batch_size):
         logprobs = [lp for lp, _ in answers[start : start + len(choices)]]
         gold = task.gold(doc.data)
         scores = metrics.mc_scores(logprobs, choices, gold)
-        per_doc.append((doc, scores))
+        per_doc.append(scores)
         records.append(
             _record(task, doc, k, prediction=metrics.argmax(logprobs), target=gold, correct=bool(scores["acc"]),
                     logprobs=logprobs)
         )
-    result = _aggregate([s for _, s in per_doc], MC_METRICS)
-    if task.per_subject:
-        subjects: dict[str, list[dict]] = {}
-        for doc, scores in per_doc:
-            subjects.setdefault(doc.subject, []).append(scores)
-        result["subjects"] = {name: _aggregate(s, MC_METRICS) for name, s in sorted(subjects.items())}
-    return result, records
+    return _aggregate_task(task, per_doc, MC_METRICS), records
 
 
 def _chat_request(backend: Backend, task: Task, doc, shots) -> GenerationRequest:
@@ -212,13 +206,7 @@ def _run_generation(backend, task, k, seed, batch_size, chat=False):
             _record(task, doc, k, prediction=strict, target=reference, correct=bool(scores["exact_match"]),
                     output=output, scores=scores)
         )
-    result = _aggregate(per_doc, names)
-    if task.per_subject:
-        subjects: dict[str, list[dict]] = {}
-        for doc, scores in zip(task.docs, per_doc):
-            subjects.setdefault(doc.subject, []).append(scores)
-        result["subjects"] = {name: _aggregate(s, names) for name, s in sorted(subjects.items())}
-    return result, records
+    return _aggregate_task(task, per_doc, names), records
 
 
 def _run_perplexity(backend, task, batch_size):
@@ -238,11 +226,20 @@ def _run_perplexity(backend, task, batch_size):
         # Not means of per-document values: the standard error comes from resampling documents.
         result[f"{name}_stderr"] = _finite(metrics.bootstrap_stderr(statistic, items, iters=200))
     result["n"] = len(items)
-    records = [
-        {"task": task.name, "doc_id": doc.doc_id, "shots": 0, "logprob": lp, "words": w, "bytes": b}
-        for doc, (lp, w, b) in zip(task.docs, items)
-    ]
+    records = [_record(task, doc, 0, logprob=lp, words=w, bytes=b) for doc, (lp, w, b) in zip(task.docs, items)]
     return result, records
+
+
+def _aggregate_task(task: Task, per_doc: list[dict[str, float]], names: Sequence[str]) -> dict[str, Any]:
+    """Means and standard errors over the task's documents (``per_doc`` in ``task.docs`` order), and
+    per subject too for a task that reports subjects."""
+    result = _aggregate(per_doc, names)
+    if task.per_subject:
+        subjects: dict[str, list[dict]] = {}
+        for doc, scores in zip(task.docs, per_doc):
+            subjects.setdefault(doc.subject, []).append(scores)
+        result["subjects"] = {name: _aggregate(s, names) for name, s in sorted(subjects.items())}
+    return result
 
 
 def _aggregate(per_doc: list[dict[str, float]], names: Sequence[str]) -> dict[str, Any]:

@@ -253,6 +253,17 @@ def _cot_steps(rationale: str) -> str:
     return rationale[len(COT_PREFIX):].lstrip() if rationale.startswith(COT_PREFIX) else rationale
 
 
+def _test_stems(folder: Path) -> list[str]:
+    """The tasks a TinyWorld bench folder holds: the stems of its ``*_test.jsonl`` files."""
+    return sorted(p.name[: -len("_test.jsonl")] for p in folder.glob("*_test.jsonl"))
+
+
+def _fewshot_pool(test: Path, stem: str) -> tuple[Path, list[Doc]]:
+    """A bench task's few-shot file and its examples (none when the world has no such file)."""
+    shots_file = test.parent / f"{stem}_fewshot.jsonl"
+    return shots_file, _docs(read_jsonl(shots_file), None) if shots_file.is_file() else []
+
+
 def _bench_file(world: Path, family: str, name: str, stem: str) -> Path:
     """The test file of a TinyWorld task; a name the world does not hold gets suggestions."""
     folder = world / "bench" / family
@@ -260,7 +271,7 @@ def _bench_file(world: Path, family: str, name: str, stem: str) -> Path:
         raise UserError(f"{world} is not a TinyWorld folder (no bench/{family}): task {name} needs one as --data")
     path = folder / f"{stem}_test.jsonl"
     if not path.is_file():
-        held = sorted(f"{family}_{p.name[: -len('_test.jsonl')]}" for p in folder.glob("*_test.jsonl"))
+        held = [f"{family}_{held_stem}" for held_stem in _test_stems(folder)]
         near = difflib.get_close_matches(name, held, n=3)
         hint = f"did you mean {', '.join(near)}?" if near else f"it holds {', '.join(held)}"
         raise UserError(f"unknown task {name!r}: {world} has no {path.name}; {hint}")
@@ -271,8 +282,7 @@ def arith_task(name: str, world: Path, op_digits: str, cot: bool, limit: int | N
     """The corpus formats are the prompts: ``Q: 12+35=? A: 47.`` directly, or with CoT
     ``Q: ... A: Let's think step by step. <steps> The answer is 47.``; one example per line."""
     test = _bench_file(world, "arith", name, op_digits)
-    shots_file = test.parent / f"{op_digits}_fewshot.jsonl"
-    pool = _docs(read_jsonl(shots_file), None) if shots_file.is_file() else []
+    shots_file, pool = _fewshot_pool(test, op_digits)
     if cot:
         text = lambda d: f"Q: {d['question']} A: {COT_PREFIX}"
         target = lambda d: _cot_steps(d["rationale"])
@@ -293,8 +303,7 @@ def arith_task(name: str, world: Path, op_digits: str, cot: bool, limit: int | N
 def words_task(name: str, world: Path, word_task: str, limit: int | None) -> Task:
     """k lines ``input -> output`` joined by newlines, then ``input ->``; the answer is the line."""
     test = _bench_file(world, "words", name, word_task)
-    shots_file = test.parent / f"{word_task}_fewshot.jsonl"
-    pool = _docs(read_jsonl(shots_file), None) if shots_file.is_file() else []
+    shots_file, pool = _fewshot_pool(test, word_task)
     target = lambda d: d["output"]
     return Task(
         name=name, kind=GEN, docs=_docs(read_jsonl(test), limit), doc_to_text=lambda d: f"{d['input']} ->",
@@ -476,7 +485,7 @@ def known_names(data: Path | None) -> list[str]:
     names += [f"words_{t}" for t in WORD_TASKS]
     names += [f"arith_{op}_{k}" for op in ARITH_OPS for k in range(2, 6)] + [f"arith_{k}" for k in range(2, 6)]
     if data is not None and (data / "bench" / "arith").is_dir():
-        names += [f"arith_{p.name[: -len('_test.jsonl')]}" for p in (data / "bench" / "arith").glob("*_test.jsonl")]
+        names += [f"arith_{stem}" for stem in _test_stems(data / "bench" / "arith")]
     return sorted(set(names))
 
 
@@ -484,7 +493,7 @@ def _world_arith(data: Path) -> list[str]:
     folder = data / "bench" / "arith"
     if not folder.is_dir():
         raise UserError(f"{data} is not a TinyWorld folder (no bench/arith): write one with `gptlab world`")
-    return sorted(p.name[: -len("_test.jsonl")] for p in folder.glob("*_test.jsonl"))
+    return _test_stems(folder)
 
 
 def expand_names(names: list[str], data: Path | None) -> list[str]:
