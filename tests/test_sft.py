@@ -257,7 +257,7 @@ def test_the_batch_source_resumes_exactly_and_splits_steps_over_ranks(tok: Token
     b.load_state_dict(json.loads(json.dumps(state)))
     for want in expected:
         got = b.next_batch()
-        assert all(torch.equal(got[k], want[k]) for k in ("input_ids", "labels", "position_ids", "attn_mask"))
+        assert all(torch.equal(got[k], want[k]) for k in ("input_ids", "labels", "position_ids", "segment_ids"))
     # Two ranks of micro-batch 1 see, together, what one rank of micro-batch 2 sees.
     one, r0, r1 = source(), source(0, 2, 1), source(1, 2, 1)
     for _ in range(4):

@@ -184,8 +184,10 @@ def pack(lengths: Sequence[int], order: Sequence[int], capacity: int, packing: b
 
 def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len: int, pad_id: int, packing: bool) -> dict:
     """Tensors for ``rows`` of examples: ``input_ids`` and ``labels`` (B, T), and, when packing,
-    ``position_ids`` (B, T) and the boolean ``attn_mask`` (B, 1, T, T); otherwise those are None
-    (default positions and causal attention are right for one right-padded example per row)."""
+    ``position_ids`` and ``segment_ids`` (B, T), the index of each slot's conversation in its row
+    (-1 for the padding tail); otherwise those are None (default positions and causal attention
+    are right for one right-padded example per row). ``attention_mask`` turns segment ids into
+    the mask on the batch's device, so (B, T) ids travel instead of a (B, 1, T, T) mask."""
     B = len(rows)
     x = np.full((B, seq_len), pad_id, dtype=np.int64)
     y = np.full((B, seq_len), IGNORE, dtype=np.int64)
@@ -202,14 +204,21 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len:
             segment[b, at:at + n] = s
             at += n
         positions[b, at:] = np.arange(seq_len - at)
-    batch = {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y), "position_ids": None, "attn_mask": None}
+    batch = {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y), "position_ids": None, "segment_ids": None}
     if packing:
-        slot = torch.arange(seq_len)
-        causal = slot[None, :] <= slot[:, None]
-        segments = torch.from_numpy(segment)
         batch["position_ids"] = torch.from_numpy(positions)
-        batch["attn_mask"] = (segments[:, :, None] == segments[:, None, :])[:, None] & causal
+        batch["segment_ids"] = torch.from_numpy(segment)
     return batch
+
+
+def attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The block-diagonal causal mask (B, 1, T, T) of packed rows, True where a query may attend a
+    key: earlier slots of its own conversation. None (plain causal attention) without packing."""
+    if segment_ids is None:
+        return None
+    slot = torch.arange(segment_ids.size(1), device=segment_ids.device)
+    causal = slot[None, :] <= slot[:, None]
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None] & causal
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
