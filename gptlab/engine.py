@@ -150,26 +150,50 @@ class StaticDecodeStep:
     is bound by the launch cost of its hundreds of small kernels (transformers' eager cache:
     86 new tokens/s on a 124M model, H200), which a replay pays once. Elsewhere it runs eagerly,
     which is how the tests check it against the dynamic path.
+
+    A replay reads nothing but its buffers (token ids, positions, the cache's slot index, the
+    rows' real-key mask) and the model's weights in place, so one step serves every generation
+    of its batch size and cache length until the weights move (``fits``). Only ``start`` and
+    the step itself write the buffers.
     """
 
-    def __init__(self, model: GPT, cache: StaticKVCache, real_key: torch.Tensor | None):
-        batch, device = cache.k.size(1), cache.k.device
-        self.model, self.cache, self.real_key = model, cache, real_key
+    CAPTURE_DEVICES = ("cuda",)
+
+    def __init__(self, model: GPT, batch: int, max_len: int):
+        param = next(model.parameters())
+        device = param.device
+        self.model = model
+        self.cache = StaticKVCache(model.config, batch, max_len, device, param.dtype)
+        self.real_key = torch.ones(batch, 1, 1, max_len, dtype=torch.bool, device=device)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slots = torch.arange(cache.max_len, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        self.weights = _weights_key(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
+    def fits(self, model: GPT, batch: int, max_len: int) -> bool:
+        """Whether this step can serve a generation: same shapes, and the weights it captured
+        are still the model's (a ``.to()`` or a reassigned parameter moves them)."""
+        same_shape = self.cache.k.size(1) == batch and self.cache.max_len == max_len
+        return same_shape and model is self.model and _weights_key(model) == self.weights
+
+    def start(self, real_key: torch.Tensor | None) -> StaticKVCache:
+        """Begin a generation: an empty cache, whose pad slots ``real_key`` (B, 1, 1, S <= max_len)
+        marks False; None: no padding. Returns the cache for the prompt's prefill."""
+        self.cache.pos = 0
+        self.real_key.fill_(True)
+        if real_key is not None:
+            self.real_key[..., : real_key.size(-1)].copy_(real_key)
+        return self.cache
+
     def _forward(self, slot: int) -> torch.Tensor:
-        mask = (self.slots <= self.cache.index)[None, None, None, :]  # written slots, this one included
-        if self.real_key is not None:
-            mask = mask & self.real_key
+        mask = (self.slots <= self.cache.index)[None, None, None, :] & self.real_key  # written slots, this one included
         self.cache.pos, self.cache.fixed_shape = slot, True  # pos: for hidden()'s length check only
         try:
             hidden = self.model.hidden(self.ids, self.positions, mask, self.cache)
         finally:
-            self.cache.pos, self.cache.fixed_shape = slot + 1, False
+            self.cache.fixed_shape = False
         return self.model.lm_head(hidden[:, -1]).float()
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -179,29 +203,35 @@ class StaticDecodeStep:
         self.positions.copy_(positions)
         self.cache.index.fill_(slot)
         device = self.cache.k.device
-        if device.type != "cuda":
+        if self.graph is not None:
+            self.graph.replay()
+        elif device.type in self.CAPTURE_DEVICES:
+            self._capture(slot)
+        else:
             self.logits = self._forward(slot)
-            return self.logits
-        with torch.cuda.device(device):  # streams and capture follow the current device, not the model's
-            if self.graph is None:
-                self._capture(slot)
-            else:
-                self.graph.replay()
+        self.cache.pos = slot + 1
         return self.logits
 
     def _capture(self, slot: int) -> None:
-        # Warm-up on a side stream first, as capture requires; every run writes the same keys and
-        # values into the same slot, so the cache ends as one step would leave it.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(slot)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward(slot)
-        self.graph.replay()
+        with torch.cuda.device(self.cache.k.device):  # streams and capture follow the current device, not the model's
+            # Warm-up on a side stream first, as capture requires; every run writes the same keys
+            # and values into the same slot, so the cache ends as one step would leave it.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(slot)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._forward(slot)
+            self.graph = graph
+            graph.replay()
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """Where and in what dtype every tensor a captured step reads from the model lives."""
+    return tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
 
 
 class Engine:
@@ -209,17 +239,21 @@ class Engine:
 
     The tokenizer is duck-typed: ``encode(text) -> list[int]`` (adding BOS), ``decode(ids) -> str``
     and ``eos_id``. With ``cuda_graphs=True``, decode steps on CUDA replay a CUDA graph over a
-    fixed-shape cache; it is opt-in until it has been checked and timed on a GPU (only its
-    fixed-shape step has been tested, on CPU). Otherwise the cache grows step by step.
+    fixed-shape cache, kept with its graph for the next generation of the same batch size and
+    rounded length; it is opt-in until it has been checked and timed on a GPU (on CPU the tests
+    run the fixed-shape step eagerly and through a stand-in for replay). Otherwise the cache
+    grows step by step.
     """
 
     STATIC_DECODE_DEVICES = ("cuda",)
+    STATIC_CACHE_ROUNDING = 256
 
     def __init__(self, model: GPT, tokenizer=None, cuda_graphs: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs
         self.packed = PackedLinears(model)
+        self._last_static_step: StaticDecodeStep | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> "Engine":
@@ -373,11 +407,12 @@ class Engine:
         if temperature > 0 and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         stops = set(stop_ids or ())
-        static = self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES
-        cache = (StaticKVCache if static else KVCache)(
-            self.model.config, batch, longest + max_new_tokens, device, param.dtype
-        )
-        static_step = StaticDecodeStep(self.model, cache, real_key) if static else None
+        static_step = None
+        if self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES:
+            static_step = self._static_step(batch, longest + max_new_tokens)
+            cache = static_step.start(real_key)
+        else:
+            cache = KVCache(self.model.config, batch, longest + max_new_tokens, device, param.dtype)
 
         running = [True] * batch
         sampling = (temperature, top_k, top_p, generator, return_logprobs)
@@ -398,6 +433,17 @@ class Engine:
                 token, logprob = self._next(
                     token[:, None], positions[:, end - 1:end], mask, cache, *sampling, static_step=static_step
                 )
+
+    def _static_step(self, batch: int, length: int) -> StaticDecodeStep:
+        """The fixed-shape step for ``batch`` rows of up to ``length`` tokens: the last one when it
+        fits, so its graph is replayed rather than captured again. Cache lengths are rounded up to
+        a multiple of ``STATIC_CACHE_ROUNDING`` so that prompts of similar lengths share one."""
+        rounding = self.STATIC_CACHE_ROUNDING
+        max_len = min(self.model.config.block_size, -(-length // rounding) * rounding)
+        if self._last_static_step is None or not self._last_static_step.fits(self.model, batch, max_len):
+            self._last_static_step = None  # the old cache and graph go before the new ones are made
+            self._last_static_step = StaticDecodeStep(self.model, batch, max_len)
+        return self._last_static_step
 
     @contextmanager
     def eval_mode(self) -> Iterator[None]:

@@ -4,7 +4,7 @@ samples only from the allowed set, stops and streams correctly."""
 import pytest
 import torch
 
-from gptlab.engine import Engine, PackedLinears, sample_next
+from gptlab.engine import Engine, PackedLinears, StaticDecodeStep, sample_next
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 
@@ -77,13 +77,54 @@ def test_static_decode_equals_growing_cache(family, monkeypatch):
     torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-5, rtol=0)
 
 
+def test_replayed_static_steps_serve_later_generations(monkeypatch):
+    """A captured step is replayed by later generations of the same batch size and rounded length,
+    and captured again when the shape or the weights change. On the CPU a stand-in replays it:
+    it runs the step again on the same buffers and writes into the same logits tensor, and like a
+    real replay it leaves the cache's Python-side count alone."""
+    captures = []
+
+    def capture_on_cpu(step, slot):
+        captures.append(step)
+        step.logits = step._forward(slot)
+
+        def replay():
+            pos = step.cache.pos
+            step.logits.copy_(step._forward(int(step.cache.index)))
+            step.cache.pos = pos
+
+        step.graph = type("Replay", (), {"replay": staticmethod(replay)})()
+
+    monkeypatch.setattr(Engine, "STATIC_DECODE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(StaticDecodeStep, "CAPTURE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(StaticDecodeStep, "_capture", capture_on_cpu)
+    model = tiny("llama")
+    engine = Engine(model, cuda_graphs=True)
+
+    def check(prompts, new_tokens=12):
+        expected = Engine(model).generate(prompts, new_tokens, temperature=0, return_logprobs=True)
+        got = engine.generate(prompts, new_tokens, temperature=0, return_logprobs=True)
+        assert got[0] == expected[0]
+        torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-5, rtol=0)
+
+    for prompts in (PROMPTS, [[7, 8, 9], [1, 2, 3], [4, 4, 4]], [[3], PROMPTS[0], [9, 9]]):
+        check(prompts)  # padded, unpadded, padded differently: one capture serves them all
+    assert len(captures) == 1
+    check([[5, 6]])  # another batch size
+    assert len(captures) == 2
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)  # weights moved
+    check([[5, 6]])
+    assert len(captures) == 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_cuda_graph_decode_equals_eager(family):
     model = tiny(family).cuda()
-    for prompts in (PROMPTS, [[5], [60]]):
+    engine = Engine(model, cuda_graphs=True)
+    for prompts in (PROMPTS, [[7, 8, 9], [1, 2, 3], [4, 4, 4]], [[5], [60]]):  # the second replays the first's graph
         eager = Engine(model).generate(prompts, 12, temperature=0, return_logprobs=True)
-        graphed = Engine(model, cuda_graphs=True).generate(prompts, 12, temperature=0, return_logprobs=True)
+        graphed = engine.generate(prompts, 12, temperature=0, return_logprobs=True)
         assert graphed[0] == eager[0]
         torch.testing.assert_close(torch.tensor(graphed[1]), torch.tensor(eager[1]), atol=1e-4, rtol=0)
         assert graphed[0] == Engine(tiny(family)).generate(prompts, 12, temperature=0)
