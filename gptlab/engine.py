@@ -153,8 +153,8 @@ class StaticDecodeStep:
 
     A replay reads nothing but its buffers (token ids, positions, the cache's slot index, the
     rows' real-key mask) and the model's weights in place, so one step serves every generation
-    of its batch size and cache length until the weights move (``fits``). Only ``start`` and
-    the step itself write the buffers.
+    of its batch size and cache length until the weights move (``fits``), one generation at a
+    time: ``start`` claims it and ``finish`` frees it.
     """
 
     CAPTURE_DEVICES = ("cuda",)
@@ -171,21 +171,30 @@ class StaticDecodeStep:
         self.weights = _weights_key(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.in_use = False
 
     def fits(self, model: GPT, batch: int, max_len: int) -> bool:
-        """Whether this step can serve a generation: same shapes, and the weights it captured
-        are still the model's (a ``.to()`` or a reassigned parameter moves them)."""
+        """Whether this step can serve a new generation: same shapes, no generation using it, and
+        the weights it captured still the model's (a ``.to()`` or a reassigned parameter moves them)."""
         same_shape = self.cache.k.size(1) == batch and self.cache.max_len == max_len
-        return same_shape and model is self.model and _weights_key(model) == self.weights
+        return same_shape and not self.in_use and model is self.model and _weights_key(model) == self.weights
 
     def start(self, real_key: torch.Tensor | None) -> StaticKVCache:
         """Begin a generation: an empty cache, whose pad slots ``real_key`` (B, 1, 1, S <= max_len)
         marks False; None: no padding. Returns the cache for the prompt's prefill."""
+        self.in_use = True
         self.cache.pos = 0
+        # Masked slots still enter attention's weighted sum (with weight 0), so a non-finite value
+        # an earlier generation left there would poison this one.
+        self.cache.k.zero_()
+        self.cache.v.zero_()
         self.real_key.fill_(True)
         if real_key is not None:
             self.real_key[..., : real_key.size(-1)].copy_(real_key)
         return self.cache
+
+    def finish(self) -> None:
+        self.in_use = False
 
     def _forward(self, slot: int) -> torch.Tensor:
         mask = (self.slots <= self.cache.index)[None, None, None, :] & self.real_key  # written slots, this one included
@@ -240,7 +249,8 @@ class Engine:
     The tokenizer is duck-typed: ``encode(text) -> list[int]`` (adding BOS), ``decode(ids) -> str``
     and ``eos_id``. With ``cuda_graphs=True``, decode steps on CUDA replay a CUDA graph over a
     fixed-shape cache, kept with its graph for the next generation of the same batch size and
-    rounded length; it is opt-in until it has been checked and timed on a GPU (on CPU the tests
+    rounded length (so the engine holds that cache's memory until another shape replaces it;
+    a stream that starts while another holds it gets a cache of its own); it is opt-in until it has been checked and timed on a GPU (on CPU the tests
     run the fixed-shape step eagerly and through a stand-in for replay). Otherwise the cache
     grows step by step.
     """
@@ -408,31 +418,35 @@ class Engine:
             generator = torch.Generator(device=device).manual_seed(seed)
         stops = set(stop_ids or ())
         static_step = None
-        if self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES:
+        # Autocast's cached weight casts would be freed under a captured graph, so it runs eagerly.
+        if self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES and not torch.is_autocast_enabled(device.type):
             static_step = self._static_step(batch, longest + max_new_tokens)
             cache = static_step.start(real_key)
         else:
             cache = KVCache(self.model.config, batch, longest + max_new_tokens, device, param.dtype)
-
         running = [True] * batch
         sampling = (temperature, top_k, top_p, generator, return_logprobs)
-        with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
-            token, logprob = self._next(ids, positions[:, :longest], prefill_mask, cache, *sampling)
-            for step in range(max_new_tokens):
-                tokens = token.tolist()
-                logprobs = logprob.tolist() if return_logprobs else [None] * batch
-                yield (
-                    [t if alive else None for t, alive in zip(tokens, running)],
-                    [lp if alive else None for lp, alive in zip(logprobs, running)],
-                )
-                running = [alive and t not in stops for t, alive in zip(tokens, running)]
-                if step == max_new_tokens - 1 or not any(running):
-                    return
-                end = cache.pos + 1
-                mask = real_key[..., :end] if real_key is not None else None
-                token, logprob = self._next(
-                    token[:, None], positions[:, end - 1:end], mask, cache, *sampling, static_step=static_step
-                )
+        try:
+            with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
+                token, logprob = self._next(ids, positions[:, :longest], prefill_mask, cache, *sampling)
+                for step in range(max_new_tokens):
+                    tokens = token.tolist()
+                    logprobs = logprob.tolist() if return_logprobs else [None] * batch
+                    yield (
+                        [t if alive else None for t, alive in zip(tokens, running)],
+                        [lp if alive else None for lp, alive in zip(logprobs, running)],
+                    )
+                    running = [alive and t not in stops for t, alive in zip(tokens, running)]
+                    if step == max_new_tokens - 1 or not any(running):
+                        return
+                    end = cache.pos + 1
+                    mask = real_key[..., :end] if real_key is not None else None
+                    token, logprob = self._next(
+                        token[:, None], positions[:, end - 1:end], mask, cache, *sampling, static_step=static_step
+                    )
+        finally:  # also when the caller stops consuming the stream early
+            if static_step is not None:
+                static_step.finish()
 
     def _static_step(self, batch: int, length: int) -> StaticDecodeStep:
         """The fixed-shape step for ``batch`` rows of up to ``length`` tokens: the last one when it
@@ -440,9 +454,13 @@ class Engine:
         a multiple of ``STATIC_CACHE_ROUNDING`` so that prompts of similar lengths share one."""
         rounding = self.STATIC_CACHE_ROUNDING
         max_len = min(self.model.config.block_size, -(-length // rounding) * rounding)
-        if self._last_static_step is None or not self._last_static_step.fits(self.model, batch, max_len):
-            self._last_static_step = None  # the old cache and graph go before the new ones are made
-            self._last_static_step = StaticDecodeStep(self.model, batch, max_len)
+        last = self._last_static_step
+        if last is not None and last.fits(self.model, batch, max_len):
+            return last
+        if last is not None and last.in_use:  # another stream is decoding with it: this one gets its own
+            return StaticDecodeStep(self.model, batch, max_len)
+        self._last_static_step = None  # the old cache and graph go before the new ones are made
+        self._last_static_step = StaticDecodeStep(self.model, batch, max_len)
         return self._last_static_step
 
     @contextmanager

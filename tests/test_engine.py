@@ -79,42 +79,65 @@ def test_static_decode_equals_growing_cache(family, monkeypatch):
 
 def test_replayed_static_steps_serve_later_generations(monkeypatch):
     """A captured step is replayed by later generations of the same batch size and rounded length,
-    and captured again when the shape or the weights change. On the CPU a stand-in replays it:
-    it runs the step again on the same buffers and writes into the same logits tensor, and like a
-    real replay it leaves the cache's Python-side count alone."""
+    and captured again when the shape or the weights change. On the CPU a stand-in replays it as
+    a CUDA graph would: the step's code as it ran at capture (same slot), on the same buffers,
+    into the same logits tensor, leaving the cache's Python-side count alone."""
     captures = []
 
     def capture_on_cpu(step, slot):
+        buffers = (step.ids, step.positions, step.cache.index, step.real_key, step.cache.k, step.cache.v)
+        addresses = [t.data_ptr() for t in buffers]
         captures.append(step)
         step.logits = step._forward(slot)
 
         def replay():
+            assert [t.data_ptr() for t in buffers] == addresses  # a graph reads the memory it captured
             pos = step.cache.pos
-            step.logits.copy_(step._forward(int(step.cache.index)))
+            step.logits.copy_(step._forward(slot))
             step.cache.pos = pos
 
         step.graph = type("Replay", (), {"replay": staticmethod(replay)})()
 
     monkeypatch.setattr(Engine, "STATIC_DECODE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(Engine, "STATIC_CACHE_ROUNDING", 16)
     monkeypatch.setattr(StaticDecodeStep, "CAPTURE_DEVICES", ("cpu", "cuda"))
     monkeypatch.setattr(StaticDecodeStep, "_capture", capture_on_cpu)
-    model = tiny("llama")
+    model = tiny("llama")  # block_size 64
     engine = Engine(model, cuda_graphs=True)
 
-    def check(prompts, new_tokens=12):
+    def check(prompts, new_tokens, got=None):
         expected = Engine(model).generate(prompts, new_tokens, temperature=0, return_logprobs=True)
-        got = engine.generate(prompts, new_tokens, temperature=0, return_logprobs=True)
+        got = got or engine.generate(prompts, new_tokens, temperature=0, return_logprobs=True)
         assert got[0] == expected[0]
         torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-5, rtol=0)
 
-    for prompts in (PROMPTS, [[7, 8, 9], [1, 2, 3], [4, 4, 4]], [[3], PROMPTS[0], [9, 9]]):
-        check(prompts)  # padded, unpadded, padded differently: one capture serves them all
-    assert len(captures) == 1
-    check([[5, 6]])  # another batch size
-    assert len(captures) == 2
+    # Padded, unpadded, padded differently, 19-23 tokens: one cache of 32 slots and one capture serve them all.
+    for prompts, new_tokens in ((PROMPTS, 12), ([[7, 8, 9], [1, 2, 3], [4, 4, 4]], 20), ([[3], PROMPTS[0], [9, 9]], 12)):
+        check(prompts, new_tokens)
+    assert len(captures) == 1 and captures[0].cache.max_len == 32
+    check([[5, 6]], 12)  # another batch size
+    check([[5, 6]], 60)  # another length: 62 rounds up to 64, the block size
+    assert len(captures) == 3 and captures[-1].cache.max_len == 64
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)  # weights moved
-    check([[5, 6]])
-    assert len(captures) == 3
+    check([[5, 6]], 60)
+    assert len(captures) == 4
+
+    # Two streams decoding at once each keep their own cache.
+    first, second = ([[5, 17, 3]], 30), ([[60, 61, 62, 7, 9]], 30)
+    streams = [engine.stream(*first, temperature=0, return_logprobs=True)]
+    outputs = [([], []), ([], [])]
+    for step in range(30):
+        if step == 1:
+            streams.append(engine.stream(*second, temperature=0, return_logprobs=True))
+        for stream, (tokens, logprobs) in zip(streams, outputs):
+            (token,), (logprob,) = next(stream)
+            tokens.append(token)
+            logprobs.append(logprob)
+    (token,), (logprob,) = next(streams[1])
+    outputs[1][0].append(token)
+    outputs[1][1].append(logprob)
+    check(*first, got=([outputs[0][0]], [outputs[0][1]]))
+    check(*second, got=([outputs[1][0]], [outputs[1][1]]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
