@@ -3,10 +3,12 @@
 A random transformers model is saved to a temporary folder and loaded into gptlab with
 ``GPT.from_pretrained``, so both sides run identical weights. Greedy decoding, equal-length
 prompts and no EOS, so neither side stops early and both do the same number of steps.
-Reports new tokens per second (medians of interleaved repeats) and how many tokens differ.
+Reports new tokens per second (medians of interleaved repeats) and where the outputs part, if
+they do; the last lines are JSON, one per batch size and transformers cache.
 
     python benchmarks/decode.py                                   # CPU, fp32, small Llama
-    python benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --peer-cache static
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --batch-sizes 1,64 \\
+        --peer-caches static,dynamic --eager-too
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DTYPES, interleaved_medians, result_line  # noqa: E402
+from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line  # noqa: E402
 from gptlab.engine import Engine  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 
@@ -55,6 +57,19 @@ SHAPES = {
 }
 
 
+def divergence(ours: torch.Tensor, theirs: torch.Tensor) -> str:
+    """How far two (batch, n) token tables agree: rows identical, and where the others first differ.
+    In bf16 one rounding difference changes the rest of a row, so a count of differing tokens
+    says little; the first differing step says when the two decoders parted."""
+    differs = ours != theirs
+    same_rows = int((~differs.any(dim=1)).sum())
+    text = f"{same_rows}/{ours.size(0)} rows identical"
+    if same_rows < ours.size(0):
+        first = differs.float().argmax(dim=1)[differs.any(dim=1)]
+        text += f", the others first differ at step {int(first.min())}-{int(first.max())}"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -67,12 +82,17 @@ def main() -> None:
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="gptlab's decode steps on CUDA"
     )
+    parser.add_argument("--eager-too", action="store_true", help="on CUDA, also time gptlab without CUDA graphs")
     parser.add_argument(
-        "--peer-cache", choices=["dynamic", "static"], default="dynamic",
-        help="transformers' KV cache: its default, or the static one it compiles (the GPU target's peer)",
+        "--peer-caches", default="dynamic",
+        help="comma-separated transformers KV caches, each timed as a peer: dynamic (its default) and/or "
+        "static (which transformers compiles on CUDA: the GPU target's peer)",
     )
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
+    peer_caches = args.peer_caches.split(",")
+    if not set(peer_caches) <= {"dynamic", "static"}:
+        parser.error(f"--peer-caches takes dynamic and/or static, got {args.peer_caches}")
 
     torch.manual_seed(0)
     cls, config = SHAPES[args.shape]
@@ -82,38 +102,54 @@ def main() -> None:
         peer.save_pretrained(folder)
         ours = GPT.from_pretrained(folder, device=args.device, dtype=dtype).eval()
     peer = peer.to(device=args.device, dtype=dtype)
-    engine = Engine(ours, cuda_graphs=args.cuda_graphs)
-    peer_cache = {"cache_implementation": "static"} if args.peer_cache == "static" else {}
+    engines = {"gptlab": Engine(ours, cuda_graphs=args.cuda_graphs)}
+    if args.eager_too and args.cuda_graphs and torch.device(args.device).type == "cuda":
+        engines["gptlab eager"] = Engine(ours)
+    cache_options = {"dynamic": {}, "static": {"cache_implementation": "static"}}
+    if torch.device(args.device).type == "cuda" and hasattr(transformers, "CompileConfig"):
+        # Static shapes, as transformers 4.x compiled them: 5.x would otherwise recompile the
+        # second batch size with a dynamic batch dimension.
+        cache_options["static"]["compile_config"] = transformers.CompileConfig(dynamic=False)
     n = args.new_tokens
 
-    print(f"shape {args.shape}: {ours.num_params() / 1e6:.1f}M parameters, {args.dtype} on {args.device}, "
-          f"prompt {args.prompt_len} tokens, {n} new tokens, {args.repeats} repeats (medians)")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'peer tok/s':>11} {'ratio':>6} {'mismatched tokens':>18}")
+    print(f"shape {args.shape}: {ours.num_params() / 1e6:.1f}M parameters, {args.dtype} on {device_name(args.device)}, "
+          f"prompt {args.prompt_len} tokens, {n} new tokens, {args.repeats} interleaved repeats (medians), "
+          f"transformers {transformers.__version__}, torch {torch.__version__}")
     lines = []
     for batch in map(int, args.batch_sizes.split(",")):
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
         input_ids = prompts.to(args.device)
         attention_mask = torch.ones_like(input_ids)
+        contenders = {
+            name: (lambda engine=engine: engine.generate(prompts.tolist(), n, temperature=0))
+            for name, engine in engines.items()
+        }
 
-        def run_ours() -> list[list[int]]:
-            return engine.generate(prompts.tolist(), n, temperature=0)
-
-        def run_peer() -> list[list[int]]:
+        def run_peer(options: dict) -> list[list[int]]:
             with torch.inference_mode():
                 out = peer.generate(
                     input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=n,
-                    min_new_tokens=n, pad_token_id=0, **peer_cache,
+                    min_new_tokens=n, pad_token_id=0, **options,
                 )
             return out[:, args.prompt_len:].tolist()
 
-        seconds, outputs = interleaved_medians({"ours": run_ours, "peer": run_peer}, args.repeats, args.device)
-        a, b = torch.tensor(outputs["ours"]), torch.tensor(outputs["peer"])
-        assert a.shape == b.shape == (batch, n), f"a side stopped early: {tuple(a.shape)} vs {tuple(b.shape)}"
-        mismatched = int((a != b).sum())
+        for cache in peer_caches:
+            contenders[f"hf {cache}"] = lambda options=cache_options[cache]: run_peer(options)
+        seconds, outputs = interleaved_medians(contenders, args.repeats, args.device)
+        tables = {name: torch.tensor(out) for name, out in outputs.items()}
+        for name, table in tables.items():
+            assert table.shape == (batch, n), f"{name} stopped early: {tuple(table.shape)}"
         rate = {name: batch * n / s for name, s in seconds.items()}
-        print(f"{batch:>5} {rate['ours']:>11.1f} {rate['peer']:>11.1f} {rate['ours'] / rate['peer']:>6.2f} "
-              f"{mismatched:>11} / {batch * n}")
-        lines.append(result_line(f"decode_b{batch}", rate["ours"], rate["peer"], "tok/s", args.device))
+        print(f"batch {batch}:")
+        for name in contenders:
+            ratio = "" if name == "gptlab" else f"  gptlab is {rate['gptlab'] / rate[name]:.2f}x"
+            agree = "" if name == "gptlab" else f"  ({divergence(tables['gptlab'], tables[name])})"
+            print(f"  {name:14} {rate[name]:>10.1f} tok/s{ratio}{agree}")
+        if "static" in peer_caches:
+            print(f"  transformers compiled its static-cache forward: {getattr(peer, '_compiled_call', None) is not None}")
+        for cache in peer_caches:
+            suffix = "" if cache == "dynamic" else f"_{cache}"
+            lines.append(result_line(f"decode_b{batch}{suffix}", rate["gptlab"], rate[f"hf {cache}"], "tok/s", args.device))
     print("\n".join(lines))
 
 

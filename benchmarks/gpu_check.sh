@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
 # The GPU checks of issues [model] and [train] in one run, for a session lent an H100/H200:
-#   PYTHONPATH=. bash benchmarks/gpu_check.sh "$OUT"
-# Each script prints its figures and a final JSON line; everything is also written to OUT/gpu.log.
+#   PYTHONPATH=. bash benchmarks/gpu_check.sh "$OUT"          (the device tool's timeout_s: 590)
+# Steps run in order of importance, each under its own time limit, so a step that hangs or fails
+# costs only its own minutes and the ones after it still run while time is left. Each step's
+# output goes to OUT/NAME.log as it runs and then to OUT/gpu.log; every benchmark's JSON line
+# also to OUT/results.jsonl. Estimated on an H200: 7-8 minutes (decode 3, train_step 2-3).
 set -uo pipefail
 out=${1:-.}
 export PYTHONUNBUFFERED=1
-{
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "=== $name (limit ${limit} s): $*"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  { echo "=== $name: $*"; cat "$out/$name.log"; echo "=== $name: exit $rc after $((SECONDS - start)) s"; } >>"$out/gpu.log"
+  grep -h '^{"benchmark"' "$out/$name.log" >>"$out/results.jsonl"
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+step preflight 90 bash -c '
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -m pytest -q tests/test_model.py tests/test_engine.py tests/test_checkpoint.py
-  python3 benchmarks/train_step.py --device cuda --dtype bfloat16 --shape gpt2-124m --repeats 10 --compile
-  python3 benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --batch-sizes 1,64
-  python3 benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --batch-sizes 1,64 --peer-cache static
-  python3 benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --batch-sizes 1 --peer-cache static --no-cuda-graphs
-  python3 benchmarks/pretrain_throughput.py --device cuda --shape gpt2-124m --steps 20
-  python3 benchmarks/pretrain_memory.py --device cuda --dtype bfloat16 --shape gpt2-124m
-} 2>&1 | tee "$out/gpu.log"
+  python3 -c "import sys, torch, transformers, triton; print(sys.version.split()[0], torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"
+  python3 -c "import pytest; print(\"pytest\", pytest.__version__)"
+  command -v gcc cc
+  python3 -c "import torch; f = torch.compile(lambda x: (x * 2).sin()); print(\"torch.compile on cuda:\", f(torch.ones(4, device=\"cuda\")).sum().item())"
+'
+step tests 120 python3 -m pytest -q tests/test_engine.py tests/test_model.py
+step decode 300 python3 benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --batch-sizes 1,64 \
+  --peer-caches static,dynamic --eager-too
+step train_step 240 python3 benchmarks/train_step.py --device cuda --dtype bfloat16 --shape llama-124m --repeats 10 --compile
+step pretrain_memory 90 python3 benchmarks/pretrain_memory.py --device cuda --dtype bfloat16 --shape llama-124m
+step pretrain_throughput 150 python3 benchmarks/pretrain_throughput.py --device cuda --shape llama-124m --steps 20 --repeats 7

@@ -23,7 +23,7 @@ inputs that checkpointing keeps for recomputation are held outside autograd's sa
 would be missed.
 
     python benchmarks/pretrain_memory.py                              # the cpu shape
-    python benchmarks/pretrain_memory.py --shape gpt2-124m --device cuda --dtype bfloat16
+    python benchmarks/pretrain_memory.py --shape llama-124m --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations

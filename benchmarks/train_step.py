@@ -3,7 +3,7 @@
 One process, the same batch, forward + backward + AdamW step, interleaved repeats, medians.
 Also reports MFU against the machine's measured matmul peak (CPU) or the bf16 table (GPU).
 
-    python benchmarks/train_step.py [--shape tiny|small|gpt2-124m] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python benchmarks/train_step.py [--shape tiny|small|llama-124m] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SHAPES = {
     # (n_embd, n_layer, n_head, vocab, seq_len, batch): tiny is the scale TinyWorld trains on a laptop.
     "tiny": (128, 4, 4, 2048, 128, 16),
     "small": (512, 8, 8, 8192, 256, 8),
-    "gpt2-124m": (768, 12, 12, 50304, 1024, 16),
+    "llama-124m": (768, 12, 12, 50304, 1024, 16),  # GPT-2 small's widths in the llama family (untied: 162M), for a GPU
 }
 
 
