@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -63,7 +63,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     _restore_interrupted(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # mkdtemp would make it 0700; a saved model gets the umask's permissions, as any folder does
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -296,6 +296,9 @@ def test_atomic_folder_holds_extra_state_and_restores_an_interrupted_swap(tmp_pa
         (tmp / "trainer_state" / "state.json").write_text('{"step": 10}')
     assert (path / "trainer_state" / "state.json").read_text() == '{"step": 10}'
     assert load_pretrained(path).config.family == "llama"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by whom any new folder would be
 
     # A kill between "rename old aside" and "rename new in" leaves only the old folder, aside.
     aside = path.parent / f".{path.name}.old"
