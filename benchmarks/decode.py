@@ -4,7 +4,7 @@ A random transformers model is saved to a temporary folder and loaded into gptla
 ``GPT.from_pretrained``, so both sides run identical weights. Greedy decoding, equal-length
 prompts and no EOS, so neither side stops early and both do the same number of steps.
 Reports new tokens per second (medians of interleaved repeats) and where the outputs part, if
-they do; the last lines are JSON, one per batch size and transformers cache.
+they do, and after each batch size a JSON line per gptlab engine and transformers cache.
 
     python benchmarks/decode.py                                   # CPU, fp32, small Llama
     python benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --batch-sizes 1,64 \\
@@ -90,7 +90,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
-    peer_caches = args.peer_caches.split(",")
+    peer_caches = list(dict.fromkeys(args.peer_caches.split(",")))
     if not set(peer_caches) <= {"dynamic", "static"}:
         parser.error(f"--peer-caches takes dynamic and/or static, got {args.peer_caches}")
 
@@ -102,11 +102,12 @@ def main() -> None:
         peer.save_pretrained(folder)
         ours = GPT.from_pretrained(folder, device=args.device, dtype=dtype).eval()
     peer = peer.to(device=args.device, dtype=dtype)
+    on_cuda = torch.device(args.device).type == "cuda"
     engines = {"gptlab": Engine(ours, cuda_graphs=args.cuda_graphs)}
-    if args.eager_too and args.cuda_graphs and torch.device(args.device).type == "cuda":
+    if args.eager_too and args.cuda_graphs and on_cuda:
         engines["gptlab eager"] = Engine(ours)
     cache_options = {"dynamic": {}, "static": {"cache_implementation": "static"}}
-    if torch.device(args.device).type == "cuda" and hasattr(transformers, "CompileConfig"):
+    if on_cuda and hasattr(transformers, "CompileConfig"):
         # Static shapes, as transformers 4.x compiled them: 5.x would otherwise recompile the
         # second batch size with a dynamic batch dimension.
         cache_options["static"]["compile_config"] = transformers.CompileConfig(dynamic=False)
@@ -115,7 +116,6 @@ def main() -> None:
     print(f"shape {args.shape}: {ours.num_params() / 1e6:.1f}M parameters, {args.dtype} on {device_name(args.device)}, "
           f"prompt {args.prompt_len} tokens, {n} new tokens, {args.repeats} interleaved repeats (medians), "
           f"transformers {transformers.__version__}, torch {torch.__version__}")
-    lines = []
     for batch in map(int, args.batch_sizes.split(",")):
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
         input_ids = prompts.to(args.device)
@@ -145,12 +145,14 @@ def main() -> None:
             ratio = "" if name == "gptlab" else f"  gptlab is {rate['gptlab'] / rate[name]:.2f}x"
             agree = "" if name == "gptlab" else f"  ({divergence(tables['gptlab'], tables[name])})"
             print(f"  {name:14} {rate[name]:>10.1f} tok/s{ratio}{agree}")
-        if "static" in peer_caches:
-            print(f"  transformers compiled its static-cache forward: {getattr(peer, '_compiled_call', None) is not None}")
-        for cache in peer_caches:
-            suffix = "" if cache == "dynamic" else f"_{cache}"
-            lines.append(result_line(f"decode_b{batch}{suffix}", rate["gptlab"], rate[f"hf {cache}"], "tok/s", args.device))
-    print("\n".join(lines))
+        # Printed now, so a later batch size that runs out of time loses only its own lines.
+        for name, engine in engines.items():
+            graphs = "" if engine.cuda_graphs or not on_cuda else "_nographs"
+            for cache in peer_caches:
+                benchmark = f"decode_b{batch}_vs_hf_{cache}{graphs}"
+                print(result_line(benchmark, rate[name], rate[f"hf {cache}"], "tok/s", args.device))
+    if "static" in peer_caches:
+        print(f"transformers compiled its static-cache forward: {getattr(peer, '_compiled_call', None) is not None}")
 
 
 if __name__ == "__main__":

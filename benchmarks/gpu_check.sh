@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks of issues [model] and [train] in one run, for a session lent an H100/H200:
-#   PYTHONPATH=. bash benchmarks/gpu_check.sh "$OUT"          (the device tool's timeout_s: 590)
-# Steps run in order of importance, each under its own time limit, so a step that hangs or fails
-# costs only its own minutes and the ones after it still run while time is left. Each step's
-# output goes to OUT/NAME.log as it runs and then to OUT/gpu.log; every benchmark's JSON line
-# also to OUT/results.jsonl. Estimated on an H200: 7-8 minutes (decode 3, train_step 2-3).
+#   PYTHONPATH=. bash benchmarks/gpu_check.sh "$OUT" [SECONDS]   (SECONDS: the whole run, default 570;
+#   give the device tool a timeout_s a little above it)
+# Steps run in order of importance, each under its own time limit and never past the whole
+# run's, so a step that hangs or fails costs only its own minutes and the ones after it still run
+# while time is left. Each step's output goes to OUT/NAME.log as it runs and then to OUT/gpu.log;
+# every benchmark's JSON line also to OUT/results.jsonl. Estimated on an H200: 7-8 minutes
+# (decode 3, train_step 2-3).
 set -uo pipefail
 out=${1:-.}
+deadline=$((SECONDS + ${2:-570}))
 export PYTHONUNBUFFERED=1
+: >"$out/gpu.log"
+: >"$out/results.jsonl"
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
-  local start=$SECONDS
+  local start=$SECONDS left=$((deadline - SECONDS))
+  if ((left < 20)); then
+    echo "=== $name: skipped, ${left} s of the run left" | tee -a "$out/gpu.log"
+    return
+  fi
+  ((limit > left - 10)) && limit=$((left - 10))
   echo "=== $name (limit ${limit} s): $*"
   timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}

@@ -147,8 +147,8 @@ class StaticDecodeStep:
     """The model's one-token decode step over a ``StaticKVCache``, with inputs in fixed buffers.
 
     On CUDA the step is captured once as a CUDA graph and replayed: small-batch decode on a GPU
-    is bound by the launch cost of its hundreds of small kernels (transformers' eager cache:
-    86 new tokens/s on a 124M model, H200), which a replay pays once. Elsewhere it runs eagerly,
+    is bound by the launch cost of its hundreds of small kernels (issue [model] quotes 86 new
+    tokens/s for transformers' eager cache on a 124M model on an H200), which a replay pays once. Elsewhere it runs eagerly,
     which is how the tests check it against the dynamic path.
 
     A replay reads nothing but its buffers (token ids, positions, the cache's slot index, the
@@ -247,12 +247,15 @@ class Engine:
     """Generates from a ``GPT`` on its own device and dtype; a tokenizer is needed only for text.
 
     The tokenizer is duck-typed: ``encode(text) -> list[int]`` (adding BOS), ``decode(ids) -> str``
-    and ``eos_id``. With ``cuda_graphs=True``, decode steps on CUDA replay a CUDA graph over a
-    fixed-shape cache, kept with its graph for the next generation of the same batch size and
-    rounded length (so the engine holds that cache's memory until another shape replaces it;
-    a stream that starts while another holds it gets a cache of its own); it is opt-in until it has been checked and timed on a GPU (on CPU the tests
-    run the fixed-shape step eagerly and through a stand-in for replay). Otherwise the cache
-    grows step by step.
+    and ``eos_id``. An Engine serves one thread: its generations may interleave as streams, but
+    not run from several threads at once.
+
+    With ``cuda_graphs=True``, decode steps on CUDA replay a CUDA graph over a fixed-shape cache.
+    The most recent cache and graph are kept for the next generation of the same batch size and
+    rounded length, so the engine holds that cache's memory until another shape replaces it; a
+    stream that starts while another holds it gets a cache of its own. It is opt-in until it has
+    been checked and timed on a GPU (on CPU the tests run the fixed-shape step eagerly and through
+    a stand-in for replay). Otherwise the cache grows step by step.
     """
 
     STATIC_DECODE_DEVICES = ("cuda",)
@@ -266,7 +269,9 @@ class Engine:
         self._last_static_step: StaticDecodeStep | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> "Engine":
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str = "cpu", dtype=None, cuda_graphs: bool = False
+    ) -> "Engine":
         """The model of a folder, in eval mode, with the tokenizer that text needs."""
         from gptlab.tokenizer import Tokenizer
 
@@ -277,7 +282,7 @@ class Engine:
                 f"{path} has no tokenizer.json, so text cannot be encoded; copy the tokenizer files into the "
                 "model folder (gptlab pretrain and sft save them there)"
             )
-        return cls(model, Tokenizer.from_pretrained(path))
+        return cls(model, Tokenizer.from_pretrained(path), cuda_graphs=cuda_graphs)
 
     def stream(
         self,
@@ -380,6 +385,8 @@ class Engine:
             raise UserError(f"top_k must be >= 1 or None, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if isinstance(prompts, torch.Tensor) or any(isinstance(p, torch.Tensor) for p in prompts):
+            raise UserError("prompts are lists of token ids, one list per prompt; pass tensor.tolist()")
         for row, prompt in enumerate(prompts):
             if not prompt:
                 raise UserError(f"prompt {row} is empty: give at least one token (e.g. BOS)")

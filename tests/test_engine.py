@@ -337,6 +337,9 @@ def test_too_long_raises_user_error():
     with pytest.raises(UserError):
         engine.stream([[1] * 40], 30)  # checked when called, before the first step is asked for
     assert len(engine.generate([[1] * 40], 24, temperature=0)[0]) == 24  # exactly block_size fits
+    for prompts in (torch.tensor([[1, 2, 3]]), [torch.tensor([1, 2, 3])]):  # transformers' habit
+        with pytest.raises(UserError, match="tolist"):
+            engine.generate(prompts, 4)
 
 
 def test_generation_ignores_dropout_and_keeps_training_mode():

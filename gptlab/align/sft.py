@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from gptlab.checkpoint import model_config_from_hf
 from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
-from gptlab.data.chat import IGNORE, TRUNCATION, ChatBatches, attention_mask, eval_batches, load_chat_data, to_device
+from gptlab.data.chat import (
+    IGNORE, TRUNCATION, ChatBatches, eval_batches, load_chat_data, packed_attention_mask, to_device,
+)
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
@@ -85,13 +87,13 @@ def _block_size(folder: Path) -> int | None:
 
 def sft_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over the targets the mask keeps (labels != -100)."""
-    mask = attention_mask(batch["segment_ids"])
+    mask = packed_attention_mask(batch["segment_ids"])
     return model(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"], attn_mask=mask)
 
 
 def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Cross-entropy of every target (B, T); 0 where the label is ignored."""
-    mask = attention_mask(batch["segment_ids"])
+    mask = packed_attention_mask(batch["segment_ids"])
     logits = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=mask)
     labels = batch["labels"]
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")

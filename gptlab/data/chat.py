@@ -186,8 +186,8 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len:
     """Tensors for ``rows`` of examples: ``input_ids`` and ``labels`` (B, T), and, when packing,
     ``position_ids`` and ``segment_ids`` (B, T), the index of each slot's conversation in its row
     (-1 for the padding tail); otherwise those are None (default positions and causal attention
-    are right for one right-padded example per row). ``attention_mask`` turns segment ids into
-    the mask on the batch's device, so (B, T) ids travel instead of a (B, 1, T, T) mask."""
+    are right for one right-padded example per row). ``packed_attention_mask`` turns segment ids
+    into the mask on the batch's device, so (B, T) ids travel instead of a (B, 1, T, T) mask."""
     B = len(rows)
     x = np.full((B, seq_len), pad_id, dtype=np.int64)
     y = np.full((B, seq_len), IGNORE, dtype=np.int64)
@@ -211,7 +211,7 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len:
     return batch
 
 
-def attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
+def packed_attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
     """The block-diagonal causal mask (B, 1, T, T) of packed rows, True where a query may attend a
     key: earlier slots of its own conversation. None (plain causal attention) without packing."""
     if segment_ids is None:

@@ -175,9 +175,9 @@ def cleanup_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other GPUs report no MFU unless measured.
-# Dense bf16 peaks from NVIDIA's data sheets, matched against the device name in this order, so
-# the PCIe and NVL boards (lower clocks) are found before the SXM default of their family.
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU, from NVIDIA's data sheets; other GPUs report no
+# MFU. Matched against the device name in this order, so the PCIe and NVL boards (lower clocks)
+# are found before the SXM default of their family.
 GPU_PEAK_FLOPS = {
     "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
     "A100": 312e12, "L4": 121e12, "4090": 165e12,
