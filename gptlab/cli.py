@@ -59,7 +59,8 @@ def cmd_sample(args) -> None:
     engine = Engine.from_pretrained(args.model)
     for piece in engine.stream_text(
         args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
     ):
         print(piece, end="", flush=True)
     print()
@@ -186,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' (CTRL's); 1 = none")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="end at this text, left out (repeatable)"
+    )
     p.set_defaults(func=cmd_sample)
 
     p = commands.add_parser("sft", help="supervised fine-tuning on chat data (torchrun for several processes)")

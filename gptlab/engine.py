@@ -13,8 +13,9 @@ collects them, and the text helpers decode them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -294,18 +295,26 @@ class Engine:
         seed: int | None = None,
         stop_ids: list[int] | None = None,
         return_logprobs: bool = False,
+        n: int = 1,
+        repetition_penalty: float = 1.0,
     ) -> Iterator[list[int | None]] | Iterator[tuple[list[int | None], list[float | None]]]:
-        """Yield, after each decode step, one entry per prompt: its new token, or None once it has stopped.
+        """Yield, after each decode step, one entry per row: its new token, or None once it has stopped.
 
+        There are ``n`` rows per prompt, which share one prefill of it: rows ``i*n`` to ``i*n + n-1``
+        continue prompt ``i`` (transformers' ``num_return_sequences`` order).
         A row stops after emitting one of ``stop_ids`` (that token is emitted, as in Hugging Face)
         or after ``max_new_tokens``; the stream ends when every row has stopped.
-        ``temperature == 0`` is greedy decoding and ignores ``seed``, ``top_k`` and ``top_p``.
+        Each next token is chosen as transformers does: ``repetition_penalty`` (CTRL's: the logit of
+        every token already in the row's prompt or continuation is divided by it when positive and
+        multiplied by it when negative), then temperature, top-k, top-p. ``temperature == 0`` is
+        greedy decoding and ignores ``seed``, ``top_k`` and ``top_p``.
         With ``return_logprobs`` each step yields ``(tokens, logprobs)``: the log-softmax of the
-        raw logits (before temperature and filtering) at each emitted token.
+        raw logits (before the penalty, temperature and filtering) at each emitted token.
         Arguments are checked now; the model runs as the stream is consumed.
         """
-        self._check(prompts, max_new_tokens, temperature, top_k, top_p)
-        steps = self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, return_logprobs)
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        self._check(prompts, max_new_tokens, n, sampling)
+        steps = self._steps(prompts, max_new_tokens, stop_ids, return_logprobs, n, sampling)
         return steps if return_logprobs else (tokens for tokens, _ in steps)
 
     def generate(
@@ -318,16 +327,18 @@ class Engine:
         seed: int | None = None,
         stop_ids: list[int] | None = None,
         return_logprobs: bool = False,
+        n: int = 1,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
-        """The new tokens of each prompt (a stop id, when reached, is the last of them); see ``stream``.
-
-        With ``return_logprobs``, returns ``(tokens, logprobs)`` with one log-prob per new token.
+        """The new tokens of each row, ``n`` per prompt (a stop id, when reached, is the last of
+        them); see ``stream``. With ``return_logprobs``, returns ``(tokens, logprobs)`` with one
+        log-prob per new token.
         """
-        self._check(prompts, max_new_tokens, temperature, top_k, top_p)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list[float]] = [[] for _ in prompts]
-        steps = self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, return_logprobs)
-        for step_tokens, step_logprobs in steps:
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        self._check(prompts, max_new_tokens, n, sampling)
+        tokens: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+        logprobs: list[list[float]] = [[] for _ in range(len(prompts) * n)]
+        for step_tokens, step_logprobs in self._steps(prompts, max_new_tokens, stop_ids, return_logprobs, n, sampling):
             for row, token in enumerate(step_tokens):
                 if token is not None:
                     tokens[row].append(token)
@@ -335,16 +346,25 @@ class Engine:
                         logprobs[row].append(step_logprobs[row])
         return (tokens, logprobs) if return_logprobs else tokens
 
-    def generate_text(self, text: str, **kwargs) -> str:
-        """Continue ``text`` and return the new text; a final stop token (default: EOS) is not rendered."""
+    def generate_text(self, text: str | list[int], **kwargs) -> str:
+        """Continue ``text`` and return the new text; see ``stream_text``."""
         return "".join(self.stream_text(text, **kwargs))
 
     def stream_text(
-        self, text: str | list[int], max_new_tokens: int, stop_ids: list[int] | None = None, **kwargs
+        self,
+        text: str | list[int],
+        max_new_tokens: int,
+        stop_ids: list[int] | None = None,
+        stop: Sequence[str] = (),
+        **kwargs,
     ) -> Iterator[str]:
         """Yield the new text in pieces as it is generated; the pieces join to the decoded continuation.
 
         ``text`` is encoded with BOS; a list of ids is the prompt as it is (a rendered chat, say).
+        Generation ends at a token of ``stop_ids`` (default: EOS), which is not rendered, or at
+        the first of the ``stop`` strings, which is left out with everything after it (as OpenAI's
+        and vLLM's ``stop``); text that could still turn into a stop string is held back until it
+        cannot.
 
         Decoding token by token would cut multi-byte UTF-8 characters in half, so this decodes a
         short window of recent ids and emits only the stable new suffix, holding back a trailing
@@ -353,38 +373,55 @@ class Engine:
         """
         tok = self._require_tokenizer()
         stop_ids = [tok.eos_id] if stop_ids is None else stop_ids
+        stop_strings = [s for s in stop if s]
         stops = set(stop_ids)
         ids: list[int] = []
         start = done = 0  # ids[start:done] were emitted as text and give context to the next decode
+        held = ""  # decoded but not yet emitted: it may begin a stop string
         prompt = tok.encode(text) if isinstance(text, str) else list(text)
-        for (token,) in self.stream([prompt], max_new_tokens, stop_ids=stop_ids, **kwargs):
-            if token in stops:
-                break
-            ids.append(token)
-            emitted = tok.decode(ids[start:done])
-            current = tok.decode(ids[start:])
-            if len(current) > len(emitted) and not current.endswith(REPLACEMENT_CHAR):
-                yield current[len(emitted):]
-                start, done = done, len(ids)
-        tail = tok.decode(ids[start:])[len(tok.decode(ids[start:done])):]
-        if tail:  # bytes that never completed a character: render them as the full decode would
-            yield tail
+        steps = self.stream([prompt], max_new_tokens, stop_ids=stop_ids, **kwargs)
+        try:
+            for (token,) in steps:
+                if token in stops:
+                    break
+                ids.append(token)
+                emitted = tok.decode(ids[start:done])
+                current = tok.decode(ids[start:])
+                if len(current) > len(emitted) and not current.endswith(REPLACEMENT_CHAR):
+                    held += current[len(emitted):]
+                    start, done = done, len(ids)
+                    ready, held, stopped = _split_at_stops(held, stop_strings)
+                    if ready:
+                        yield ready
+                    if stopped:
+                        return
+        finally:
+            steps.close()  # a stop string ends the model's stream too
+        # Bytes that never completed a character: render them as the full decode would.
+        held += tok.decode(ids[start:])[len(tok.decode(ids[start:done])):]
+        ready, held, _ = _split_at_stops(held, stop_strings)
+        if ready + held:
+            yield ready + held
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
             raise UserError("text generation needs a tokenizer: create the Engine as Engine(model, tokenizer)")
         return self.tokenizer
 
-    def _check(self, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+    def _check(self, prompts, max_new_tokens: int, n: int, sampling: "Sampling") -> None:
         config = self.model.config
         if max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise UserError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if not isinstance(n, int) or n < 1:
+            raise UserError(f"n (samples per prompt) must be a positive integer, got {n!r}")
+        if sampling.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
+        if sampling.top_k is not None and sampling.top_k < 1:
+            raise UserError(f"top_k must be >= 1 or None, got {sampling.top_k}")
+        if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] or None, got {sampling.top_p}")
+        if not sampling.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty must be > 0 (1 is none), got {sampling.repetition_penalty}")
         if isinstance(prompts, torch.Tensor) or any(isinstance(p, torch.Tensor) for p in prompts):
             raise UserError("prompts are lists of token ids, one list per prompt; pass tensor.tolist()")
         for row, prompt in enumerate(prompts):
@@ -399,17 +436,18 @@ class Engine:
                 f"{config.block_size}: shorten the prompt or lower max_new_tokens"
             )
 
-    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, return_logprobs):
+    def _steps(self, prompts, max_new_tokens, stop_ids, return_logprobs, n, sampling):
         """The decode loop: yields (tokens, logprobs) per step; logprobs entries are None unless asked for."""
         if not prompts or max_new_tokens == 0:
             return
         param = next(self.model.parameters())
-        device, batch = param.device, len(prompts)
+        device, batch, rows = param.device, len(prompts), len(prompts) * n
         longest = max(len(p) for p in prompts)
+        length = longest + max_new_tokens
         ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # pad slots left of each row
         # Position of every (row, slot) of the cache: 0 at each row's first real token.
-        slots = torch.arange(longest + max_new_tokens, device=device)
+        slots = torch.arange(length, device=device)
         positions = (slots - pad[:, None]).clamp(min=0)
         if bool((pad > 0).any()):
             real_key = (slots >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S), sliced per step
@@ -420,25 +458,39 @@ class Engine:
             prefill_mask = causal & (real_key[..., :longest] | eye)
         else:
             real_key = prefill_mask = None  # no padding: plain causal attention, no mask tensors
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=device)
+            real = slots[:longest] >= pad[:, None]
+            seen[torch.arange(batch, device=device)[:, None].expand_as(ids)[real], ids[real]] = True
+        # The prompt runs once; its n rows of samples start from copies of its keys and values.
+        per_sample = (lambda t: t.repeat_interleave(n, dim=0)) if n > 1 else (lambda t: t)
+        prompt_positions = positions[:, :longest]
+        positions, seen = per_sample(positions), per_sample(seen) if seen is not None else None
+        row_key = per_sample(real_key) if real_key is not None else None
         generator = None
-        if temperature > 0 and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        if sampling.temperature > 0 and sampling.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(sampling.seed)
         stops = set(stop_ids or ())
         static_step = None
         # Autocast's cached weight casts would be freed under a captured graph, so it runs eagerly.
         if self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES and not torch.is_autocast_enabled(device.type):
-            static_step = self._static_step(batch, longest + max_new_tokens)
-            cache = static_step.start(real_key)
+            static_step = self._static_step(rows, length)
+            cache = static_step.start(row_key)
         else:
-            cache = KVCache(self.model.config, batch, longest + max_new_tokens, device, param.dtype)
-        running = [True] * batch
-        sampling = (temperature, top_k, top_p, generator, return_logprobs)
+            cache = KVCache(self.model.config, rows, length, device, param.dtype)
+        prompt_cache = cache if n == 1 else KVCache(self.model.config, batch, longest, device, param.dtype)
+        running = [True] * rows
         try:
             with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
-                token, logprob = self._next(ids, positions[:, :longest], prefill_mask, cache, *sampling)
+                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache)
+                if n > 1:
+                    _copy_rows(prompt_cache, cache, n)
+                    logits = per_sample(logits)
+                token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
                 for step in range(max_new_tokens):
                     tokens = token.tolist()
-                    logprobs = logprob.tolist() if return_logprobs else [None] * batch
+                    logprobs = logprob.tolist() if return_logprobs else [None] * rows
                     yield (
                         [t if alive else None for t, alive in zip(tokens, running)],
                         [lp if alive else None for lp, alive in zip(logprobs, running)],
@@ -447,10 +499,9 @@ class Engine:
                     if step == max_new_tokens - 1 or not any(running):
                         return
                     end = cache.pos + 1
-                    mask = real_key[..., :end] if real_key is not None else None
-                    token, logprob = self._next(
-                        token[:, None], positions[:, end - 1:end], mask, cache, *sampling, static_step=static_step
-                    )
+                    mask = row_key[..., :end] if row_key is not None else None
+                    logits = self._logits(token[:, None], positions[:, end - 1:end], mask, cache, static_step)
+                    token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
         finally:  # also when the caller stops consuming the stream early
             if static_step is not None:
                 static_step.finish()
@@ -484,19 +535,57 @@ class Engine:
                 self.model.train()
 
     @torch.inference_mode()
-    def _next(
-        self, ids, positions, attn_mask, cache, temperature, top_k, top_p, generator, return_logprobs, static_step=None
-    ):
-        """Run ``ids`` through the model into ``cache`` and pick each row's next token from the
-        last position's logits; returns (token (B,), its raw log-prob (B,) or None).
+    def _logits(self, ids, positions, attn_mask, cache, static_step=None) -> torch.Tensor:
+        """Run ``ids`` through the model into ``cache``; the last position's logits (B, V) in fp32.
         A ``static_step`` runs one-token steps instead (its own mask covers ``attn_mask``)."""
         with self.eval_mode():
             if static_step is not None:
-                logits = static_step(ids, positions)
-            else:
-                hidden = self.model.hidden(ids, positions, attn_mask, cache)
-                logits = self.model.lm_head(hidden[:, -1]).float()
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+                return static_step(ids, positions)
+            hidden = self.model.hidden(ids, positions, attn_mask, cache)
+            return self.model.lm_head(hidden[:, -1]).float()
+
+    @torch.inference_mode()
+    def _pick(self, logits, sampling: "Sampling", generator, seen, return_logprobs):
+        """Each row's next token (B,) and its raw log-prob (B,) or None; ``seen`` (B, V) marks the
+        tokens the repetition penalty applies to, and learns the new ones."""
+        scores = logits
+        if seen is not None:
+            p = sampling.repetition_penalty
+            scores = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        token = sample_next(scores, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+        if seen is not None:
+            seen[torch.arange(token.size(0), device=token.device), token] = True
         if not return_logprobs:
             return token, None
         return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen (see ``Engine.stream``)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@torch.inference_mode()
+def _copy_rows(source: KVCache, target: KVCache, repeats: int) -> None:
+    """Fill ``target``'s first slots with ``source``'s, each row repeated ``repeats`` times."""
+    filled = source.pos
+    target.k[:, :, :, :filled] = source.k[:, :, :, :filled].repeat_interleave(repeats, dim=1)
+    target.v[:, :, :, :filled] = source.v[:, :, :, :filled].repeat_interleave(repeats, dim=1)
+    target.pos = filled
+
+
+def _split_at_stops(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """(text that can be emitted, text held back, whether a stop string was found). Before the
+    first stop string everything is emitted and the rest dropped; otherwise the longest end of
+    ``text`` that begins some stop string is held back."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if found:
+        return text[: min(found)], "", True
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held], text[len(text) - held:], False

@@ -57,9 +57,16 @@ def test_sample_prints_a_continuation(world):
     assert result.stdout.strip()
     again = gptlab("sample", "--model", world / "model", "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
     assert again.stdout == result.stdout
+    text = result.stdout.rstrip("\n")
+    stop = text.strip()[1:3]
+    cut = gptlab("sample", "--model", world / "model", "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1",
+                 "--stop", "never", "--stop", stop)
+    assert cut.stdout.rstrip("\n") == text[: text.find(stop)]
 
 
 def test_sample_errors(world, tmp_path):
+    assert_user_error(gptlab("sample", "--model", world / "model", "--prompt", "x", "--repetition-penalty", "0"),
+                      "repetition_penalty")
     assert_user_error(gptlab("sample", "--model", tmp_path / "nope", "--prompt", "x"), "does not exist")
     (tmp_path / "empty").mkdir()
     assert_user_error(gptlab("sample", "--model", tmp_path / "empty", "--prompt", "x"), "config.json")

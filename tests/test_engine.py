@@ -223,7 +223,7 @@ def hf_model(family: str, path):
     return model
 
 
-def hf_greedy(hf, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+def hf_greedy(hf, prompts: list[list[int]], n: int, **options) -> tuple[list[list[int]], float]:
     """transformers' greedy search with left padding; also the smallest top-1/top-2 logit gap seen."""
     longest = max(map(len, prompts))
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
@@ -231,7 +231,7 @@ def hf_greedy(hf, prompts: list[list[int]], n: int) -> tuple[list[list[int]], fl
     with torch.no_grad():
         out = hf.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True,
+            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True, **options,
         )
     top2 = torch.stack(out.scores).topk(2, dim=-1).values
     return out.sequences[:, longest:].tolist(), float((top2[..., 0] - top2[..., 1]).min())
@@ -245,6 +245,42 @@ def test_greedy_matches_transformers(family, tmp_path):
         expected, gap = hf_greedy(hf, prompts, 16)
         assert gap > 1e-4, "near-tie in the reference: equality would be luck; change the seed"
         assert engine.generate(prompts, 16, temperature=0) == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_repetition_penalty_matches_transformers(family, tmp_path):
+    hf = hf_model(family, tmp_path)
+    engine = Engine(GPT.from_pretrained(tmp_path))
+    # Equal lengths: transformers would also penalise the pad id that left padding puts in its input.
+    for prompts in ([PROMPTS[0]], [[5, 17, 3, 90], [60, 61, 62, 7]]):
+        plain = engine.generate(prompts, 24, temperature=0)
+        for penalty in (1.8, 0.7):
+            expected, gap = hf_greedy(hf, prompts, 24, repetition_penalty=penalty)
+            assert gap > 1e-4, "near-tie in the reference: equality would be luck; change the seed"
+            got = engine.generate(prompts, 24, temperature=0, repetition_penalty=penalty)
+            assert got == expected and got != plain
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_n_samples_share_one_prefill(static, monkeypatch):
+    """n samples per prompt: one prefill of the prompts, then rows that sample on their own and are
+    exactly what the prompts repeated n times would give."""
+    if static:
+        monkeypatch.setattr(Engine, "STATIC_DECODE_DEVICES", ("cpu", "cuda"))
+    model = tiny("llama")
+    engine = Engine(model, cuda_graphs=static)
+    prefills = []
+    hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda ids, *a: prefills.append(tuple(ids.shape)) or hidden(ids, *a))
+    tokens, logprobs = engine.generate(PROMPTS, 10, temperature=1.0, seed=5, n=4, return_logprobs=True)
+    assert prefills[0] == (3, 7) and all(shape == (12, 1) for shape in prefills[1:])
+    repeated = [p for p in PROMPTS for _ in range(4)]
+    expected = Engine(model).generate(repeated, 10, temperature=1.0, seed=5, return_logprobs=True)
+    assert tokens == expected[0]
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected[1]), atol=1e-5, rtol=0)
+    assert all(len({tuple(t) for t in tokens[i:i + 4]}) > 1 for i in range(0, 12, 4))  # samples differ
+    greedy = engine.generate(PROMPTS, 10, temperature=0, n=2)
+    assert greedy[::2] == greedy[1::2] == Engine(model).generate(PROMPTS, 10, temperature=0)
 
 
 def test_seeded_sampling_is_reproducible():
@@ -366,7 +402,7 @@ def test_stream_text_never_splits_a_character(monkeypatch):
     text = "café 🙂 ok ñ"
     script = [*text.encode(), ByteTokenizer.eos_id, 65]
     engine = Engine(tiny("llama", vocab_size=258), ByteTokenizer())
-    monkeypatch.setattr(engine, "stream", lambda prompts, n, **kw: iter([[t] for t in script[:n]]))
+    monkeypatch.setattr(engine, "stream", lambda prompts, n, **kw: ([t] for t in script[:n]))
     pieces = list(engine.stream_text("hi", max_new_tokens=50))
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == text  # ends at EOS, which is not rendered
@@ -380,6 +416,33 @@ def test_stream_text_joins_to_the_full_decode():
     expected = tok.decode(tokens)  # random bytes: may hold genuine U+FFFD, which must still come out
     assert "".join(engine.stream_text("héllo", max_new_tokens=40, temperature=1.0, seed=3)) == expected
     assert engine.generate_text("héllo", max_new_tokens=40, temperature=1.0, seed=3) == expected
+
+
+def test_stop_strings_end_the_text_and_are_left_out(monkeypatch):
+    tok = ByteTokenizer()
+    engine = Engine(tiny("llama", vocab_size=258), tok)
+    consumed = []
+
+    def scripted(text):
+        def stream(prompts, n, **kw):
+            for t in text.encode()[:n]:
+                consumed.append(t)
+                yield [t]
+        return stream
+
+    monkeypatch.setattr(engine, "stream", scripted("abc ST STOP def"))
+    pieces = list(engine.stream_text("hi", max_new_tokens=50, stop=["STOP", "xyz"]))
+    assert "".join(pieces) == "abc ST "
+    assert "S" not in pieces[0] and len(consumed) == len("abc ST STOP")  # the model stops at the stop string
+    consumed.clear()
+    monkeypatch.setattr(engine, "stream", scripted("abc STO"))  # a stop string's start that never completes
+    assert engine.generate_text("hi", max_new_tokens=50, stop=["STOP"]) == "abc STO"
+
+    monkeypatch.undo()
+    text = engine.generate_text("hello", max_new_tokens=30, temperature=1.0, seed=4)
+    stop = text[6:8]
+    got = engine.generate_text("hello", max_new_tokens=30, temperature=1.0, seed=4, stop=[stop])
+    assert got == text[: text.find(stop)]
 
 
 def test_text_needs_a_tokenizer():
