@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' (CTRL's); 1 = none")
     p.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT", help="end at this text, left out (repeatable)"
+        "--stop", action="append", default=[], metavar="TEXT",
+        help="end at this text, left out (repeatable; in bash, $'\\n' is a newline)",
     )
     p.set_defaults(func=cmd_sample)
 

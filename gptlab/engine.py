@@ -355,7 +355,7 @@ class Engine:
         text: str | list[int],
         max_new_tokens: int,
         stop_ids: list[int] | None = None,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
         **kwargs,
     ) -> Iterator[str]:
         """Yield the new text in pieces as it is generated; the pieces join to the decoded continuation.
@@ -372,8 +372,10 @@ class Engine:
         cost per step does not grow with the length of the text).
         """
         tok = self._require_tokenizer()
+        if kwargs.get("n", 1) != 1:
+            raise UserError("the text helpers continue one prompt once; for several samples use generate(..., n=...)")
         stop_ids = [tok.eos_id] if stop_ids is None else stop_ids
-        stop_strings = [s for s in stop if s]
+        stop_strings = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
         stops = set(stop_ids)
         ids: list[int] = []
         start = done = 0  # ids[start:done] were emitted as text and give context to the next decode
@@ -412,7 +414,7 @@ class Engine:
         config = self.model.config
         if max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UserError(f"n (samples per prompt) must be a positive integer, got {n!r}")
         if sampling.temperature < 0:
             raise UserError(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
@@ -472,20 +474,21 @@ class Engine:
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
         stops = set(stop_ids or ())
+        prompt_cache = KVCache(self.model.config, batch, longest, device, param.dtype) if n > 1 else None
         static_step = None
         # Autocast's cached weight casts would be freed under a captured graph, so it runs eagerly.
         if self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES and not torch.is_autocast_enabled(device.type):
             static_step = self._static_step(rows, length)
-            cache = static_step.start(row_key)
+            cache = static_step.start(row_key)  # claims the step: nothing that can fail comes before the try
         else:
             cache = KVCache(self.model.config, rows, length, device, param.dtype)
-        prompt_cache = cache if n == 1 else KVCache(self.model.config, batch, longest, device, param.dtype)
         running = [True] * rows
         try:
             with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
-                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache)
+                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache or cache)
                 if n > 1:
                     _copy_rows(prompt_cache, cache, n)
+                    prompt_cache = None  # not held while the rows decode
                     logits = per_sample(logits)
                 token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
                 for step in range(max_new_tokens):
@@ -575,8 +578,8 @@ class Sampling:
 def _copy_rows(source: KVCache, target: KVCache, repeats: int) -> None:
     """Fill ``target``'s first slots with ``source``'s, each row repeated ``repeats`` times."""
     filled = source.pos
-    target.k[:, :, :, :filled] = source.k[:, :, :, :filled].repeat_interleave(repeats, dim=1)
-    target.v[:, :, :, :filled] = source.v[:, :, :, :filled].repeat_interleave(repeats, dim=1)
+    for mine, theirs in ((target.k, source.k), (target.v, source.v)):  # broadcast: no repeated copy in between
+        mine[:, :, :, :filled].unflatten(1, (-1, repeats)).copy_(theirs[:, :, :, :filled].unsqueeze(2))
     target.pos = filled
 
 

@@ -251,8 +251,7 @@ def test_greedy_matches_transformers(family, tmp_path):
 def test_repetition_penalty_matches_transformers(family, tmp_path):
     hf = hf_model(family, tmp_path)
     engine = Engine(GPT.from_pretrained(tmp_path))
-    # Equal lengths: transformers would also penalise the pad id that left padding puts in its input.
-    for prompts in ([PROMPTS[0]], [[5, 17, 3, 90], [60, 61, 62, 7]]):
+    for prompts in ([PROMPTS[0]], PROMPTS):  # padded too: neither side penalises the pad slots
         plain = engine.generate(prompts, 24, temperature=0)
         for penalty in (1.8, 0.7):
             expected, gap = hf_greedy(hf, prompts, 24, repetition_penalty=penalty)
@@ -434,6 +433,9 @@ def test_stop_strings_end_the_text_and_are_left_out(monkeypatch):
     pieces = list(engine.stream_text("hi", max_new_tokens=50, stop=["STOP", "xyz"]))
     assert "".join(pieces) == "abc ST "
     assert "S" not in pieces[0] and len(consumed) == len("abc ST STOP")  # the model stops at the stop string
+    assert engine.generate_text("hi", max_new_tokens=50, stop="STOP") == "abc ST "  # one string, not its letters
+    with pytest.raises(UserError, match="generate"):
+        engine.generate_text("hi", max_new_tokens=5, n=2)
     consumed.clear()
     monkeypatch.setattr(engine, "stream", scripted("abc STO"))  # a stop string's start that never completes
     assert engine.generate_text("hi", max_new_tokens=50, stop=["STOP"]) == "abc STO"
