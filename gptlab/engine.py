@@ -468,7 +468,8 @@ class Engine:
         # The prompt runs once; its n rows of samples start from copies of its keys and values.
         per_sample = (lambda t: t.repeat_interleave(n, dim=0)) if n > 1 else (lambda t: t)
         prompt_positions = positions[:, :longest]
-        positions, seen = per_sample(positions), per_sample(seen) if seen is not None else None
+        positions = per_sample(positions)
+        seen = per_sample(seen) if seen is not None else None
         row_key = per_sample(real_key) if real_key is not None else None
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
@@ -485,7 +486,7 @@ class Engine:
         running = [True] * rows
         try:
             with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
-                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache or cache)
+                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache if n > 1 else cache)
                 if n > 1:
                     _copy_rows(prompt_cache, cache, n)
                     prompt_cache = None  # not held while the rows decode
