@@ -14,6 +14,7 @@ import torch
 
 from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
 from gptlab.data import TokenLoader, read_meta
+from gptlab.data.loader import to_device
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
@@ -100,9 +101,7 @@ class DeviceBatches:
         self.loader, self.device = loader, device
 
     def next_batch(self):
-        x, y = self.loader.next_batch()
-        non_blocking = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+        return to_device(self.loader.next_batch(), self.device)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from gptlab.checkpoint import model_config_from_hf
 from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
 from gptlab.data.chat import (
-    IGNORE, TRUNCATION, ChatBatches, eval_batches, load_chat_data, packed_attention_mask, to_device,
+    IGNORE, TRUNCATION, ChatBatches, eval_batches, load_chat_data, packed_attention_mask,
 )
+from gptlab.data.loader import to_device
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from gptlab.data.documents import jsonl_records
+from gptlab.data.loader import to_device
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
 
@@ -219,11 +220,6 @@ def packed_attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | No
     slot = torch.arange(segment_ids.size(1), device=segment_ids.device)
     causal = slot[None, :] <= slot[:, None]
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None] & causal
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if v is not None else None for k, v in batch.items()}
 
 
 class ChatBatches:

@@ -29,6 +29,16 @@ _ROUNDS = 6
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+def to_device(batch, device: torch.device):
+    """A batch (a tensor, or a tuple or dict of them; None stays None) moved to ``device``,
+    without making the host wait for a copy to CUDA."""
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(to_device(value, device) for value in batch)
+    return None if batch is None else batch.to(device, non_blocking=device.type == "cuda")
+
+
 def permute(index: np.ndarray, n: int, seed: int, epoch: int = 0) -> np.ndarray:
     """A seeded bijection of ``range(n)`` evaluated at ``index`` (1-d), in O(len(index)) memory.
 
