@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import interleaved_medians, result_line  # noqa: E402
-from gptlab.data.documents import jsonl_records  # noqa: E402
+from gptlab.data.documents import read_jsonl  # noqa: E402
 
 
 def make_checkpoint(work: Path, n_layer: int, n_embd: int, block_size: int) -> tuple[Path, Path]:
@@ -117,7 +117,7 @@ def main() -> None:
         started = time.perf_counter()
         seconds, _ = interleaved_medians(contenders, args.repeats, args.device)
 
-        ours = [record for _, record in jsonl_records(ours_out / "samples.jsonl")]
+        ours = read_jsonl(ours_out / "samples.jsonl")
         theirs = read_mmlu_samples(peer_out, group)
         mismatches = sum(s["prediction"] != argmax(theirs[(s["subject"], s["doc_id"])]) for s in ours)
         largest = max(abs(a - b) for s in ours for a, b in zip(s["logprobs"], theirs[(s["subject"], s["doc_id"])]))

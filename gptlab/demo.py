@@ -22,7 +22,7 @@ import torch
 from gptlab import scaling
 from gptlab.align.chat import ChatSession
 from gptlab.cli import main as gptlab
-from gptlab.data.documents import jsonl_records
+from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
@@ -137,7 +137,7 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
-    metrics = [record for _, record in jsonl_records(base / "metrics.jsonl")]
+    metrics = read_jsonl(base / "metrics.jsonl")
     plot_pretraining_loss(metrics, out / "loss.png")
     meta = json.loads((out / "shards" / "meta.json").read_text())
     report = render_report(preset, seed, out, base_engine.model, meta, metrics, instruct, samples, conversations, timings)
@@ -151,10 +151,10 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
     held-out test conversations of every instruction family, scored by the oracle."""
     held_out = set(held_out)
     runs = {
-        "base": evaluate(GptlabBackend(base.model, base.tokenizer), ["world_instruct"], world,
+        "base": evaluate(GptlabBackend(base.model, base.tokenizer, base), ["world_instruct"], world,
                          shots=[INSTRUCT_SHOTS], limit=limit, return_samples=True),
-        "sft": evaluate(GptlabBackend(tuned.model, tuned.tokenizer), ["world_instruct"], world, shots=[0], chat=True,
-                        limit=limit, return_samples=True),
+        "sft": evaluate(GptlabBackend(tuned.model, tuned.tokenizer, tuned), ["world_instruct"], world, shots=[0],
+                        chat=True, limit=limit, return_samples=True),
     }
     scores = {name: {(s["subject"], s["doc_id"]): float(s["correct"]) for s in r["samples"]} for name, r in runs.items()}
     items = sorted(scores["base"])
@@ -181,7 +181,7 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
 def chat_samples(world: Path, held_out: list[str], tuned: Engine) -> list[tuple[str, str, str]]:
     """(family, question, reply) for the first test conversation of each held-out family."""
     samples = []
-    rows = [record for _, record in jsonl_records(world / "sft" / "test.jsonl")]
+    rows = read_jsonl(world / "sft" / "test.jsonl")
     for family in held_out:
         row = next((r for r in rows if r["family"] == family), None)
         if row is None:

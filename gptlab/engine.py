@@ -28,6 +28,17 @@ from gptlab.model import GPT, KVCache
 REPLACEMENT_CHAR = "\ufffd"
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen (see ``Engine.stream``)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
@@ -410,7 +421,7 @@ class Engine:
             raise UserError("text generation needs a tokenizer: create the Engine as Engine(model, tokenizer)")
         return self.tokenizer
 
-    def _check(self, prompts, max_new_tokens: int, n: int, sampling: "Sampling") -> None:
+    def _check(self, prompts, max_new_tokens: int, n: int, sampling: Sampling) -> None:
         config = self.model.config
         if max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -488,7 +499,7 @@ class Engine:
             with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
                 logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache if n > 1 else cache)
                 if n > 1:
-                    _copy_rows(prompt_cache, cache, n)
+                    cache.copy_rows_from(prompt_cache, n)
                     prompt_cache = None  # not held while the rows decode
                     logits = per_sample(logits)
                 token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
@@ -549,7 +560,7 @@ class Engine:
             return self.model.lm_head(hidden[:, -1]).float()
 
     @torch.inference_mode()
-    def _pick(self, logits, sampling: "Sampling", generator, seen, return_logprobs):
+    def _pick(self, logits, sampling: Sampling, generator, seen, return_logprobs):
         """Each row's next token (B,) and its raw log-prob (B,) or None; ``seen`` (B, V) marks the
         tokens the repetition penalty applies to, and learns the new ones."""
         scores = logits
@@ -562,26 +573,6 @@ class Engine:
         if not return_logprobs:
             return token, None
         return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How each next token is chosen (see ``Engine.stream``)."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-
-@torch.inference_mode()
-def _copy_rows(source: KVCache, target: KVCache, repeats: int) -> None:
-    """Fill ``target``'s first slots with ``source``'s, each row repeated ``repeats`` times."""
-    filled = source.pos
-    for mine, theirs in ((target.k, source.k), (target.v, source.v)):  # broadcast: no repeated copy in between
-        mine[:, :, :, :filled].unflatten(1, (-1, repeats)).copy_(theirs[:, :, :, :filled].unsqueeze(2))
-    target.pos = filled
 
 
 def _split_at_stops(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

@@ -23,7 +23,7 @@ import torch
 from gptlab import scaling
 from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
 from gptlab.data import iter_documents, prepare, read_meta
-from gptlab.data.documents import jsonl_records
+from gptlab.data.documents import read_jsonl
 from gptlab.errors import UserError
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.eval.tasks import load_task
@@ -265,7 +265,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
         with torch.no_grad(), warnings_as_lines():
             metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
         write_text_atomic(run_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        records = [record for _, record in jsonl_records(run_dir / "metrics.jsonl")]
+        records = read_jsonl(run_dir / "metrics.jsonl")
         val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
         if val_loss is None:
             raise UserError(

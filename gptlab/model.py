@@ -137,6 +137,14 @@ class KVCache:
         values[:, :, self.pos:end] = v
         return keys[:, :, :end], values[:, :, :end]
 
+    def copy_rows_from(self, source: "KVCache", repeats: int) -> None:
+        """Take over ``source``'s filled slots, each of its rows repeated ``repeats`` times, so rows
+        that continue one prompt (samples, answer candidates) share that prompt's single prefill."""
+        filled = source.pos
+        for mine, theirs in ((self.k, source.k), (self.v, source.v)):  # broadcast: no repeated copy in between
+            mine[:, :, :, :filled].unflatten(1, (-1, repeats)).copy_(theirs[:, :, :, :filled].unsqueeze(2))
+        self.pos = filled
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):

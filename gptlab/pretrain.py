@@ -87,7 +87,7 @@ def validation(cfg: PretrainConfig, runtime: Runtime):
     def evaluate(model: torch.nn.Module) -> dict:
         total, count = torch.zeros((), device=runtime.device), 0
         for x, y in loader.val_batches(cfg.train.eval_batches):
-            total += model(x.to(runtime.device), y.to(runtime.device)).float()
+            total += model(*to_device((x, y), runtime.device)).float()
             count += 1
         return {"val_loss": round(runtime.mean(total / count).item(), 6)}
 

@@ -130,6 +130,11 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, record
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file (see ``jsonl_records``)."""
+    return [record for _, record in jsonl_records(path)]
+
+
 def _read_jsonl(path: Path) -> Iterator[str]:
     for number, record in jsonl_records(path):
         if not isinstance(record.get("text"), str):

@@ -38,6 +38,7 @@ import torch
 
 from gptlab.engine import Engine
 from gptlab.errors import UserError, first_line
+from gptlab.model import KVCache
 from gptlab.tokenizer import END, UNLIMITED_LENGTH
 
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer gives a length
@@ -398,11 +399,12 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
 
 class GptlabBackend(TokenBackend):
     """A gptlab ``GPT`` and ``Tokenizer``, in memory (``GptlabBackend(model, tok)``) or from a
-    model folder (``GptlabBackend.from_pretrained(dir)``). Generation uses the KV-cache engine."""
+    model folder (``GptlabBackend.from_pretrained(dir)``). Generation uses the KV-cache engine:
+    ``engine``, when the caller already holds one for this model, else a new one."""
 
     name = "gptlab"
 
-    def __init__(self, model, tokenizer) -> None:
+    def __init__(self, model, tokenizer, engine: Engine | None = None) -> None:
         super().__init__()
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(
@@ -411,7 +413,7 @@ class GptlabBackend(TokenBackend):
             )
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer)  # one engine, so its packed CPU weights are made once
+        self.engine = engine or Engine(model, tokenizer)  # one engine, so its packed CPU weights are made once
         self.max_length = model.config.block_size
         self.bos_text = tokenizer.bos_token
         self.eos_id = tokenizer.eos_id
@@ -423,7 +425,7 @@ class GptlabBackend(TokenBackend):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> GptlabBackend:
         engine = Engine.from_pretrained(path, device=device, dtype=dtype)
-        return cls(engine.model, engine.tokenizer)
+        return cls(engine.model, engine.tokenizer, engine)
 
     def _encode(self, texts, add_special_tokens):
         return self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
@@ -451,14 +453,14 @@ class GptlabBackend(TokenBackend):
             return self.model.lm_head(hidden[rows.to(device), cols.to(device)])
 
     def _logits_after_prefix(self, ids, positions, mask, prefix, rows, cols):
-        from gptlab.model import KVCache
-
         device, model = self._device(), self.model
         batch, width = ids.shape
         with self.engine.eval_mode(), self.engine.packed(), torch.inference_mode():
-            cache = KVCache(model.config, 1, width, device, next(model.parameters()).dtype)
-            model.hidden(ids[:1, :prefix].to(device), positions[:1, :prefix].to(device), None, cache)
-            cache.k, cache.v = cache.k.repeat(1, batch, 1, 1, 1), cache.v.repeat(1, batch, 1, 1, 1)
+            dtype = next(model.parameters()).dtype
+            shared = KVCache(model.config, 1, prefix, device, dtype)
+            model.hidden(ids[:1, :prefix].to(device), positions[:1, :prefix].to(device), None, shared)
+            cache = KVCache(model.config, batch, width, device, dtype)
+            cache.copy_rows_from(shared, batch)
             hidden = model.hidden(
                 ids[:, prefix:].to(device), positions[:, prefix:].to(device), mask[:, :, prefix:].to(device), cache
             )

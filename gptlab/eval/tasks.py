@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptlab.data.documents import jsonl_records
+from gptlab.data.documents import read_jsonl
 from gptlab.errors import UserError
 from gptlab.eval import metrics
 
@@ -118,10 +118,6 @@ class Task:
 
 
 # --------------------------------------------------------------------------- reading files
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [record for _, record in jsonl_records(path)]
 
 
 def read_csv_rows(path: Path, columns: int | None = None) -> list[tuple[int, list[str]]]:
