@@ -42,7 +42,7 @@ def train_stage(args, load_config, train) -> None:
     """A training command: resolve the config, train (resuming when asked), name the model folder."""
     out = Path(args.out)
     cfg = load_config(args.config, args.set, out, args.resume)
-    train(cfg, out, resume=args.resume)
+    train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"model -> {out / 'model'}")
 
@@ -146,7 +146,11 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     """The options of every command that trains through the one loop (pretrain, sft)."""
     add_config_options(p)
     p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    fresh_or_not = p.add_mutually_exclusive_group()
+    fresh_or_not.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    fresh_or_not.add_argument(
+        "--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting its checkpoints and model"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"gptlab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, so its traceback helps
+            raise
+        print(f"gptlab: error: cannot use {e.filename}: {e.strerror}; check that path or choose another", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptlab: interrupted", file=sys.stderr)

@@ -42,8 +42,15 @@ def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
 def read_run_raw(config_path: str | Path | None, overrides: list[str], out_dir: Path, resume: bool) -> dict:
     """A run's raw config: the one its run.json recorded when resuming without --config (so a
     resumed run trains on what it started with), else the file plus overrides."""
-    if resume and config_path is None and (out_dir / "run.json").is_file():
-        return apply_overrides(json.loads((out_dir / "run.json").read_text())["config"], overrides)
+    record = out_dir / "run.json"
+    if resume and config_path is None and record.is_file():
+        try:
+            raw = json.loads(record.read_text())["config"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(
+                f"{record} holds no run config ({type(e).__name__}: {e}); resume with --config and the run's settings"
+            ) from None
+        return apply_overrides(raw, overrides)
     return read_raw(config_path, overrides)
 
 

@@ -120,7 +120,7 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     base = out / "ladder" / "runs" / ladder["runs"][-1]["name"]
     sft_sets = [f"init={base / 'model'}", f"data.train={world / 'sft' / 'train.jsonl'}", f"train.seed={seed}",
                 *spec.sft_sets]
-    stage("sft", ["sft", "--out", str(out / "sft"), *sum((["--set", s] for s in sft_sets), [])], timings)
+    stage("sft", ["sft", "--out", str(out / "sft"), "--overwrite", *sum((["--set", s] for s in sft_sets), [])], timings)
 
     print("== demo: instruction following and samples", flush=True)
     start = time.perf_counter()

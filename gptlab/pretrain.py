@@ -110,7 +110,7 @@ class DeviceBatches:
         self.loader.load_state_dict(state)
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> GPT:
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> GPT:
     out_dir = Path(out_dir)
     meta = read_meta(cfg.data.shards)
     check_compatible(cfg, meta)
@@ -130,6 +130,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> 
             evaluate=validation(cfg, runtime) if has_val and cfg.train.eval_batches > 0 else None,
             tokenizer=tokenizer,
         )
-        return trainer.run(to_dict(cfg), resume)
+        return trainer.run(to_dict(cfg), resume, overwrite)
     finally:
         cleanup_runtime(runtime)

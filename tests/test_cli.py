@@ -101,8 +101,8 @@ def test_tokenizer_and_prepare_errors(world, tmp_path):
                              "--out", tmp_path / "s3"), "no_tok")
 
 
-def pretrain(world, out, *sets):
-    args = ["pretrain", "--out", out, "--set", f"data.shards={world / 'shards'}", "--set", "model.n_layer=1",
+def pretrain(world, out, *sets, flags=()):
+    args = ["pretrain", *flags, "--out", out, "--set", f"data.shards={world / 'shards'}", "--set", "model.n_layer=1",
             "--set", "model.n_head=2", "--set", "model.n_embd=16", "--set", "model.block_size=32",
             "--set", "train.seq_len=16", "--set", "train.batch_size=4", "--set", "train.eval_batches=1"]
     for s in sets:
@@ -133,6 +133,46 @@ def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world
     assert result.stderr.strip().splitlines()[-1].startswith("gptlab: error: ")
     assert "no checkpoint" in result.stderr.splitlines()[-1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
+    before = files(out)
+    assert_user_error(pretrain(world, out, "train.max_steps=2"), "already holds a training run", "--resume", "--overwrite")
+    assert files(out) == before
+    both = gptlab("pretrain", "--out", out, "--resume", "--overwrite")
+    assert both.returncode == 2 and "not allowed with" in both.stderr and "Traceback" not in both.stderr
+
+    replaced = pretrain(world, out, "train.max_steps=2", "train.seed=7", flags=["--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr
+    # Only the new run's checkpoint is left, and the exported model is its weights, not step 4's.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+    final = out / "checkpoints" / "step-0000002" / "model.safetensors"
+    assert (out / "model" / "model.safetensors").read_bytes() == final.read_bytes()
+    assert final.read_bytes() != before["model/model.safetensors"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 2
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line(world, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    assert_user_error(gptlab("tokenizer", "--input", world / "corpus.txt", "--out", blocker / "tok"), str(blocker))
+    assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt",
+                             "--out", blocker / "shards"), str(blocker))
+    assert_user_error(pretrain(world, blocker / "run"), str(blocker))
+    assert blocker.read_text() == "mine"
+
+
+def test_resume_with_a_broken_run_record_is_one_line(world, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(world, out, "train.max_steps=2").returncode == 0
+    (out / "run.json").write_text('{"config": {"model"')
+    assert_user_error(gptlab("pretrain", "--out", out, "--resume"), "run.json", "--config")
 
 
 def test_world_and_demo_errors(tmp_path):

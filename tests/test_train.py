@@ -146,6 +146,8 @@ def test_resume_after_sigkill_is_bitwise_equal(shards, uninterrupted, tmp_path):
     killed = run_killed(KILL_AFTER_FIRST_SAVE, *args)
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(out)] == ["step-0000010"]
+    with (out / "metrics.jsonl").open("a") as metrics:  # as if killed halfway through a line
+        metrics.write('{"step": 12, "lo')
     resumed = gptlab("pretrain", "--out", out, "--resume")
     assert "resumed from" in resumed.stderr
     expected, got = weights(uninterrupted / "model"), weights(out / "model")

@@ -117,7 +117,7 @@ def validation(batches: list[dict], runtime: Runtime):
     return evaluate
 
 
-def sft(cfg: SftConfig, out_dir: str | Path, resume: bool = False) -> GPT:
+def sft(cfg: SftConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> GPT:
     """Fine-tune ``cfg.init`` on ``cfg.data`` into ``out_dir`` (run.json, metrics.jsonl,
     checkpoints/, model/); returns the trained model."""
     out_dir = Path(out_dir)
@@ -161,6 +161,6 @@ def sft(cfg: SftConfig, out_dir: str | Path, resume: bool = False) -> GPT:
         evaluate = validation(val_batches, runtime) if val_batches else None
         torch.manual_seed(tcfg.seed)
         trainer = Trainer(model, tcfg, runtime, out_dir, sft_loss, batches, evaluate=evaluate, tokenizer=tokenizer)
-        return trainer.run(to_dict(cfg), resume, data={split: s.to_dict() for split, s in stats.items()})
+        return trainer.run(to_dict(cfg), resume, overwrite, data={split: s.to_dict() for split, s in stats.items()})
     finally:
         cleanup_runtime(runtime)

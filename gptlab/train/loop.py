@@ -31,7 +31,7 @@ from tqdm import tqdm
 from gptlab.checkpoint import atomic_folder, load_pretrained, write_model_files
 from gptlab.config import run_info
 from gptlab.errors import UserError
-from gptlab.fileio import write_json_atomic
+from gptlab.fileio import write_json_atomic, write_text_atomic
 from gptlab.model import GPT
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7,})$")
@@ -475,7 +475,10 @@ class Trainer:
                         else None,
                         "peak_mem_mb": round(peak_memory_mb(self.runtime.device), 1),
                     }
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
+                    shown = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tok_per_s']:.0f}"}
+                    if record["mfu"] is not None:
+                        shown["mfu"] = f"{record['mfu']:.1%}"
+                    bar.set_postfix(shown)
                     window_time, window_steps, window_loss = 0.0, 0, torch.zeros_like(window_loss)
                 if self.evaluate and (cfg.eval_every and self.step % cfg.eval_every == 0 or last):
                     record = {"step": self.step, **record, **self._run_eval()}
@@ -488,9 +491,11 @@ class Trainer:
             bar.close()
         return self.model
 
-    def run(self, config: dict, resume: bool = False, **info) -> GPT:
+    def run(self, config: dict, resume: bool = False, overwrite: bool = False, **info) -> GPT:
         """A stage's whole run: run.json (its config and ``info``), training, and the exported
-        model in ``out_dir/model``; returns the trained model."""
+        model in ``out_dir/model``; returns the trained model. ``overwrite`` lets a fresh run
+        replace an earlier run's checkpoints and model in ``out_dir``."""
+        self._claim_out_dir(resume, overwrite)
         if self.runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(
@@ -501,6 +506,22 @@ class Trainer:
         model = self.fit(resume=resume)
         self.export(self.out_dir / "model")
         return model
+
+    def _claim_out_dir(self, resume: bool, overwrite: bool) -> None:
+        """A fresh run may not train over an earlier one: checkpoint rotation would keep the
+        earlier run's higher-numbered checkpoints and export its model as this run's."""
+        earlier = [p for p in (self.out_dir / "checkpoints", self.out_dir / "model") if p.exists()]
+        if resume or not (list_checkpoints(self.out_dir) or (self.out_dir / "model").exists()):
+            return
+        if not overwrite:
+            raise UserError(
+                f"{self.out_dir} already holds a training run ({', '.join(p.name + '/' for p in earlier)}); "
+                "pass --resume to continue it, --overwrite to replace it, or choose another --out"
+            )
+        if self.runtime.is_main:
+            for path in earlier:
+                shutil.rmtree(path)
+            self.metrics_path.unlink(missing_ok=True)
 
     def export(self, path: str | Path) -> None:
         """Publish the final checkpoint's model folder (weights and tokenizer, no trainer state)."""
@@ -516,5 +537,14 @@ class Trainer:
         """Drop records past the current step: a resumed run rewrites what the killed one logged."""
         if not self.runtime.is_main or not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.metrics_path.read_text().splitlines() if _logged_step(line) <= self.step]
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a line that does not parse (the torn tail of a killed
+    run's last write) counts as past every step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
