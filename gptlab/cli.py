@@ -123,12 +123,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from gptlab.report import write_ladder_report
+    from gptlab.report import write_reports
 
-    folder = Path(args.folder)
-    if not (folder / "ladder.json").is_file():
-        raise UserError(f"{folder} has no ladder.json: give a folder written by `gptlab ladder`")
-    print(f"report -> {write_ladder_report(folder)}")
+    for path in write_reports(Path(args.folder)):
+        print(f"report -> {path}")
 
 
 def cmd_demo(args) -> None:
@@ -237,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", default=None, help="per-sample JSONL (prediction, target, correct, log-probs)")
     p.set_defaults(func=cmd_eval)
 
-    p = commands.add_parser("report", help="render a ladder folder's report.md and plots again (no training)")
-    p.add_argument("folder", help="a folder written by `gptlab ladder`")
+    p = commands.add_parser("report", help="write a run folder's report.md and plots (no training)")
+    p.add_argument(
+        "folder", help="a folder written by `gptlab ladder`, `pretrain` or `sft`, or one holding such folders (a demo's)"
+    )
     p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")

@@ -76,10 +76,9 @@ class EvalConfig:
 class LadderConfig:
     sizes: SizesConfig = field(default_factory=SizesConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        batch_size=16, seq_len=512, lr=3e-3, warmup_steps=30, eval_every=0, eval_batches=8, save_every=200,
-        log_every=25, seed=0,
-    ))
+    # The loop's own defaults: a config is built from each section's class (gptlab.config.build),
+    # so other defaults here would need a subclass, as SFT's are.
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

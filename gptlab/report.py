@@ -1,4 +1,5 @@
-"""Reports: a ladder folder -> ``report.md`` with PNG plots and the phenomena table.
+"""Reports: a ladder folder -> ``report.md`` with PNG plots and the phenomena table; a training
+run's folder (pretrain, SFT) -> ``report.md`` with its loss curves and figures.
 
 Every claim of the lecture is stated, measured on the ladder's own samples with a seeded 95%
 bootstrap interval, and marked reproduced only when the interval excludes zero in the claimed
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from gptlab import scaling
-from gptlab.data.documents import jsonl_records
+from gptlab.data.documents import jsonl_records, read_jsonl
+from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
 
 
@@ -234,7 +236,7 @@ def _save_line_plot(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: s
     _save(plt, fig, path)
 
 
-def plot_pretraining_loss(metrics: list[dict], path: Path) -> None:
+def plot_pretraining_loss(metrics: list[dict], path: Path, title: str = "Pretraining on TinyWorld") -> None:
     plt = _plt()
     train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
     val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
@@ -243,7 +245,7 @@ def plot_pretraining_loss(metrics: list[dict], path: Path) -> None:
     ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot([s * tokens_per_step for s, _ in val], [v for _, v in val], "o-", label="val loss")
-    _save_line_plot(plt, fig, ax, path, "tokens", "cross-entropy (nats/token)", "Pretraining on TinyWorld")
+    _save_line_plot(plt, fig, ax, path, "tokens", "cross-entropy (nats/token)", title)
 
 
 def plot_loss(ladder: dict, path: Path) -> None:
@@ -418,4 +420,84 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
 def write_ladder_report(ladder_dir: Path) -> Path:
     path = ladder_dir / "report.md"
     write_text_atomic(path, ladder_section(ladder_dir) + "\n")
+    return path
+
+
+def write_reports(folder: Path) -> list[Path]:
+    """``report.md`` for a ladder folder or a training run's folder, or for each such folder
+    directly inside ``folder`` (a demo's: its ladder and its SFT run)."""
+
+    def writer(path: Path):
+        if (path / "ladder.json").is_file():
+            return write_ladder_report
+        return write_run_report if (path / "metrics.jsonl").is_file() else None
+
+    if writer(folder):
+        return [writer(folder)(folder)]
+    children = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    written = [writer(child)(child) for child in children if writer(child)]
+    if not written:
+        raise UserError(
+            f"{folder} holds no run: give a folder written by `gptlab ladder`, `pretrain` or `sft` "
+            "(with ladder.json or metrics.jsonl), or a folder of them"
+        )
+    return written
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """A training run's report card: what ran, how far, its losses, speed and memory, and its config."""
+    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    if not metrics:
+        raise UserError(f"{run_dir / 'metrics.jsonl'} is empty: the run logged no step yet")
+    config = record.get("config", {})
+    logged = [m for m in metrics if "loss" in m]
+    validated = [m for m in metrics if "val_loss" in m]
+    last = metrics[-1]
+    versions = record.get("versions", {})
+    lines = [
+        f"# Training run {run_dir.name}",
+        "",
+        f"`{' '.join(record.get('argv', [])) or 'command not recorded'}`",
+        "",
+        ", ".join(f"{name} {version}" for name, version in versions.items())
+        + (f"; commit {record['git_commit'][:12]}" if record.get("git_commit") else "")
+        + (f"; {record['device']}" if "device" in record else "")
+        + (f" x {record['world_size']} processes" if record.get("world_size", 1) > 1 else ""),
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    if "params" in record:
+        lines.append(f"| parameters | {record['params']:,} |")
+    planned = config.get("train", {}).get("max_steps")
+    lines.append(f"| steps | {last['step']:,}" + (f" of {planned:,}" if planned else "") + " |")
+    if "tokens" in last:
+        lines.append(f"| tokens | {last['tokens']:,} |")
+    if logged:
+        lines.append(f"| train loss, last logged | {logged[-1]['loss']:.4f} (step {logged[-1]['step']:,}) |")
+    if validated:
+        best = min(validated, key=lambda m: m["val_loss"])
+        lines.append(
+            f"| val loss, last / best | {validated[-1]['val_loss']:.4f} (step {validated[-1]['step']:,}) / "
+            f"{best['val_loss']:.4f} (step {best['step']:,}) |"
+        )
+    speeds = [m["tok_per_s"] for m in logged if "tok_per_s" in m]
+    if speeds:
+        mfus = [m["mfu"] for m in logged if m.get("mfu") is not None]
+        lines.append(
+            f"| throughput, median of {len(speeds)} logged windows | {float(np.median(speeds)):,.0f} tokens/s"
+            + (f", MFU {float(np.median(mfus)):.1%}" if mfus else "") + " |"
+        )
+    memory = [m["peak_mem_mb"] for m in logged if "peak_mem_mb" in m]
+    if memory:
+        what = "allocated on the GPU" if record.get("device", "").startswith("cuda") else "process RSS"
+        lines.append(f"| peak memory ({what}) | {max(memory):,.1f} MB |")
+    if logged and "tokens" in last:
+        plot_pretraining_loss(metrics, run_dir / "loss.png", title=f"Training run {run_dir.name}")
+        lines += ["", "![loss](loss.png)"]
+    if config:
+        lines += ["", "## Config", "", "```json", json.dumps(config, indent=1), "```"]
+    path = run_dir / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -175,6 +175,25 @@ def test_resume_with_a_broken_run_record_is_one_line(world, tmp_path):
     assert_user_error(gptlab("pretrain", "--out", out, "--resume"), "run.json", "--config")
 
 
+def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path):
+    out = tmp_path / "runs" / "base"
+    assert pretrain(world, out, "train.max_steps=4", "train.log_every=2", "train.eval_every=2").returncode == 0
+    result = gptlab("report", tmp_path / "runs")  # a folder holding runs, as a demo's does
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"report -> {out / 'report.md'}"]
+    text = (out / "report.md").read_text()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    params = GPT.from_pretrained(out / "model").num_params()
+    assert f"| parameters | {params:,} |" in text
+    assert "| steps | 4 of 4 |" in text and f"| tokens | {metrics[-1]['tokens']:,} |" in text
+    assert f"| train loss, last logged | {metrics[-1]['loss']:.4f} (step 4) |" in text
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(val) == 2 and f"{val[-1]:.4f} (step 4) / {min(val):.4f}" in text
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "nothing").mkdir()
+    assert_user_error(gptlab("report", tmp_path / "nothing"), "holds no run")
+
+
 def test_world_and_demo_errors(tmp_path):
     assert_user_error(gptlab("world", "--out", tmp_path / "w", "--preset", "huge"), "huge")
     (tmp_path / "busy").mkdir()

@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,36 @@ def test_linear_warmdown_closed_form():
     assert learning_rate(cfg, 79) == 1.0
     assert learning_rate(cfg, 89) == pytest.approx(0.5)
     assert learning_rate(cfg, 99) == pytest.approx(0.0)
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_builds_for_the_command_its_first_line_names(path, tmp_path, monkeypatch):
+    from gptlab import ladder, pretrain
+    from gptlab.align import sft
+
+    command = path.read_text().splitlines()[0].split("gptlab ")[1].split()[0]
+    if command == "pretrain":
+        monkeypatch.setattr(pretrain, "read_meta", lambda shards: {"vocab_size": 4096})
+        cfg = pretrain.load_config(str(path), [], tmp_path, resume=False)
+        assert cfg.train.seq_len <= cfg.model.block_size
+        assert cfg.train.batch_size % (cfg.train.micro_batch_size or 1) == 0
+    elif command == "sft":
+        sft.load_config(str(path), [], tmp_path, resume=False)
+    else:
+        assert command == "ladder", f"{path.name}: first line names no command gptlab has a config for"
+        # It says it is the default ladder written out: it must stay that.
+        assert ladder.load_config("default", str(path), []) == ladder.load_config("default", None, [])
+
+
+def test_each_stage_config_is_what_its_dataclass_declares():
+    """build() makes a section from its class, so a default written on the parent field (a
+    default_factory with other values) would be silently ignored (the ladder's was, from its first commit)."""
+    from gptlab.align.sft import SftConfig
+    from gptlab.ladder import LadderConfig
+    from gptlab.pretrain import PretrainConfig
+
+    for cls in (PretrainConfig, SftConfig, LadderConfig):
+        assert build(cls, {}) == cls(), cls.__name__

@@ -64,7 +64,7 @@ def test_report_renders_a_ladder_folder_again_without_training(ladder_dir, tmp_p
     assert (ladder_dir / "report.md").read_text() == before
     assert (ladder_dir / "fewshot.png").stat().st_size > 1000
     assert gptlab(["report", str(tmp_path)]) == 2
-    assert "has no ladder.json" in capsys.readouterr().err
+    assert "holds no run" in capsys.readouterr().err
 
 
 def test_a_ladder_with_other_settings_refuses_the_kept_runs(ladder_dir, capsys):
