@@ -486,7 +486,7 @@ def write_run_report(run_dir: Path) -> Path:
     if speeds:
         mfus = [m["mfu"] for m in logged if m.get("mfu") is not None]
         lines.append(
-            f"| throughput, median of {len(speeds)} logged windows | {float(np.median(speeds)):,.0f} tokens/s"
+            f"| throughput, median of {len(speeds)} logged window{'s' if len(speeds) > 1 else ''} | {float(np.median(speeds)):,.0f} tokens/s"
             + (f", MFU {float(np.median(mfus)):.1%}" if mfus else "") + " |"
         )
     memory = [m["peak_mem_mb"] for m in logged if "peak_mem_mb" in m]
