@@ -19,7 +19,7 @@ from gptlab.data import iter_documents, open_shard, prepare
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
-from gptlab.train.loop import Runtime, TrainConfig, Trainer, list_checkpoints
+from gptlab.train.loop import ChainedOptimizer, Runtime, TrainConfig, Trainer, build_optimizer, list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -155,6 +155,41 @@ def test_resume_after_sigkill_is_bitwise_equal(shards, uninterrupted, tmp_path):
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert losses(out) == losses(uninterrupted)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(family):
+    model = GPT(ModelConfig(family=family, vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(optimizer, ChainedOptimizer)
+    adamw, muon = optimizer.optimizers
+    name = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {name[id(p)] for group in muon.param_groups for p in group["params"]}
+    on_adamw = [name[id(p)] for group in adamw.param_groups for p in group["params"]]
+    assert on_muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and n.endswith(".weight")
+                       and p.dim() == 2}
+    assert sorted(on_adamw) == sorted(set(name.values()) - on_muon)  # every other parameter, once
+    assert "wte.weight" in on_adamw and (family == "gpt2" or "lm_head.weight" in on_adamw)
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x).backward()
+    optimizer.step()
+    assert all("momentum_buffer" in muon.state[p] for p in muon.param_groups[0]["params"])
+
+
+def test_muon_resume_after_sigkill_is_bitwise_equal(shards, tmp_path):
+    muon = ("train.optimizer=muon", *SAVED_TWICE)
+    gptlab(*pretrain_args(tmp_path / "full", shards, *muon))
+    out = tmp_path / "run"
+    assert run_killed(KILL_AFTER_FIRST_SAVE, *pretrain_args(out, shards, *muon)).returncode == -signal.SIGKILL
+    gptlab("pretrain", "--out", out, "--resume")
+    expected, got = weights(tmp_path / "full" / "model"), weights(out / "model")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert losses(out) == losses(tmp_path / "full")
+    record = (out / "run.json").read_text()
+    mixed = gptlab("pretrain", "--out", out, "--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=30",
+                   check=False)
+    assert mixed.returncode == 2 and "does not fit train.optimizer=adamw" in mixed.stderr.splitlines()[-1]
+    assert (out / "run.json").read_text() == record  # a later plain --resume still finds the run's own config
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(shards, uninterrupted, tmp_path):

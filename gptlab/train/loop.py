@@ -48,6 +48,7 @@ class TrainConfig:
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | linear (constant, then a linear warmdown to min_lr)
     warmdown_fraction: float = 0.2  # the share of steps the linear schedule spends decaying
+    optimizer: str = "adamw"  # adamw | muon (the blocks' weight matrices on Muon, the rest on AdamW)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -76,6 +77,12 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda", "mps"), "train.device must be auto, cpu, cuda or mps"),
             (self.dtype in ("auto", "fp32", "bf16"), "train.dtype must be auto, fp32 or bf16"),
             (self.parallelism in ("ddp", "fsdp"), "train.parallelism must be ddp or fsdp"),
+            (self.optimizer in ("adamw", "muon"), "train.optimizer must be adamw or muon"),
+            (
+                self.optimizer == "adamw" or self.parallelism == "ddp",
+                "train.optimizer=muon needs train.parallelism=ddp: Muon orthogonalises whole matrices, "
+                "which FSDP shards",
+            ),
             (self.log_every >= 1, "train.log_every must be at least 1"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         ]
@@ -214,16 +221,64 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+class ChainedOptimizer:
+    """Optimizers stepped as one, for parameters that need different ones (Muon and AdamW); the
+    loop sets each group's learning rate through ``param_groups`` as for a single optimizer."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"chained": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("chained", ())) != len(self.optimizers):
+            raise ValueError(f"the state is not that of {len(self.optimizers)} chained optimizers")
+        for optimizer, own in zip(self.optimizers, state["chained"]):
+            optimizer.load_state_dict(own)
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW with weight decay on matrices only (not on norms, biases or, by nanoGPT's habit,
-    embeddings counted as matrices too); fused on CUDA."""
+    embeddings counted as matrices too); fused on CUDA.
+
+    ``train.optimizer=muon`` moves the blocks' weight matrices to torch's Muon (momentum
+    orthogonalised by Newton-Schulz), as nanochat and modded-nanogpt train. Its update is scaled
+    to AdamW's RMS (Moonshot's rule, ``adjust_lr_fn="match_rms_adamw"``), so ``train.lr`` and
+    ``train.weight_decay`` serve both; embeddings, head, norms and biases stay on AdamW.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
+    on_muon: set[int] = set()
+    if cfg.optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise UserError(f"train.optimizer=muon needs torch>=2.9 (this is {torch.__version__}); use adamw")
+        on_muon = {
+            id(module.weight) for block in model.blocks for module in block.modules()
+            if isinstance(module, torch.nn.Linear) and module.weight.requires_grad
+        }
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in on_muon]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    if not on_muon:
+        return adamw
+    muon = torch.optim.Muon(
+        [p for p in params if id(p) in on_muon], lr=cfg.lr, weight_decay=cfg.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
     )
+    return ChainedOptimizer(adamw, muon)
 
 
 class BatchSource(Protocol):
@@ -369,7 +424,13 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.optimizer, self._keyed_by_name(optim_state), options=options)
         else:
             self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(optim_state)
+            try:
+                self.optimizer.load_state_dict(optim_state)
+            except (KeyError, ValueError) as e:
+                raise UserError(
+                    f"the checkpoint's optimizer state does not fit train.optimizer={self.cfg.optimizer} ({e}); "
+                    "resume with the optimizer the run began with"
+                ) from None
 
     def _keyed_by_name(self, optim_state: dict) -> dict:
         """The optimizer state keyed by parameter name, as FSDP's loader needs. A one-process or DDP
@@ -434,17 +495,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def fit(self, resume: bool = False) -> GPT:
-        """Train to cfg.max_steps, resuming from the newest checkpoint when asked; returns the model."""
+    def resume(self) -> None:
+        """Continue from the newest checkpoint that loads (from step 0 when there is none)."""
+        restored = self.load_checkpoint()
+        if restored is None:
+            self._warn(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}; starting from step 0")
+        else:
+            self._warn(f"resumed from {restored} (step {self.step})")
+
+    def fit(self) -> GPT:
+        """Train from the current step to cfg.max_steps; returns the model."""
         cfg = self.cfg
         if self.runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            restored = self.load_checkpoint()
-            if restored is None:
-                self._warn(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}; starting from step 0")
-            else:
-                self._warn(f"resumed from {restored} (step {self.step})")
         self._truncate_metrics()
         peak = peak_flops(self.runtime.device)
         flops_per_step = self.model.flops_per_token(cfg.seq_len) * self.tokens_per_step
@@ -496,6 +559,8 @@ class Trainer:
         model in ``out_dir/model``; returns the trained model. ``overwrite`` lets a fresh run
         replace an earlier run's checkpoints and model in ``out_dir``."""
         self._claim_out_dir(resume, overwrite)
+        if resume:  # before run.json is written: a checkpoint that does not fit this config leaves it as it was
+            self.resume()
         if self.runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(
@@ -503,7 +568,7 @@ class Trainer:
                 run_info(config, seed=self.cfg.seed, device=str(self.runtime.device),
                          world_size=self.runtime.world_size, params=self.model.num_params(), **info),
             )
-        model = self.fit(resume=resume)
+        model = self.fit()
         self.export(self.out_dir / "model")
         return model
 
