@@ -115,11 +115,14 @@ def cmd_eval(args) -> None:
             limit=args.limit, seed=args.seed, return_samples=args.samples is not None, chat=args.chat,
         )
     results["config"]["model"] = args.model
-    write_results(args.out, results)
+    if args.out:
+        write_results(args.out, results)
     if args.samples:
         write_samples(args.samples, results["samples"])
     print(format_table(results))
-    print(f"results -> {args.out}" + (f"; samples -> {args.samples}" if args.samples else ""))
+    written = [f"{what} -> {path}" for what, path in (("results", args.out), ("samples", args.samples)) if path]
+    if written:
+        print("; ".join(written))
 
 
 def cmd_report(args) -> None:
@@ -231,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="gptlab", choices=["gptlab", "hf", "openai"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--base-url", default=None, help="the server for --backend openai, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--out", required=True, help="results JSON (metrics, stderr, n, config)")
+    p.add_argument("--out", help="results JSON (metrics, stderr, n, config); without it, only the table is printed")
     p.add_argument("--samples", default=None, help="per-sample JSONL (prediction, target, correct, log-probs)")
     p.set_defaults(func=cmd_eval)
 

@@ -372,6 +372,16 @@ def test_eval_command_writes_results_and_samples(files, tmp_path):
     assert {"task", "doc_id", "shots", "prediction", "target", "correct"} <= set(gen) and "subject" not in gen
     assert "world_mmlu" in run.stdout and "exact_match" in run.stdout
     assert format_table(results).splitlines()[0] in run.stdout
+    assert run.stdout.splitlines()[-1] == f"results -> {out}; samples -> {samples}"
+
+
+def test_eval_without_out_prints_the_table_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = gptlab_main(["eval", "--model", str(files / "model"), "--tasks", "arith_add_2", "--data", str(files / "world"),
+                        "--limit", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.splitlines()[0].startswith("task") and "exact_match" in out
+    assert not any(tmp_path.iterdir())
 
 
 def eval_error(capsys, *args) -> str:
