@@ -166,14 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_world)
 
     p = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text files")
-    p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders")
+    p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders, or hf:PATH[:CONFIG[:SPLIT]]")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     p.set_defaults(func=cmd_tokenizer)
 
     p = commands.add_parser("prepare", help="tokenize a corpus into binary token shards")
     p.add_argument("--tokenizer", required=True, help="a tokenizer folder")
-    p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders")
+    p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders, or hf:PATH[:CONFIG[:SPLIT]]")
     p.add_argument("--out", required=True, help="folder for the shards and meta.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")

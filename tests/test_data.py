@@ -214,6 +214,49 @@ def test_prepare_uses_eos_when_the_tokenizer_has_no_bos(tok_dir: Path, tmp_path:
     assert meta["splits"]["val"] == {"documents": 0, "tokens": 0, "shards": []}
 
 
+def test_a_hub_dataset_by_name_streams_its_text_column_into_the_same_shards(
+    tok_dir: Path, corpus: tuple[Path, list[str]], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """No network in tests: datasets.load_dataset is replaced by the corpus served as hub rows."""
+    datasets = pytest.importorskip("datasets")
+    docs = corpus[1]
+    calls = []
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter([{"text": d, "id": i} for i, d in enumerate(docs[:2])] + [{"text": ""}]
+                    + [{"text": d, "id": i} for i, d in enumerate(docs[2:])])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert list(iter_documents("hf:owner/corpus")) == docs
+    assert list(iter_documents(["hf:wikitext:wikitext-2-raw-v1:validation"])) == docs
+    assert calls == [("owner/corpus", None, "train", True), ("wikitext", "wikitext-2-raw-v1", "validation", True)]
+    prepare(tok_dir, ["hf:owner/corpus"], tmp_path / "hub", val_fraction=0.05, shard_tokens=3000, workers=1)
+    for name in sorted(p.name for p in shards.glob("*.bin")):  # the same tokens as from the files
+        assert np.array_equal(open_shard(tmp_path / "hub" / name), open_shard(shards / name)), name
+
+    for spec in ("hf:", "hf:a:b:c:d", "hf:name::train"):
+        with pytest.raises(UserError) as e:
+            list(iter_documents(spec))
+        assert_one_line(e, spec, "hf:PATH[:CONFIG[:SPLIT]]")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"body": "x"}]))
+    with pytest.raises(UserError) as e:
+        list(iter_documents("hf:owner/other"))
+    assert_one_line(e, "hf:owner/other:train row 0", "'text'", "body")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'owner/missing' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError) as e:
+        list(iter_documents("hf:owner/missing"))
+    assert_one_line(e, "cannot read hf:owner/missing:train", "Couldn't reach", "network")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(UserError) as e:
+        list(iter_documents("hf:owner/corpus"))
+    assert_one_line(e, "needs the datasets package", "gptlab[hf]")
+
+
 def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path):
     write_jsonl(tmp_path / "c.jsonl", make_docs(5))
     prepare(tok_dir, tmp_path / "c.jsonl", tmp_path / "out", workers=1)

@@ -1,4 +1,5 @@
-"""Read training documents from .txt, .jsonl and .parquet files and folders of them.
+"""Read training documents from .txt, .jsonl and .parquet files and folders of them, and from
+Hugging Face datasets named ``hf:PATH[:CONFIG[:SPLIT]]``.
 
 Documents are streamed one at a time, so a corpus never has to fit in memory. The order is
 deterministic (folders are walked recursively in sorted order), which makes shard preparation
@@ -7,9 +8,11 @@ and tokenizer training reproducible.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import UserError, first_line
@@ -24,12 +27,16 @@ def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> It
     - ``.jsonl``: one JSON object per line with a string ``text`` field; blank lines are skipped.
     - ``.parquet``: the ``text`` column; nulls are skipped.
 
+    - ``hf:PATH[:CONFIG[:SPLIT]]``: a Hugging Face dataset's ``text`` column (see ``HubDataset``).
+
     Named files must have one of these extensions; inside folders, files with other extensions and
     hidden files are skipped, so a corpus folder may hold a README. Empty documents are skipped.
     Yielding nothing is not an error here: the consumer decides (see ``require_documents``).
     """
     for path in list(_expand(paths)):  # all paths are checked before the first document
-        if path.suffix == ".txt":
+        if isinstance(path, HubDataset):
+            yield from path.documents()
+        elif path.suffix == ".txt":
             yield from _read_txt(path)
         elif path.suffix == ".jsonl":
             yield from _read_jsonl(path)
@@ -51,10 +58,67 @@ def require_documents(documents: Iterable[str], source: object) -> Iterator[str]
     yield from it
 
 
-def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[Path]:
+@dataclass(frozen=True)
+class HubDataset:
+    """A Hugging Face dataset by name, ``hf:PATH[:CONFIG[:SPLIT]]`` (split ``train`` unless given):
+    its ``text`` column, streamed, so rows download as they are read and nothing is held whole.
+    Only a name the user gives is ever fetched; reading needs the ``datasets`` package."""
+
+    path: str
+    config: str | None = None
+    split: str = "train"
+
+    PREFIX = "hf:"
+
+    @classmethod
+    def parse(cls, spec: str) -> "HubDataset":
+        parts = spec.removeprefix(cls.PREFIX).split(":")
+        if not parts[0] or len(parts) > 3 or not all(parts):
+            raise UserError(
+                f"input {spec!r} is not hf:PATH[:CONFIG[:SPLIT]]: e.g. hf:roneneldan/TinyStories or "
+                "hf:wikitext:wikitext-103-raw-v1:train"
+            )
+        return cls(*parts)
+
+    def __str__(self) -> str:
+        return self.PREFIX + ":".join(p for p in (self.path, self.config, self.split) if p)
+
+    def check_installed(self) -> None:
+        try:
+            importlib.import_module("datasets")
+        except ImportError:
+            raise UserError(f"reading {self} needs the datasets package: pip install 'gptlab[hf]'") from None
+
+    def documents(self) -> Iterator[str]:
+        import datasets
+
+        # The hub, the network and the dataset's own loader fail in many types, at open or mid-stream.
+        try:
+            rows = datasets.load_dataset(self.path, self.config, split=self.split, streaming=True)
+            for number, row in enumerate(rows):
+                text = row.get("text")
+                if not isinstance(text, str):
+                    raise UserError(f"{self} row {number} has no string 'text' column (columns: {', '.join(row)})")
+                if text:
+                    yield text
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(
+                f"cannot read {self} ({first_line(e)}): check the name, config and split, and the network"
+            ) from None
+
+
+def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[Path | HubDataset]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    for p in map(Path, paths):
+    for given in paths:
+        if isinstance(given, str) and given.startswith(HubDataset.PREFIX):
+            hub = HubDataset.parse(given)
+            hub.check_installed()
+            yield hub
+            continue
+        p = Path(given)
         if not p.exists():
             raise UserError(f"input {p} does not exist: check the path")
         if p.is_dir():
