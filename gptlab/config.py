@@ -47,9 +47,9 @@ def read_run_raw(config_path: str | Path | None, overrides: list[str], out_dir: 
         try:
             raw = json.loads(record.read_text())["config"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise UserError(
-                f"{record} holds no run config ({type(e).__name__}: {e}); resume with --config and the run's settings"
-            ) from None
+            raw = f"{type(e).__name__}: {e}"
+        if not isinstance(raw, dict):
+            raise UserError(f"{record} holds no run config ({raw}); resume with --config and the run's settings")
         return apply_overrides(raw, overrides)
     return read_raw(config_path, overrides)
 

@@ -29,6 +29,7 @@ from gptlab.fileio import write_text_atomic
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.model import GPT
 from gptlab.report import NOT_YET, Claim, ladder_section, plot_pretraining_loss
+from gptlab.train.loop import read_metrics
 
 INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
 
@@ -137,7 +138,7 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
-    metrics = read_jsonl(base / "metrics.jsonl")
+    metrics = read_metrics(base / "metrics.jsonl")
     plot_pretraining_loss(metrics, out / "loss.png")
     meta = json.loads((out / "shards" / "meta.json").read_text())
     report = render_report(preset, seed, out, base_engine.model, meta, metrics, instruct, samples, conversations, timings)

@@ -23,14 +23,13 @@ import torch
 from gptlab import scaling
 from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
 from gptlab.data import iter_documents, prepare, read_meta
-from gptlab.data.documents import read_jsonl
 from gptlab.errors import UserError
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.eval.tasks import load_task
 from gptlab.fileio import write_json_atomic, write_text_atomic
 from gptlab.pretrain import PretrainConfig, pretrain
 from gptlab.tokenizer import Tokenizer
-from gptlab.train.loop import TrainConfig
+from gptlab.train.loop import TrainConfig, read_metrics
 from gptlab.world import write_world
 
 WORD_TASKS = ["reverse", "cycle_letters", "swap_ends", "sort_letters", "double_first"]
@@ -264,7 +263,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
         with torch.no_grad(), warnings_as_lines():
             metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
         write_text_atomic(run_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        records = read_jsonl(run_dir / "metrics.jsonl")
+        records = read_metrics(run_dir / "metrics.jsonl")
         val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
         if val_loss is None:
             raise UserError(

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from gptlab import scaling
-from gptlab.data.documents import jsonl_records, read_jsonl
+from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
+from gptlab.train.loop import read_metrics
 
 
 @dataclass
@@ -238,9 +239,10 @@ def _save_line_plot(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: s
 
 def plot_pretraining_loss(metrics: list[dict], path: Path, title: str = "Pretraining on TinyWorld") -> None:
     plt = _plt()
-    train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
+    logged = [m for m in metrics if "loss" in m]
+    train = [(m["tokens"], m["loss"]) for m in logged]
     val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    tokens_per_step = metrics[-1]["tokens"] / metrics[-1]["step"]
+    tokens_per_step = logged[-1]["tokens"] / logged[-1]["step"]  # the last record may be evaluation only
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*zip(*train), label="train loss")
     if val:
@@ -446,12 +448,17 @@ def write_reports(folder: Path) -> list[Path]:
 
 def write_run_report(run_dir: Path) -> Path:
     """A training run's report card: what ran, how far, its losses, speed and memory, and its config."""
-    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    if not metrics:
-        raise UserError(f"{run_dir / 'metrics.jsonl'} is empty: the run logged no step yet")
-    config = record.get("config", {})
+    record = {}
+    if (run_dir / "run.json").is_file():
+        try:
+            record = json.loads((run_dir / "run.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{run_dir / 'run.json'} is not valid JSON ({e}); restore it or remove it") from None
+    metrics = read_metrics(run_dir / "metrics.jsonl")
     logged = [m for m in metrics if "loss" in m]
+    if not logged:
+        raise UserError(f"{run_dir / 'metrics.jsonl'} holds no logged step yet: report the run once it has logged one")
+    config = record.get("config", {})
     validated = [m for m in metrics if "val_loss" in m]
     last = metrics[-1]
     versions = record.get("versions", {})
@@ -472,10 +479,8 @@ def write_run_report(run_dir: Path) -> Path:
         lines.append(f"| parameters | {record['params']:,} |")
     planned = config.get("train", {}).get("max_steps")
     lines.append(f"| steps | {last['step']:,}" + (f" of {planned:,}" if planned else "") + " |")
-    if "tokens" in last:
-        lines.append(f"| tokens | {last['tokens']:,} |")
-    if logged:
-        lines.append(f"| train loss, last logged | {logged[-1]['loss']:.4f} (step {logged[-1]['step']:,}) |")
+    lines.append(f"| tokens | {logged[-1]['tokens']:,} (to step {logged[-1]['step']:,}) |")
+    lines.append(f"| train loss, last logged | {logged[-1]['loss']:.4f} (step {logged[-1]['step']:,}) |")
     if validated:
         best = min(validated, key=lambda m: m["val_loss"])
         lines.append(
@@ -493,9 +498,8 @@ def write_run_report(run_dir: Path) -> Path:
     if memory:
         what = "allocated on the GPU" if record.get("device", "").startswith("cuda") else "process RSS"
         lines.append(f"| peak memory ({what}) | {max(memory):,.1f} MB |")
-    if logged and "tokens" in last:
-        plot_pretraining_loss(metrics, run_dir / "loss.png", title=f"Training run {run_dir.name}")
-        lines += ["", "![loss](loss.png)"]
+    plot_pretraining_loss(metrics, run_dir / "loss.png", title=f"Training run {run_dir.name}")
+    lines += ["", "![loss](loss.png)"]
     if config:
         lines += ["", "## Config", "", "```json", json.dumps(config, indent=1), "```"]
     path = run_dir / "report.md"

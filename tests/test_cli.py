@@ -142,6 +142,7 @@ def files(folder: Path) -> dict[str, bytes]:
 def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path):
     out = tmp_path / "run"
     assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
+    assert gptlab("report", out).returncode == 0
     before = files(out)
     assert_user_error(pretrain(world, out, "train.max_steps=2"), "already holds a training run", "--resume", "--overwrite")
     assert files(out) == before
@@ -156,6 +157,7 @@ def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path)
     assert (out / "model" / "model.safetensors").read_bytes() == final.read_bytes()
     assert final.read_bytes() != before["model/model.safetensors"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 2
+    assert not (out / "report.md").exists() and not (out / "loss.png").exists()  # they described the old run
 
 
 def test_an_output_path_that_cannot_be_written_is_one_line(world, tmp_path):
@@ -171,8 +173,9 @@ def test_an_output_path_that_cannot_be_written_is_one_line(world, tmp_path):
 def test_resume_with_a_broken_run_record_is_one_line(world, tmp_path):
     out = tmp_path / "run"
     assert pretrain(world, out, "train.max_steps=2").returncode == 0
-    (out / "run.json").write_text('{"config": {"model"')
-    assert_user_error(gptlab("pretrain", "--out", out, "--resume"), "run.json", "--config")
+    for broken in ('{"config": {"model"', '{"config": null}'):
+        (out / "run.json").write_text(broken)
+        assert_user_error(gptlab("pretrain", "--out", out, "--resume"), "run.json", "--config")
 
 
 def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path):
@@ -185,13 +188,21 @@ def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     params = GPT.from_pretrained(out / "model").num_params()
     assert f"| parameters | {params:,} |" in text
-    assert "| steps | 4 of 4 |" in text and f"| tokens | {metrics[-1]['tokens']:,} |" in text
+    assert "| steps | 4 of 4 |" in text and f"| tokens | {metrics[-1]['tokens']:,} (to step 4) |" in text
     assert f"| train loss, last logged | {metrics[-1]['loss']:.4f} (step 4) |" in text
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(val) == 2 and f"{val[-1]:.4f} (step 4) / {min(val):.4f}" in text
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A killed run: its last record evaluation only, then the torn tail of a write.
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 5, "val_loss": 0.5}) + '\n{"step": 6, "lo')
+    assert gptlab("report", out).returncode == 0
+    again = (out / "report.md").read_text()
+    assert f"| tokens | {metrics[-1]['tokens']:,} (to step 4) |" in again and "0.5000 (step 5)" in again
     (tmp_path / "nothing").mkdir()
     assert_user_error(gptlab("report", tmp_path / "nothing"), "holds no run")
+    (out / "run.json").write_text('{"config": ')
+    assert_user_error(gptlab("report", out), "run.json", "not valid JSON")
 
 
 def test_world_and_demo_errors(tmp_path):

@@ -224,25 +224,30 @@ def test_a_hub_dataset_by_name_streams_its_text_column_into_the_same_shards(
 
     def load_dataset(path, name=None, split=None, streaming=False):
         calls.append((path, name, split, streaming))
-        return iter([{"text": d, "id": i} for i, d in enumerate(docs[:2])] + [{"text": ""}]
+        return iter([{"text": d, "id": i} for i, d in enumerate(docs[:2])] + [{"text": ""}, {"text": None}]
                     + [{"text": d, "id": i} for i, d in enumerate(docs[2:])])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert list(iter_documents("hf:owner/corpus")) == docs
-    assert list(iter_documents(["hf:wikitext:wikitext-2-raw-v1:validation"])) == docs
-    assert calls == [("owner/corpus", None, "train", True), ("wikitext", "wikitext-2-raw-v1", "validation", True)]
+    assert list(iter_documents(["hf:wikitext:wikitext-2-raw-v1:validation", "hf:owner/corpus::test"])) == docs + docs
+    assert calls == [("owner/corpus", None, "train", True), ("wikitext", "wikitext-2-raw-v1", "validation", True),
+                     ("owner/corpus", None, "test", True)]
     prepare(tok_dir, ["hf:owner/corpus"], tmp_path / "hub", val_fraction=0.05, shard_tokens=3000, workers=1)
     for name in sorted(p.name for p in shards.glob("*.bin")):  # the same tokens as from the files
         assert np.array_equal(open_shard(tmp_path / "hub" / name), open_shard(shards / name)), name
 
-    for spec in ("hf:", "hf:a:b:c:d", "hf:name::train"):
+    for spec in ("hf:", "hf:a:b:c:d", "hf::config"):
         with pytest.raises(UserError) as e:
             list(iter_documents(spec))
         assert_one_line(e, spec, "hf:PATH[:CONFIG[:SPLIT]]")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"body": "x"}]))
     with pytest.raises(UserError) as e:
         list(iter_documents("hf:owner/other"))
-    assert_one_line(e, "hf:owner/other:train row 0", "'text'", "body")
+    assert_one_line(e, "hf:owner/other has no 'text' column", "body")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"text": "a"}, {"text": 7}]))
+    with pytest.raises(UserError) as e:
+        list(iter_documents("hf:owner/other"))
+    assert_one_line(e, "hf:owner/other row 1", "int, not a string")
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'owner/missing' on the Hub (LocalEntryNotFoundError)\nmore detail")
@@ -250,7 +255,7 @@ def test_a_hub_dataset_by_name_streams_its_text_column_into_the_same_shards(
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError) as e:
         list(iter_documents("hf:owner/missing"))
-    assert_one_line(e, "cannot read hf:owner/missing:train", "Couldn't reach", "network")
+    assert_one_line(e, "cannot read hf:owner/missing (", "Couldn't reach", "network")
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(UserError) as e:
         list(iter_documents("hf:owner/corpus"))
@@ -265,6 +270,11 @@ def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path):
         prepare(tok_dir, tmp_path / "c.jsonl", tmp_path / "out", workers=1)
     assert_one_line(e, "already holds shards", "--overwrite")
     assert (tmp_path / "out" / "meta.json").read_text() == before
+    (tmp_path / "empty.txt").write_text("\n")
+    for bad in (tmp_path / "missing.jsonl", tmp_path / "empty.txt"):  # --overwrite with inputs that fail
+        with pytest.raises(UserError):
+            prepare(tok_dir, bad, tmp_path / "out", workers=1, overwrite=True)
+        assert (tmp_path / "out" / "meta.json").read_text() == before
     write_jsonl(tmp_path / "c.jsonl", make_docs(3, seed=4))
     meta = prepare(tok_dir, tmp_path / "c.jsonl", tmp_path / "out", workers=1, overwrite=True)
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 3

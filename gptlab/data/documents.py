@@ -60,34 +60,33 @@ def require_documents(documents: Iterable[str], source: object) -> Iterator[str]
 
 @dataclass(frozen=True)
 class HubDataset:
-    """A Hugging Face dataset by name, ``hf:PATH[:CONFIG[:SPLIT]]`` (split ``train`` unless given):
-    its ``text`` column, streamed, so rows download as they are read and nothing is held whole.
-    Only a name the user gives is ever fetched; reading needs the ``datasets`` package."""
+    """A Hugging Face dataset by name, ``hf:PATH[:CONFIG[:SPLIT]]`` (no config and split ``train``
+    unless given; ``hf:PATH::SPLIT`` picks a split without a config): its ``text`` column,
+    streamed, so rows download as they are read and nothing is held whole. Only a name the user
+    gives is ever fetched; reading needs the ``datasets`` package."""
 
+    spec: str  # as the user wrote it, for messages
     path: str
-    config: str | None = None
-    split: str = "train"
+    config: str | None
+    split: str
 
     PREFIX = "hf:"
 
     @classmethod
     def parse(cls, spec: str) -> "HubDataset":
-        parts = spec.removeprefix(cls.PREFIX).split(":")
-        if not parts[0] or len(parts) > 3 or not all(parts):
+        path, config, split = (spec.removeprefix(cls.PREFIX).split(":") + ["", ""])[:3]
+        if not path or spec.count(":") > 3:
             raise UserError(
-                f"input {spec!r} is not hf:PATH[:CONFIG[:SPLIT]]: e.g. hf:roneneldan/TinyStories or "
-                "hf:wikitext:wikitext-103-raw-v1:train"
+                f"input {spec!r} is not hf:PATH[:CONFIG[:SPLIT]]: e.g. hf:roneneldan/TinyStories, "
+                "hf:roneneldan/TinyStories::validation or hf:wikitext:wikitext-103-raw-v1:train"
             )
-        return cls(*parts)
-
-    def __str__(self) -> str:
-        return self.PREFIX + ":".join(p for p in (self.path, self.config, self.split) if p)
+        return cls(spec, path, config or None, split or "train")
 
     def check_installed(self) -> None:
         try:
             importlib.import_module("datasets")
         except ImportError:
-            raise UserError(f"reading {self} needs the datasets package: pip install 'gptlab[hf]'") from None
+            raise UserError(f"reading {self.spec} needs the datasets package: pip install 'gptlab[hf]'") from None
 
     def documents(self) -> Iterator[str]:
         import datasets
@@ -96,16 +95,18 @@ class HubDataset:
         try:
             rows = datasets.load_dataset(self.path, self.config, split=self.split, streaming=True)
             for number, row in enumerate(rows):
-                text = row.get("text")
-                if not isinstance(text, str):
-                    raise UserError(f"{self} row {number} has no string 'text' column (columns: {', '.join(row)})")
-                if text:
+                if "text" not in row:
+                    raise UserError(f"{self.spec} has no 'text' column (row {number} has: {', '.join(row)})")
+                text = row["text"]
+                if text is not None and not isinstance(text, str):
+                    raise UserError(f"{self.spec} row {number}: 'text' holds {type(text).__name__}, not a string")
+                if text:  # nulls and empty texts are skipped, as in Parquet files
                     yield text
         except UserError:
             raise
         except Exception as e:
             raise UserError(
-                f"cannot read {self} ({first_line(e)}): check the name, config and split, and the network"
+                f"cannot read {self.spec} ({first_line(e)}): check the name, config and split, and the network"
             ) from None
 
 

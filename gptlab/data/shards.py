@@ -224,6 +224,8 @@ def prepare(
     if workers < 1:
         raise UserError(f"workers must be positive, got {workers}")
     separator = _separator(tokenizer, tokenizer_dir)
+    corpus = require_documents(iter_documents(inputs), ", ".join(map(str, inputs)))
+    first = next(corpus)  # every input checked, and the first document read, before old shards go
     _claim_out_dir(out_dir, overwrite)
 
     dtype = token_dtype(tokenizer.vocab_size)
@@ -231,7 +233,7 @@ def prepare(
     documents = {split: 0 for split in SPLITS}
     index = 0
     try:
-        chunks = _chunks(require_documents(iter_documents(inputs), ", ".join(map(str, inputs))))
+        chunks = _chunks(itertools.chain([first], corpus))
         for tokens, lengths in _encode_chunks(chunks, tokenizer, Path(tokenizer_dir), separator["position"], workers):
             val = is_val(np.arange(index, index + lengths.size), val_fraction)
             in_val = np.repeat(val, lengths)

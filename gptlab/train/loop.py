@@ -379,9 +379,8 @@ class Trainer:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save({"optimizer": optim_state, "rng": rng}, state_dir / "state.pt")
-            (state_dir / "state.json").write_text(
-                json.dumps({"step": self.step, "batches": self.batches.state_dict()}, indent=1)
-            )
+            trainer_state = {"step": self.step, "optimizer": self.cfg.optimizer, "batches": self.batches.state_dict()}
+            (state_dir / "state.json").write_text(json.dumps(trainer_state, indent=1))
         for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -397,6 +396,13 @@ class Trainer:
             except (UserError, OSError, ValueError, RuntimeError, KeyError) as e:
                 self._warn(f"checkpoint {folder} cannot be loaded ({str(e).splitlines()[0]}); trying an older one")
                 continue
+            # Checkpoints from before train.optimizer existed hold AdamW's state.
+            saved_with = state.get("optimizer", "adamw")
+            if saved_with != self.cfg.optimizer:
+                raise UserError(
+                    f"checkpoint {folder} holds {saved_with}'s state, but train.optimizer={self.cfg.optimizer}; "
+                    f"resume with train.optimizer={saved_with}"
+                )
             self._restore(weights, extra["optimizer"])
             torch.set_rng_state(extra["rng"]["torch"])
             if "cuda" in extra["rng"] and torch.cuda.is_available():
@@ -424,13 +430,7 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.optimizer, self._keyed_by_name(optim_state), options=options)
         else:
             self.model.load_state_dict(weights)
-            try:
-                self.optimizer.load_state_dict(optim_state)
-            except (KeyError, ValueError) as e:
-                raise UserError(
-                    f"the checkpoint's optimizer state does not fit train.optimizer={self.cfg.optimizer} ({e}); "
-                    "resume with the optimizer the run began with"
-                ) from None
+            self.optimizer.load_state_dict(optim_state)
 
     def _keyed_by_name(self, optim_state: dict) -> dict:
         """The optimizer state keyed by parameter name, as FSDP's loader needs. A one-process or DDP
@@ -574,10 +574,16 @@ class Trainer:
 
     def _claim_out_dir(self, resume: bool, overwrite: bool) -> None:
         """A fresh run may not train over an earlier one: checkpoint rotation would keep the
-        earlier run's higher-numbered checkpoints and export its model as this run's."""
-        earlier = [p for p in (self.out_dir / "checkpoints", self.out_dir / "model") if p.exists()]
-        if resume or not (list_checkpoints(self.out_dir) or (self.out_dir / "model").exists()):
+        earlier run's higher-numbered checkpoints and export its model as this run's. Rank 0
+        decides and deletes, so every rank refuses or proceeds together."""
+        if resume:
             return
+        holds_run = [self.runtime.is_main and bool(list_checkpoints(self.out_dir) or (self.out_dir / "model").exists())]
+        if self.runtime.distributed:
+            dist.broadcast_object_list(holds_run, src=0)
+        if not holds_run[0]:
+            return
+        earlier = [p for p in (self.out_dir / "checkpoints", self.out_dir / "model") if p.exists()]
         if not overwrite:
             raise UserError(
                 f"{self.out_dir} already holds a training run ({', '.join(p.name + '/' for p in earlier)}); "
@@ -586,7 +592,10 @@ class Trainer:
         if self.runtime.is_main:
             for path in earlier:
                 shutil.rmtree(path)
-            self.metrics_path.unlink(missing_ok=True)
+            for card in ("report.md", "loss.png"):  # `gptlab report`'s, of the run being replaced
+                (self.out_dir / card).unlink(missing_ok=True)
+        if self.runtime.distributed:
+            dist.barrier()
 
     def export(self, path: str | Path) -> None:
         """Publish the final checkpoint's model folder (weights and tokenizer, no trainer state)."""
@@ -602,14 +611,19 @@ class Trainer:
         """Drop records past the current step: a resumed run rewrites what the killed one logged."""
         if not self.runtime.is_main or not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if _logged_step(line) <= self.step]
-        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(self.metrics_path) if record["step"] <= self.step]
+        write_text_atomic(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-def _logged_step(line: str) -> float:
-    """The step of one metrics.jsonl line; a line that does not parse (the torn tail of a killed
-    run's last write) counts as past every step, so it is dropped."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl. A line that does not parse is the torn tail of a
+    killed run's last write (appends are not atomic), so it is left out, not an error."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
