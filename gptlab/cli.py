@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: mmlu, gsm8k, world_mmlu, arith_{op}_{digits} (arith_3, arith: groups), "
                         "words_{task} (words: all), world_instruct, ppl, or a .toml task file")
     p.add_argument("--data", help="what the tasks read: a TinyWorld folder, an MMLU folder, a GSM8K JSONL, a text file")
-    p.add_argument("--shots", default="0", help="comma-separated shot counts, e.g. 0,1,5 (results keyed by '5-shot')")
+    p.add_argument("--shots", default="0", help="comma-separated shot counts, e.g. 0,1,5 (with several, results are keyed by '5-shot')")
     p.add_argument("--cot", action="store_true", help="chain-of-thought exemplars and answer regex (arith tasks)")
     p.add_argument("--chat", action="store_true",
                    help="ask generation tasks through the model's chat template, shots as earlier turns")
