@@ -1,5 +1,6 @@
 """The training loop and pretraining: learning, exact resume after SIGKILL, torchrun, guards."""
 
+import copy
 import json
 import math
 import os
@@ -89,7 +90,7 @@ def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
     assert final["step"] == 250 and "val_loss" in final
     assert final["val_loss"] < 0.6 * unigram_entropy, (final, unigram_entropy)
     assert records[0]["loss"] > unigram_entropy  # it started from (near-)uniform predictions
-    for key in ("lr", "tokens", "tok_per_s", "mfu", "peak_mem_mb"):
+    for key in ("lr", "grad_norm", "tokens", "tok_per_s", "mfu", "peak_mem_mb"):
         assert key in final
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["model"]["n_layer"] == 2 and run["config"]["model"]["vocab_size"] == meta["vocab_size"]
@@ -248,6 +249,34 @@ def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
     single, resumed = losses(uninterrupted), losses(out)
     assert single.keys() == resumed.keys()
     assert all(abs(single[s] - resumed[s]) < 1e-4 for s in single), (single, resumed)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_the_logged_grad_norm_is_the_norm_before_clipping(tmp_path, grad_clip):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    batch = torch.randint(0, 50, (2, 8))
+    reference = copy.deepcopy(model)
+    reference(batch, batch).backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+
+    class Batches:
+        def next_batch(self):
+            return batch
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=8, eval_every=0, log_every=1, grad_clip=grad_clip, lr=1.0,
+                      warmup_steps=0, weight_decay=0.0)
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, lambda m, b: m(b, b), Batches())
+    trainer.fit()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.05  # so that the clipped case did clip: the log must still show the norm before it
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):

@@ -465,8 +465,9 @@ class Trainer:
         self.model.train()
         return result
 
-    def _train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks."""
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks
+        and the gradient norm before clipping."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
         total = torch.zeros((), device=self.runtime.device)
@@ -489,11 +490,13 @@ class Trainer:
                 f"{'the last good checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}"
                 "; lower train.lr, raise train.warmup_steps or check the data"
             )
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        # An infinite max_norm measures without clipping (the gradients are scaled by exactly 1).
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, grad_norm
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that loads (from step 0 when there is none)."""
@@ -520,7 +523,8 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
-                window_loss += self._train_step()
+                loss, grad_norm = self._train_step()
+                window_loss += loss
                 window_time += time.perf_counter() - start
                 self.step += 1
                 window_steps += 1
@@ -531,6 +535,7 @@ class Trainer:
                         "step": self.step,
                         "loss": round(window_loss.item() / window_steps, 6),  # mean since the last log
                         "lr": learning_rate(cfg, self.step - 1),
+                        "grad_norm": round(_as_float(grad_norm), 6),  # this step's, before clipping
                         "tokens": self.step * self.tokens_per_step,
                         "tok_per_s": round(window_steps * self.tokens_per_step / window_time, 1),
                         "mfu": round(window_steps * flops_per_step / window_time / (peak * self.runtime.world_size), 4)
@@ -627,3 +632,8 @@ def read_metrics(path: Path) -> list[dict]:
         if isinstance(record, dict) and "step" in record:
             records.append(record)
     return records
+
+
+def _as_float(value: torch.Tensor) -> float:
+    """A scalar tensor's value; under FSDP the gradient norm is a DTensor, made whole first."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
