@@ -4,6 +4,7 @@ user mistakes (``UserError``) end with one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -252,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def path_problem(e: OSError) -> str:
+    """One line for a filesystem error on a path the user gave; the common case, a file where a
+    folder must be, is named as such (the OS says only "Not a directory" or "File exists")."""
+    path = Path(e.filename)
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+        if blocking == path:
+            return f"{path} is a file where a folder is needed; choose another path"
+        if blocking is not None:
+            return f"{path} needs {blocking} to be a folder, but it is a file; choose another path"
+    return f"cannot use {path}: {e.strerror}; check that path or choose another"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.filename is None:  # not about a path the user gave: a bug, so its traceback helps
             raise
-        print(f"gptlab: error: cannot use {e.filename}: {e.strerror}; check that path or choose another", file=sys.stderr)
+        print(f"gptlab: error: {path_problem(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptlab: interrupted", file=sys.stderr)

@@ -166,7 +166,9 @@ def test_an_output_path_that_cannot_be_written_is_one_line(world, tmp_path):
     assert_user_error(gptlab("tokenizer", "--input", world / "corpus.txt", "--out", blocker / "tok"), str(blocker))
     assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt",
                              "--out", blocker / "shards"), str(blocker))
-    assert_user_error(pretrain(world, blocker / "run"), str(blocker))
+    assert_user_error(pretrain(world, blocker / "run"), f"needs {blocker} to be a folder, but it is a file")
+    assert_user_error(gptlab("eval", "--model", world / "model", "--tasks", "perplexity", "--data", world / "corpus.txt",
+                             "--out", blocker / "results.json"), f"{blocker} is a file where a folder is needed")
     assert blocker.read_text() == "mine"
 
 
