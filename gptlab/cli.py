@@ -254,15 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def path_problem(e: OSError) -> str:
-    """One line for a filesystem error on a path the user gave; the common case, a file where a
-    folder must be, is named as such (the OS says only "Not a directory" or "File exists")."""
-    path = Path(e.filename)
+    """One line for a filesystem error on a path the user gave. A rename names its target second;
+    a file where a folder must be (or the reverse) is named as such, where the OS says only
+    "Not a directory", "File exists" or "Is a directory"."""
+    name = e.filename2 if e.filename2 is not None else e.filename
+    path = Path(os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name))
     if e.errno in (errno.ENOTDIR, errno.EEXIST):
-        blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+        blocking = next((p for p in (path, *path.parents) if (p.exists() or p.is_symlink()) and not p.is_dir()), None)
         if blocking == path:
             return f"{path} is a file where a folder is needed; choose another path"
         if blocking is not None:
             return f"{path} needs {blocking} to be a folder, but it is a file; choose another path"
+    if e.errno == errno.EISDIR:
+        return f"{path} is a folder where a file is needed; choose another path"
     return f"cannot use {path}: {e.strerror}; check that path or choose another"
 
 

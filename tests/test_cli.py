@@ -167,8 +167,12 @@ def test_an_output_path_that_cannot_be_written_is_one_line(world, tmp_path):
     assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt",
                              "--out", blocker / "shards"), str(blocker))
     assert_user_error(pretrain(world, blocker / "run"), f"needs {blocker} to be a folder, but it is a file")
-    assert_user_error(gptlab("eval", "--model", world / "model", "--tasks", "perplexity", "--data", world / "corpus.txt",
-                             "--out", blocker / "results.json"), f"{blocker} is a file where a folder is needed")
+    assert_user_error(gptlab("eval", "--model", world / "model", "--tasks", "ppl", "--data", world / "corpus.txt",
+                             "--limit", "2", "--out", blocker / "results.json"), f"{blocker} is a file where a folder is needed")
+    (tmp_path / "a_folder").mkdir()
+    assert_user_error(gptlab("eval", "--model", world / "model", "--tasks", "ppl", "--data", world / "corpus.txt",
+                             "--limit", "2", "--out", tmp_path / "a_folder"), f"{tmp_path / 'a_folder'} is a folder where a file is needed")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
     assert blocker.read_text() == "mine"
 
 

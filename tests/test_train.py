@@ -232,6 +232,10 @@ def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_pat
     assert single.keys() == distributed.keys()
     for step in single:
         assert abs(single[step] - distributed[step]) < 1e-4, (step, single[step], distributed[step])
+    norms = [{r["step"]: r["grad_norm"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "grad_norm" in r} for run in (uninterrupted, out)]
+    assert norms[0].keys() == norms[1].keys()
+    assert all(norms[1][step] == pytest.approx(norms[0][step], rel=1e-3) for step in norms[0]), norms
     expected, got = weights(uninterrupted / "model"), weights(out / "model")
     assert all(torch.allclose(expected[k], got[k], atol=1e-4) for k in expected)
 
@@ -252,13 +256,16 @@ def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
-def test_the_logged_grad_norm_is_the_norm_before_clipping(tmp_path, grad_clip):
+def test_grad_norm_is_logged_before_clipping_and_the_optimizer_gets_the_clipped_gradients(tmp_path, grad_clip):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
     batch = torch.randint(0, 50, (2, 8))
     reference = copy.deepcopy(model)
     reference(batch, batch).backward()
-    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+    assert norm > 0.05  # so that the clipped case clips
+    scale = min(1.0, grad_clip / norm) if grad_clip > 0 else 1.0
 
     class Batches:
         def next_batch(self):
@@ -270,13 +277,40 @@ def test_the_logged_grad_norm_is_the_norm_before_clipping(tmp_path, grad_clip):
         def load_state_dict(self, state):
             pass
 
-    cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=8, eval_every=0, log_every=1, grad_clip=grad_clip, lr=1.0,
-                      warmup_steps=0, weight_decay=0.0)
+    cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=8, eval_every=0, log_every=1, grad_clip=grad_clip)
     trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, lambda m, b: m(b, b), Batches())
+    stepped = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda: (stepped.append([p.grad.clone() for p in model.parameters()]), step())
     trainer.fit()
-    record = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert record["grad_norm"] == pytest.approx(expected, rel=1e-5)
-    assert expected > 0.05  # so that the clipped case did clip: the log must still show the norm before it
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    for got, expected in zip(stepped[0], grads):
+        assert torch.allclose(got, expected * scale, rtol=1e-5, atol=1e-8)
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    before = copy.deepcopy(model.state_dict())
+
+    class Batches:
+        def next_batch(self):
+            return torch.randint(0, 50, (2, 8))
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    def loss_fn(m, batch):  # a finite loss (sqrt(0) = 0) whose gradient is not (its slope at 0 is infinite)
+        return m(batch, batch) + torch.sqrt(m.lm_head.weight[0, 0] * 0)
+
+    cfg = TrainConfig(max_steps=3, batch_size=2, seq_len=8, eval_every=0, log_every=1, grad_clip=0.0)
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, loss_fn, Batches())
+    with pytest.raises(UserError, match="gradient norm became (nan|inf) at step 1"):
+        trainer.fit()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):

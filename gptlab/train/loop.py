@@ -482,18 +482,22 @@ class Trainer:
                 loss.backward()
             total += loss.detach()
         total = self.runtime.mean(total)
-        if not torch.isfinite(total):
+        # An infinite max_norm measures without clipping: a finite norm scales the gradients by
+        # exactly 1, and a non-finite one stops the run below, before any update.
+        grad_norm = _whole(torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        ))
+        if not torch.isfinite(total + grad_norm):  # one sync for both
             self.optimizer.zero_grad(set_to_none=True)
             kept = list_checkpoints(self.out_dir)
+            what = f"loss became {total.item()}"
+            if torch.isfinite(total):
+                what = f"gradient norm became {grad_norm.item()}"
             raise UserError(
-                f"loss became {total.item()} at step {self.step + 1}; the run stopped and "
+                f"{what} at step {self.step + 1}; the run stopped and "
                 f"{'the last good checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}"
                 "; lower train.lr, raise train.warmup_steps or check the data"
             )
-        # An infinite max_norm measures without clipping (the gradients are scaled by exactly 1).
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
@@ -535,7 +539,7 @@ class Trainer:
                         "step": self.step,
                         "loss": round(window_loss.item() / window_steps, 6),  # mean since the last log
                         "lr": learning_rate(cfg, self.step - 1),
-                        "grad_norm": round(_as_float(grad_norm), 6),  # this step's, before clipping
+                        "grad_norm": round(grad_norm.item(), 6),  # the window's last step, before clipping
                         "tokens": self.step * self.tokens_per_step,
                         "tok_per_s": round(window_steps * self.tokens_per_step / window_time, 1),
                         "mfu": round(window_steps * flops_per_step / window_time / (peak * self.runtime.world_size), 4)
@@ -634,6 +638,6 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def _as_float(value: torch.Tensor) -> float:
-    """A scalar tensor's value; under FSDP the gradient norm is a DTensor, made whole first."""
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: under FSDP the gradient norm is a DTensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
