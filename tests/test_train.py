@@ -255,6 +255,22 @@ def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
     assert all(abs(single[s] - resumed[s]) < 1e-4 for s in single), (single, resumed)
 
 
+class Batches:
+    """A batch source for the Trainer tests: ``make()`` gives each batch; there is nothing to resume."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def next_batch(self):
+        return self.make()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
 def test_grad_norm_is_logged_before_clipping_and_the_optimizer_gets_the_clipped_gradients(tmp_path, grad_clip):
     torch.manual_seed(0)
@@ -267,18 +283,8 @@ def test_grad_norm_is_logged_before_clipping_and_the_optimizer_gets_the_clipped_
     assert norm > 0.05  # so that the clipped case clips
     scale = min(1.0, grad_clip / norm) if grad_clip > 0 else 1.0
 
-    class Batches:
-        def next_batch(self):
-            return batch
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
     cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=8, eval_every=0, log_every=1, grad_clip=grad_clip)
-    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, lambda m, b: m(b, b), Batches())
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, lambda m, b: m(b, b), Batches(lambda: batch))
     stepped = []
     step = trainer.optimizer.step
     trainer.optimizer.step = lambda: (stepped.append([p.grad.clone() for p in model.parameters()]), step())
@@ -293,21 +299,12 @@ def test_a_non_finite_gradient_stops_the_run_before_the_update(tmp_path):
     model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
     before = copy.deepcopy(model.state_dict())
 
-    class Batches:
-        def next_batch(self):
-            return torch.randint(0, 50, (2, 8))
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
     def loss_fn(m, batch):  # a finite loss (sqrt(0) = 0) whose gradient is not (its slope at 0 is infinite)
         return m(batch, batch) + torch.sqrt(m.lm_head.weight[0, 0] * 0)
 
     cfg = TrainConfig(max_steps=3, batch_size=2, seq_len=8, eval_every=0, log_every=1, grad_clip=0.0)
-    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, loss_fn, Batches())
+    random_batches = Batches(lambda: torch.randint(0, 50, (2, 8)))
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, loss_fn, random_batches)
     with pytest.raises(UserError, match="gradient norm became (nan|inf) at step 1"):
         trainer.fit()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -317,16 +314,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
 
-    class Batches:
-        def next_batch(self):
-            return torch.randint(0, 50, (2, 8))
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
     calls = []
 
     def loss_fn(m, batch):
@@ -335,7 +322,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
         return loss * float("nan") if len(calls) == 7 else loss
 
     cfg = TrainConfig(max_steps=10, batch_size=2, seq_len=8, save_every=5, eval_every=0, log_every=1)
-    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, loss_fn, Batches())
+    random_batches = Batches(lambda: torch.randint(0, 50, (2, 8)))
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, loss_fn, random_batches)
     with pytest.raises(UserError, match="at step 7") as info:
         trainer.fit()
     assert "step-0000005" in str(info.value) and "\n" not in str(info.value)
