@@ -16,7 +16,9 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import struct
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQ")
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 SPLITS = ("train", "val")
+STAGING_PREFIX = ".prepare-"  # new shards are written in this hidden folder, then moved in
 CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
 
 
@@ -224,16 +227,18 @@ def prepare(
     if workers < 1:
         raise UserError(f"workers must be positive, got {workers}")
     separator = _separator(tokenizer, tokenizer_dir)
-    corpus = require_documents(iter_documents(inputs), ", ".join(map(str, inputs)))
-    first = next(corpus)  # every input checked, and the first document read, before old shards go
-    _claim_out_dir(out_dir, overwrite)
+    old = _old_shards(out_dir, overwrite)
+    # New shards are written aside and swapped in only once complete, so a failure at any
+    # input (a bad line, an unreachable hub) leaves the old ones as they were.
+    staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
 
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: _ShardWriter(out_dir, split, dtype, shard_tokens) for split in SPLITS}
+    writers = {split: _ShardWriter(staging, split, dtype, shard_tokens) for split in SPLITS}
     documents = {split: 0 for split in SPLITS}
     index = 0
     try:
-        chunks = _chunks(itertools.chain([first], corpus))
+        chunks = _chunks(require_documents(iter_documents(inputs), ", ".join(map(str, inputs))))
         for tokens, lengths in _encode_chunks(chunks, tokenizer, Path(tokenizer_dir), separator["position"], workers):
             val = is_val(np.arange(index, index + lengths.size), val_fraction)
             in_val = np.repeat(val, lengths)
@@ -247,6 +252,7 @@ def prepare(
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
     meta = {
@@ -263,6 +269,11 @@ def prepare(
             for split in SPLITS
         },
     }
+    for path in old:  # meta.json first: from here until the new one lands, the folder reads as unfinished
+        path.unlink()
+    for name in (name for split in SPLITS for name in writers[split].names):
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
     # A copy of the tokenizer travels with its shards, so training needs only the shards folder.
     tokenizer.save_pretrained(out_dir / "tokenizer")
     write_json_atomic(out_dir / "meta.json", meta)
@@ -302,18 +313,19 @@ def _separator(tokenizer: Tokenizer, tokenizer_dir: str | os.PathLike) -> dict[s
     )
 
 
-def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix new shards with old ones; with ``overwrite``, remove meta.json first so the
-    folder reads as unfinished until the new meta.json lands."""
+def _old_shards(out_dir: Path, overwrite: bool) -> list[Path]:
+    """The shards (meta.json first) that a new ``prepare`` into ``out_dir`` would replace: refused
+    unless ``overwrite``. A killed prepare's staging folder is removed."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} is a file, not a folder: choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     old = [out_dir / "meta.json"] if (out_dir / "meta.json").exists() else []
     old += sorted(p for split in SPLITS for p in out_dir.glob(f"{split}_*.bin"))
     if old and not overwrite:
         raise UserError(f"{out_dir} already holds shards ({old[0].name}, ...): choose another --out or pass --overwrite")
-    for path in old:
-        path.unlink()
+    return old
 
 
 def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
