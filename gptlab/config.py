@@ -42,16 +42,25 @@ def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
 def read_run_raw(config_path: str | Path | None, overrides: list[str], out_dir: Path, resume: bool) -> dict:
     """A run's raw config: the one its run.json recorded when resuming without --config (so a
     resumed run trains on what it started with), else the file plus overrides."""
-    record = out_dir / "run.json"
-    if resume and config_path is None and record.is_file():
-        try:
-            raw = json.loads(record.read_text())["config"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raw = f"{type(e).__name__}: {e}"
+    path = out_dir / "run.json"
+    if resume and config_path is None and path.is_file():
+        fix = "resume with --config and the run's settings"
+        raw = read_run_record(path, fix).get("config")
         if not isinstance(raw, dict):
-            raise UserError(f"{record} holds no run config ({raw}); resume with --config and the run's settings")
+            raise UserError(f"{path} holds no run config; {fix}")
         return apply_overrides(raw, overrides)
     return read_raw(config_path, overrides)
+
+
+def read_run_record(path: Path, fix: str) -> dict:
+    """A run.json as written by ``run_info``; one error line ending in ``fix`` when it is not."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not a run record (a JSON object); {fix}")
+    return record
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -22,14 +22,13 @@ import torch
 from gptlab import scaling
 from gptlab.align.chat import ChatSession
 from gptlab.cli import main as gptlab
-from gptlab.data.documents import jsonl_records, read_jsonl
+from gptlab.data.documents import jsonl_records, read_jsonl, read_metrics
 from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.model import GPT
 from gptlab.report import NOT_YET, Claim, ladder_section, plot_pretraining_loss
-from gptlab.train.loop import read_metrics
 
 INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
 
@@ -152,9 +151,9 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
     held-out test conversations of every instruction family, scored by the oracle."""
     held_out = set(held_out)
     runs = {
-        "base": evaluate(GptlabBackend(base.model, base.tokenizer, base), ["world_instruct"], world,
+        "base": evaluate(GptlabBackend.from_engine(base), ["world_instruct"], world,
                          shots=[INSTRUCT_SHOTS], limit=limit, return_samples=True),
-        "sft": evaluate(GptlabBackend(tuned.model, tuned.tokenizer, tuned), ["world_instruct"], world, shots=[0],
+        "sft": evaluate(GptlabBackend.from_engine(tuned), ["world_instruct"], world, shots=[0],
                         chat=True, limit=limit, return_samples=True),
     }
     scores = {name: {(s["subject"], s["doc_id"]): float(s["correct"]) for s in r["samples"]} for name, r in runs.items()}

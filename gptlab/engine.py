@@ -462,8 +462,9 @@ class Engine:
         # Position of every (row, slot) of the cache: 0 at each row's first real token.
         slots = torch.arange(length, device=device)
         positions = (slots - pad[:, None]).clamp(min=0)
+        real = slots >= pad[:, None]  # (B, S): the slots that hold a token, not padding
         if bool((pad > 0).any()):
-            real_key = (slots >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S), sliced per step
+            real_key = real[:, None, None, :]  # (B, 1, 1, S), sliced per step
             causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
             # A pad query attends only to itself: a fully masked row would give NaN, which the
             # pad's keys and values would then carry into later layers.
@@ -474,14 +475,14 @@ class Engine:
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=device)
-            real = slots[:longest] >= pad[:, None]
-            seen[torch.arange(batch, device=device)[:, None].expand_as(ids)[real], ids[real]] = True
+            prompt_real = real[:, :longest]
+            seen[torch.arange(batch, device=device)[:, None].expand_as(ids)[prompt_real], ids[prompt_real]] = True
         # The prompt runs once; its n rows of samples start from copies of its keys and values.
         per_sample = (lambda t: t.repeat_interleave(n, dim=0)) if n > 1 else (lambda t: t)
         prompt_positions = positions[:, :longest]
         positions = per_sample(positions)
         seen = per_sample(seen) if seen is not None else None
-        row_key = per_sample(real_key) if real_key is not None else None
+        real_key = per_sample(real_key) if real_key is not None else None
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -491,14 +492,14 @@ class Engine:
         # Autocast's cached weight casts would be freed under a captured graph, so it runs eagerly.
         if self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES and not torch.is_autocast_enabled(device.type):
             static_step = self._static_step(rows, length)
-            cache = static_step.start(row_key)  # claims the step: nothing that can fail comes before the try
+            cache = static_step.start(real_key)  # claims the step: nothing that can fail comes before the try
         else:
             cache = KVCache(self.model.config, rows, length, device, param.dtype)
         running = [True] * rows
         try:
             with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
-                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache if n > 1 else cache)
-                if n > 1:
+                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache if prompt_cache is not None else cache)
+                if prompt_cache is not None:
                     cache.copy_rows_from(prompt_cache, n)
                     prompt_cache = None  # not held while the rows decode
                     logits = per_sample(logits)
@@ -514,7 +515,7 @@ class Engine:
                     if step == max_new_tokens - 1 or not any(running):
                         return
                     end = cache.pos + 1
-                    mask = row_key[..., :end] if row_key is not None else None
+                    mask = real_key[..., :end] if real_key is not None else None
                     logits = self._logits(token[:, None], positions[:, end - 1:end], mask, cache, static_step)
                     token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
         finally:  # also when the caller stops consuming the stream early
@@ -569,7 +570,7 @@ class Engine:
             scores = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
         token = sample_next(scores, sampling.temperature, sampling.top_k, sampling.top_p, generator)
         if seen is not None:
-            seen[torch.arange(token.size(0), device=token.device), token] = True
+            seen.scatter_(1, token[:, None], True)
         if not return_logprobs:
             return token, None
         return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)

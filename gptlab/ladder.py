@@ -23,13 +23,14 @@ import torch
 from gptlab import scaling
 from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
 from gptlab.data import iter_documents, prepare, read_meta
+from gptlab.data.documents import read_metrics
 from gptlab.errors import UserError
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.eval.tasks import load_task
 from gptlab.fileio import write_json_atomic, write_text_atomic
 from gptlab.pretrain import PretrainConfig, pretrain
 from gptlab.tokenizer import Tokenizer
-from gptlab.train.loop import TrainConfig, read_metrics
+from gptlab.train.loop import TrainConfig
 from gptlab.world import write_world
 
 WORD_TASKS = ["reverse", "cycle_letters", "swap_ends", "sort_letters", "double_first"]

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from gptlab import scaling
-from gptlab.data.documents import jsonl_records
+from gptlab.config import read_run_record
+from gptlab.data.documents import jsonl_records, read_metrics
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
-from gptlab.train.loop import read_metrics
 
 
 @dataclass
@@ -434,10 +434,10 @@ def write_reports(folder: Path) -> list[Path]:
             return write_ladder_report
         return write_run_report if (path / "metrics.jsonl").is_file() else None
 
-    if writer(folder):
-        return [writer(folder)(folder)]
+    if write := writer(folder):
+        return [write(folder)]
     children = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    written = [writer(child)(child) for child in children if writer(child)]
+    written = [write(child) for child in children if (write := writer(child))]
     if not written:
         raise UserError(
             f"{folder} holds no run: give a folder written by `gptlab ladder`, `pretrain` or `sft` "
@@ -448,12 +448,7 @@ def write_reports(folder: Path) -> list[Path]:
 
 def write_run_report(run_dir: Path) -> Path:
     """A training run's report card: what ran, how far, its losses, speed and memory, and its config."""
-    record = {}
-    if (run_dir / "run.json").is_file():
-        try:
-            record = json.loads((run_dir / "run.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{run_dir / 'run.json'} is not valid JSON ({e}); restore it or remove it") from None
+    record = read_run_record(run_dir / "run.json", "restore it or remove it") if (run_dir / "run.json").is_file() else {}
     metrics = read_metrics(run_dir / "metrics.jsonl")
     logged = [m for m in metrics if "loss" in m]
     if not logged:

@@ -14,6 +14,7 @@ import torch
 from gptlab.data import iter_documents, prepare
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
+from test_checkpoint import snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,17 +136,13 @@ def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path):
     out = tmp_path / "run"
     assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
     assert gptlab("report", out).returncode == 0
-    before = files(out)
+    before = snapshot(out)
     assert_user_error(pretrain(world, out, "train.max_steps=2"), "already holds a training run", "--resume", "--overwrite")
-    assert files(out) == before
+    assert snapshot(out) == before
     both = gptlab("pretrain", "--out", out, "--resume", "--overwrite")
     assert both.returncode == 2 and "not allowed with" in both.stderr and "Traceback" not in both.stderr
 

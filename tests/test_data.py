@@ -272,13 +272,16 @@ def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path):
     assert (tmp_path / "out" / "meta.json").read_text() == before
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    shards_before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    def shard_files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+
+    shards_before = shard_files()
     write_jsonl(tmp_path / "big.jsonl", make_docs(5) * 2000)  # more than one chunk: shards are written before bad.jsonl
     failing = ([tmp_path / "missing.jsonl"], [tmp_path / "empty.txt"], [tmp_path / "big.jsonl", tmp_path / "bad.jsonl"])
     for inputs in failing:  # --overwrite, and an input fails: at once, or after shards were written
         with pytest.raises(UserError):
             prepare(tok_dir, inputs, tmp_path / "out", workers=1, overwrite=True, shard_tokens=50)
-        assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == shards_before
+        assert shard_files() == shards_before
         assert not list((tmp_path / "out").glob(".prepare-*"))
     write_jsonl(tmp_path / "c.jsonl", make_docs(3, seed=4))
     meta = prepare(tok_dir, tmp_path / "c.jsonl", tmp_path / "out", workers=1, overwrite=True)

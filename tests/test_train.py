@@ -74,8 +74,8 @@ def weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+def losses(run: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r}
 
 
 def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
@@ -232,8 +232,7 @@ def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_pat
     assert single.keys() == distributed.keys()
     for step in single:
         assert abs(single[step] - distributed[step]) < 1e-4, (step, single[step], distributed[step])
-    norms = [{r["step"]: r["grad_norm"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if "grad_norm" in r} for run in (uninterrupted, out)]
+    norms = [losses(run, "grad_norm") for run in (uninterrupted, out)]
     assert norms[0].keys() == norms[1].keys()
     assert all(norms[1][step] == pytest.approx(norms[0][step], rel=1e-3) for step in norms[0]), norms
     expected, got = weights(uninterrupted / "model"), weights(out / "model")

@@ -109,18 +109,14 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
 
 
 class _ShardWriter:
-    """Streams one split's tokens into numbered shard files of ``shard_tokens`` tokens each.
-
-    Each file is written under a temporary name and renamed once complete, so a finished shard
-    name always holds a whole shard.
-    """
+    """Streams one split's tokens into numbered shard files of ``shard_tokens`` tokens each, in
+    ``prepare``'s staging folder: only complete shards ever leave it."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.names: list[str] = []  # finished shards
         self.tokens = 0
         self._file = None
-        self._tmp: Path | None = None
         self._count = 0  # tokens in the open file
 
     def write(self, tokens: np.ndarray) -> None:
@@ -141,18 +137,13 @@ class _ShardWriter:
             self._finish()
 
     def abort(self) -> None:
-        """Remove everything this writer made: shards without meta.json are of no use."""
+        """Close the open file; ``prepare`` removes the staging folder with everything in it."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        for path in [self._tmp] + [self.out_dir / n for n in self.names]:
-            if path is not None:
-                path.unlink(missing_ok=True)
-        self.names = []
 
     def _open(self) -> None:
-        self._tmp = self.out_dir / f".{shard_name(self.split, len(self.names))}.tmp"
-        self._file = open(self._tmp, "wb")
+        self._file = open(self.out_dir / shard_name(self.split, len(self.names)), "wb")
         self._file.write(bytes(HEADER_BYTES))  # placeholder until the count is known
         self._count = 0
 
@@ -164,8 +155,7 @@ class _ShardWriter:
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        os.replace(self._tmp, self.out_dir / name)
-        self._file, self._tmp = None, None
+        self._file = None
         self.names.append(name)
 
 

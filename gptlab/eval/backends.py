@@ -423,9 +423,13 @@ class GptlabBackend(TokenBackend):
         self.prefix_token_id = prefix
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> GptlabBackend:
-        engine = Engine.from_pretrained(path, device=device, dtype=dtype)
+    def from_engine(cls, engine: Engine) -> GptlabBackend:
+        """The engine's model and tokenizer, generating through that engine."""
         return cls(engine.model, engine.tokenizer, engine)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype=None) -> GptlabBackend:
+        return cls.from_engine(Engine.from_pretrained(path, device=device, dtype=dtype))
 
     def _encode(self, texts, add_special_tokens):
         return self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)

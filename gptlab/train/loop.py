@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from gptlab.checkpoint import atomic_folder, load_pretrained, write_model_files
 from gptlab.config import run_info
+from gptlab.data.documents import read_metrics
 from gptlab.errors import UserError
 from gptlab.fileio import write_json_atomic, write_text_atomic
 from gptlab.model import GPT
@@ -567,9 +568,10 @@ class Trainer:
         """A stage's whole run: run.json (its config and ``info``), training, and the exported
         model in ``out_dir/model``; returns the trained model. ``overwrite`` lets a fresh run
         replace an earlier run's checkpoints and model in ``out_dir``."""
-        self._claim_out_dir(resume, overwrite)
         if resume:  # before run.json is written: a checkpoint that does not fit this config leaves it as it was
             self.resume()
+        else:
+            self._claim_out_dir(overwrite)
         if self.runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(
@@ -581,12 +583,10 @@ class Trainer:
         self.export(self.out_dir / "model")
         return model
 
-    def _claim_out_dir(self, resume: bool, overwrite: bool) -> None:
+    def _claim_out_dir(self, overwrite: bool) -> None:
         """A fresh run may not train over an earlier one: checkpoint rotation would keep the
         earlier run's higher-numbered checkpoints and export its model as this run's. Rank 0
         decides and deletes, so every rank refuses or proceeds together."""
-        if resume:
-            return
         holds_run = [self.runtime.is_main and bool(list_checkpoints(self.out_dir) or (self.out_dir / "model").exists())]
         if self.runtime.distributed:
             dist.broadcast_object_list(holds_run, src=0)
@@ -622,20 +622,6 @@ class Trainer:
             return
         kept = [record for record in read_metrics(self.metrics_path) if record["step"] <= self.step]
         write_text_atomic(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl. A line that does not parse is the torn tail of a
-    killed run's last write (appends are not atomic), so it is left out, not an error."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:
