@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 
 from gptlab.scaling import (
-    bootstrap_mean_interval,
     chinchilla_unsupported_reason,
-    difference_interval,
     fit_chinchilla,
     fit_power_law,
     flops_per_token,
@@ -138,25 +136,6 @@ def test_chinchilla_refuses_collinear_or_too_few_runs():
     assert fit_chinchilla(params, tokens, chinchilla_loss(params, tokens)) is None
     assert "collinear" in chinchilla_unsupported_reason(params, tokens)
     assert fit_chinchilla(params[:4], tokens[:4] * [1, 3, 1, 3], chinchilla_loss(params[:4], tokens[:4])) is None
-
-
-def test_constant_sample_has_zero_width_interval():
-    assert bootstrap_mean_interval([0.5] * 20) == (0.5, 0.5, 0.5)
-
-
-def test_mean_interval_brackets_the_mean():
-    values = np.random.default_rng(0).integers(0, 2, size=200)
-    mean, lo, hi = bootstrap_mean_interval(values)
-    assert lo < mean < hi and hi - lo < 0.2
-
-
-def test_paired_difference_of_a_constant_shift_is_exact_unpaired_is_not():
-    a = np.random.default_rng(0).integers(0, 2, size=50).astype(float)
-    diff, lo, hi = difference_interval(a, a + 0.1, paired=True)
-    assert diff == pytest.approx(0.1, abs=1e-12)
-    assert lo == pytest.approx(0.1, abs=1e-12) and hi == pytest.approx(0.1, abs=1e-12)
-    diff, lo, hi = difference_interval(a, a + 0.1, paired=False)
-    assert diff == pytest.approx(0.1, abs=1e-12) and lo < 0.1 < hi
 
 
 def test_monotone_decreasing_is_strict():

@@ -1,0 +1,56 @@
+"""Seeded percentile-bootstrap intervals for means and differences of per-item scores.
+
+Torch-free (numpy only), so the report, the scaling fits, the ladder and the arena share one
+implementation without importing the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap samples, (lo, hi)."""
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(samples, [tail, 1.0 - tail])
+    return float(lo), float(hi)
+
+
+def _as_sample(values, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0 or not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of finite numbers")
+    return array
+
+
+def bootstrap_mean_interval(
+    values, confidence: float = 0.95, bootstrap: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of per-item scores with a seeded percentile-bootstrap interval."""
+    values = _as_sample(values, "values")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(bootstrap, values.size))].mean(axis=1)
+    return (float(values.mean()), *percentile_interval(means, confidence))
+
+
+def difference_interval(
+    a_values, b_values, *, paired: bool, confidence: float = 0.95, bootstrap: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean(b) - mean(a), lo, hi) with a seeded percentile-bootstrap interval.
+
+    Paired when item i of a and of b is the same question (e.g. CoT vs standard prompting): items
+    are resampled together, so the spread between easy and hard questions cancels out of the
+    interval. Unpaired (e.g. two models on different samples): each side
+    is resampled on its own.
+    """
+    a, b = _as_sample(a_values, "a_values"), _as_sample(b_values, "b_values")
+    rng = np.random.default_rng(seed)
+    if paired:
+        if a.size != b.size:
+            raise ValueError(f"paired samples must have the same length, got {a.size} and {b.size}")
+        diffs = b - a
+        boot = diffs[rng.integers(0, diffs.size, size=(bootstrap, diffs.size))].mean(axis=1)
+        return (float(diffs.mean()), *percentile_interval(boot, confidence))
+    boot = (b[rng.integers(0, b.size, size=(bootstrap, b.size))].mean(axis=1)
+            - a[rng.integers(0, a.size, size=(bootstrap, a.size))].mean(axis=1))
+    return (float(b.mean() - a.mean()), *percentile_interval(boot, confidence))
