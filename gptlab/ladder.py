@@ -32,8 +32,7 @@ from gptlab.pretrain import PretrainConfig, pretrain
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import TrainConfig
 from gptlab.world import write_world
-
-WORD_TASKS = ["reverse", "cycle_letters", "swap_ends", "sort_letters", "double_first"]
+from gptlab.world.words import SAME_FORMAT_TASK_NAMES
 
 
 @dataclass
@@ -66,7 +65,7 @@ class EvalConfig:
     limit: int | None = 60  # questions per task (and per world_mmlu subject); None: all
     batch_size: int = 32
     mmlu_shots: list[int] = field(default_factory=lambda: [0, 5])
-    word_tasks: list[str] = field(default_factory=lambda: list(WORD_TASKS))
+    word_tasks: list[str] = field(default_factory=lambda: list(SAME_FORMAT_TASK_NAMES))
     word_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     # Empty: every arithmetic task of the world.
     arith_tasks: list[str] = field(default_factory=lambda: ["add_2", "add_3", "sub_2", "sub_3", "mul_2"])

@@ -28,12 +28,12 @@ from typing import Any
 from gptlab.data.documents import read_jsonl
 from gptlab.errors import UserError
 from gptlab.eval import metrics
+from gptlab.world.words import WORD_TASK_NAMES
 
 MC, GEN, PPL = "multiple_choice", "generate_until", "perplexity"
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 LETTERS = ("A", "B", "C", "D")
 ARITH_OPS = ("add", "sub", "mul")
-WORD_TASKS = ("reverse", "cycle_letters", "swap_ends", "sort_letters", "double_first", "random_insertion")
 COT_PREFIX = "Let's think step by step."
 # The arithmetic corpus writes a direct answer as "N." right after "A:".
 ARITH_DIRECT = r"^\s*(-?\d+)\."
@@ -478,7 +478,7 @@ def _toml_gold(path: Path, choices: Callable[[dict], list[str]], target: Callabl
 def known_names(data: Path | None) -> list[str]:
     """Task names for suggestions: the built-in ones, and those a TinyWorld folder holds."""
     names = ["mmlu", "gsm8k", "ppl", "world_mmlu", "world_instruct", "arith", "words"]
-    names += [f"words_{t}" for t in WORD_TASKS]
+    names += [f"words_{t}" for t in WORD_TASK_NAMES]
     names += [f"arith_{op}_{k}" for op in ARITH_OPS for k in range(2, 6)] + [f"arith_{k}" for k in range(2, 6)]
     if data is not None and (data / "bench" / "arith").is_dir():
         names += [f"arith_{stem}" for stem in _test_stems(data / "bench" / "arith")]
@@ -498,7 +498,7 @@ def expand_names(names: list[str], data: Path | None) -> list[str]:
     out = []
     for name in names:
         if name == "words":
-            out += [f"words_{t}" for t in WORD_TASKS]
+            out += [f"words_{t}" for t in WORD_TASK_NAMES]
         elif name == "arith" or re.fullmatch(r"arith_\d+", name):
             if data is None:
                 raise UserError(f"task {name} needs --data: a TinyWorld folder")

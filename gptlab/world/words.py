@@ -57,6 +57,10 @@ TASKS = (
              None),
 )
 TASK_BY_NAME = {t.name: t for t in TASKS}
+WORD_TASK_NAMES = tuple(t.name for t in TASKS)
+# The tasks whose input is the plain word: "word -> ?" alone does not say which is meant, so only
+# the examples in the prompt do, and these measure in-context learning (the ladder's default set).
+SAME_FORMAT_TASK_NAMES = tuple(t.name for t in TASKS if t.transform is not None)
 
 
 def outputs(word: str) -> list[str]:
