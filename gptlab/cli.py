@@ -20,10 +20,11 @@ def cmd_world(args) -> None:
 
 
 def cmd_tokenizer(args) -> None:
-    from gptlab.data import iter_documents
+    from gptlab.data import iter_documents, require_documents
     from gptlab.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.train(iter_documents(args.input), vocab_size=args.vocab_size)
+    texts = require_documents(iter_documents(args.input), ", ".join(map(str, args.input)))
+    tokenizer = Tokenizer.train(texts, vocab_size=args.vocab_size)
     tokenizer.save_pretrained(args.out)
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE tokenizer -> {args.out}")
 

@@ -18,6 +18,7 @@ recipe and the folder layout:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -100,34 +101,20 @@ class Tokenizer:
     # ----------------------------------------------------------------------------- training
 
     @classmethod
-    def train(
-        cls,
-        source: str | os.PathLike | Iterable[os.PathLike] | Iterable[str],
-        vocab_size: int,
-        show_progress: bool = False,
-    ) -> Tokenizer:
-        """Train a byte-level BPE tokenizer.
-
-        ``source`` is a path, a list of ``Path`` objects (files or folders, read with
-        ``gptlab.data.iter_documents``) or an iterable of document strings.
-        """
-        from gptlab.data.documents import iter_documents, require_documents
-
+    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+        """Train a byte-level BPE tokenizer on an iterable of texts (to train on files, pass
+        ``gptlab.data.iter_documents(paths)``)."""
+        if isinstance(texts, (str, os.PathLike)):  # a string is iterable too: one text per character
+            raise TypeError("Tokenizer.train takes an iterable of texts; read files with gptlab.data.iter_documents")
         if vocab_size < MIN_VOCAB_SIZE:
             raise UserError(
                 f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
                 f"{len(SPECIAL_TOKENS)} special tokens; use a vocab_size of at least {MIN_VOCAB_SIZE}"
             )
-        paths: list | None = None
-        if isinstance(source, (str, os.PathLike)):
-            paths = [source]
-        elif isinstance(source, (list, tuple)) and source and all(isinstance(p, os.PathLike) for p in source):
-            paths = list(source)
-        if paths is not None:
-            documents: Iterable[str] = iter_documents(paths)
-            where = ", ".join(map(str, paths))
-        else:
-            documents, where = source, "the given texts"
+        texts = iter(texts)
+        first = next(texts, None)
+        if first is None:
+            raise UserError("no texts to train the tokenizer on: the corpus is empty")
         tok = _HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -142,7 +129,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
-        tok.train_from_iterator(require_documents(documents, where), trainer=trainer)
+        tok.train_from_iterator(itertools.chain([first], texts), trainer=trainer)
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A",
             pair=f"{BOS} $A {BOS} $B",

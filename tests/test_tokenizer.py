@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gptlab.data import iter_documents
 from gptlab.errors import UserError
 from gptlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -96,11 +97,12 @@ def test_train_refuses_a_vocab_smaller_than_bytes_plus_specials():
     assert_one_line(e, "262", "263")
 
 
-def test_train_refuses_an_empty_corpus(tmp_path: Path):
-    (tmp_path / "empty.txt").write_text("\n\n")
+def test_train_refuses_an_empty_corpus_and_a_path():
     with pytest.raises(UserError) as e:
-        Tokenizer.train([tmp_path], vocab_size=300)
-    assert_one_line(e, "no documents", str(tmp_path))
+        Tokenizer.train(iter([]), vocab_size=300)
+    assert_one_line(e, "no texts", "empty")
+    with pytest.raises(TypeError, match="iter_documents"):
+        Tokenizer.train("corpus.txt", vocab_size=300)
 
 
 def test_train_on_a_folder_of_txt_jsonl_parquet(tmp_path: Path):
@@ -112,7 +114,7 @@ def test_train_on_a_folder_of_txt_jsonl_parquet(tmp_path: Path):
     (tmp_path / "sub" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_corpus(50, seed=2)))
     # A word that only the parquet file holds, often enough to become one token.
     pq.write_table(pa.table({"text": ["zyzzyva " * 50] * 20}), tmp_path / "sub" / "c.parquet")
-    tok = Tokenizer.train([tmp_path], vocab_size=350)
+    tok = Tokenizer.train(iter_documents([tmp_path]), vocab_size=350)
     assert len(tok.encode("zyzzyva", add_special_tokens=False)) == 1
     assert len(tok.encode("river", add_special_tokens=False)) < len("river")
 
