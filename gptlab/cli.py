@@ -75,7 +75,7 @@ def cmd_sft(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from gptlab.align.chat import ChatSession, run_chat, typed_lines
+    from gptlab.chat import ChatSession, run_chat, typed_lines
     from gptlab.engine import Engine
 
     engine = Engine.from_pretrained(args.model)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptlab.align.chat import ChatSession, fit_history, run_chat
 from gptlab.align.sft import SftConfig, SftDataConfig, SftTrainConfig, load_config, sft, token_losses
+from gptlab.chat import ChatSession, fit_history, run_chat
 from gptlab.data.chat import ChatBatches, collate, encode_record, fit, load_chat_data
 from gptlab.engine import Engine
 from gptlab.errors import UserError

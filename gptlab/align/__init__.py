@@ -1,1 +1,1 @@
-"""Alignment stages: supervised fine-tuning (``sft``), and the terminal chat that talks to its models."""
+"""Alignment stages: supervised fine-tuning (``sft``); ``gptlab.chat`` talks to the models they make."""

@@ -1,4 +1,5 @@
-"""`gptlab chat`: a multi-turn conversation with a model, streamed to the terminal.
+"""A multi-turn conversation with a model: `gptlab chat` streams it to the terminal, and the demo,
+the server and the arena hold their conversations through ``ChatSession`` too.
 
 The prompt is the chat template over the whole history plus the generation prompt; the reply
 stops at ``<|end|>`` or EOS. When the history no longer leaves room for a reply of
