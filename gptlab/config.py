@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import platform
-import subprocess
-import sys
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from gptlab import __version__
 from gptlab.errors import UserError
+from gptlab.runs import RunFolder
 
 
 def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
@@ -42,25 +36,14 @@ def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
 def read_run_raw(config_path: str | Path | None, overrides: list[str], out_dir: Path, resume: bool) -> dict:
     """A run's raw config: the one its run.json recorded when resuming without --config (so a
     resumed run trains on what it started with), else the file plus overrides."""
-    path = out_dir / "run.json"
-    if resume and config_path is None and path.is_file():
+    run = RunFolder(out_dir)
+    if resume and config_path is None and run.has_record():
         fix = "resume with --config and the run's settings"
-        raw = read_run_record(path, fix).get("config")
+        raw = run.read_record(fix).get("config")
         if not isinstance(raw, dict):
-            raise UserError(f"{path} holds no run config; {fix}")
+            raise UserError(f"{run.record_path} holds no run config; {fix}")
         return apply_overrides(raw, overrides)
     return read_raw(config_path, overrides)
-
-
-def read_run_record(path: Path, fix: str) -> dict:
-    """A run.json as written by ``run_info``; one error line ending in ``fix`` when it is not."""
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path} is not a run record (a JSON object); {fix}")
-    return record
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -183,20 +166,3 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def run_info(config: dict, **extra) -> dict:
-    """What ``run.json`` records: the resolved config, versions, git commit and the command line."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "config": config,
-        "argv": sys.argv,
-        "versions": {"gptlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "git_commit": commit,
-        **extra,
-    }

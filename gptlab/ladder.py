@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from gptlab import scaling
-from gptlab.config import apply_overrides, build, read_raw, run_info, to_dict
+from gptlab.config import apply_overrides, build, read_raw, to_dict
 from gptlab.data import iter_documents, prepare, read_meta
-from gptlab.data.documents import read_metrics
 from gptlab.errors import UserError
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.eval.tasks import load_task
 from gptlab.fileio import write_json_atomic, write_text_atomic
 from gptlab.pretrain import PretrainConfig, pretrain
+from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import TrainConfig
 from gptlab.world import write_world
@@ -176,10 +176,15 @@ def plan(cfg: LadderConfig, vocab_size: int) -> list[dict]:
     return runs
 
 
-def train_run(cfg: LadderConfig, run: dict, shards: Path, run_dir: Path):
+def run_folder(ladder_out: Path, name: str) -> RunFolder:
+    """The folder of the ladder's run ``name`` (a pretraining run, plus its result.json and samples.jsonl)."""
+    return RunFolder(ladder_out / "runs" / name)
+
+
+def train_run(cfg: LadderConfig, run: dict, shards: Path, folder: RunFolder):
     train = dict(to_dict(cfg.train), max_steps=run["steps"], warmup_steps=min(cfg.train.warmup_steps, run["steps"] // 5))
     pretrain_cfg = build(PretrainConfig, {"model": to_dict(run["model"]), "data": {"shards": str(shards)}, "train": train})
-    return pretrain(pretrain_cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
+    return pretrain(pretrain_cfg, folder.path, resume=folder.checkpoints_dir.is_dir())
 
 
 def evaluate_run(cfg: EvalConfig, model, tokenizer, world: Path) -> tuple[dict, list[dict]]:
@@ -235,7 +240,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
     runs = plan(cfg, meta["vocab_size"])
     kept = {}
     for run in runs:
-        result_path = out / "runs" / run["name"] / "result.json"
+        result_path = run_folder(out, run["name"]).path / "result.json"
         if result_path.is_file():
             kept[run["name"]] = json.loads(result_path.read_text())
             if kept[run["name"]].get("plan") != _signature(cfg, run):
@@ -243,7 +248,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
                     f"{result_path.parent} was trained or evaluated with other settings than this ladder's; "
                     "use a new --out, or delete that run to redo it"
                 )
-    write_json_atomic(out / "run.json", run_info(to_dict(cfg), preset=preset, seed=cfg.train.seed))
+    RunFolder(out).write_record("ladder", to_dict(cfg), preset=preset, seed=cfg.train.seed)
     print("== ladder: " + ", ".join(f"{r['name']} {r['params']:,} params x {r['tokens']:,} tokens" for r in runs),
           flush=True)
     results = []
@@ -252,18 +257,18 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
             print(f"== ladder: {run['name']} done before; kept", flush=True)
             results.append(kept[run["name"]])
             continue
-        run_dir = out / "runs" / run["name"]
+        folder = run_folder(out, run["name"])
         print(f"== ladder: {run['name']}: training {run['steps']} steps", flush=True)
         started = time.perf_counter()
-        model = train_run(cfg, run, shards, run_dir)
+        model = train_run(cfg, run, shards, folder)
         trained = time.perf_counter() - started
         model.eval()
-        tokenizer = Tokenizer.from_pretrained(run_dir / "model")
+        tokenizer = Tokenizer.from_pretrained(folder.model_dir)
         print(f"== ladder: {run['name']}: evaluating", flush=True)
         with torch.no_grad(), warnings_as_lines():
             metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
-        write_text_atomic(run_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        records = read_metrics(run_dir / "metrics.jsonl")
+        write_text_atomic(folder.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        records = folder.read_metrics()
         val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
         if val_loss is None:
             raise UserError(
@@ -278,7 +283,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
             "train_seconds": round(trained, 1), "eval_seconds": round(time.perf_counter() - started - trained, 1),
             "model": to_dict(run["model"]), "metrics": metrics, "plan": _signature(cfg, run),
         }
-        write_json_atomic(run_dir / "result.json", result)
+        write_json_atomic(folder.path / "result.json", result)
         results.append(result)
     ladder = {"preset": preset, "world": str(world), "runs": results, "fit": fits(results)}
     write_json_atomic(out / "ladder.json", ladder)

@@ -1,5 +1,7 @@
-"""Reports: a ladder folder -> ``report.md`` with PNG plots and the phenomena table; a training
-run's folder (pretrain, SFT) -> ``report.md`` with its loss curves and figures.
+"""Reports: each stage's part of a report is a ``Section`` (its markdown and the plots it wrote),
+and a report is sections in pipeline order. ``gptlab report`` writes a run folder's report.md for
+the kind of run its run.json records: a training run's card (pretrain, SFT), a ladder's scaling
+report with its phenomena table, or, for a demo's folder, one for each run inside it.
 
 Every claim of the lecture is stated, measured on the ladder's own samples with a seeded 95%
 bootstrap interval, and marked reproduced only when the interval excludes zero in the claimed
@@ -10,16 +12,35 @@ appearing, with what would be needed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from gptlab import scaling
-from gptlab.config import read_run_record
-from gptlab.data.documents import jsonl_records, read_metrics
+from gptlab import stats
+from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
+from gptlab.runs import RunFolder
+
+
+@dataclass
+class Section:
+    """One stage's part of a report: its markdown and the plots it wrote (which the markdown links)."""
+
+    markdown: str
+    plots: list[Path] = field(default_factory=list)
+
+
+def concatenate(sections: list[Section]) -> str:
+    """A report of ``sections`` in the order given, a blank line between two."""
+    return "\n\n".join(section.markdown for section in sections) + "\n"
+
+
+def format_points(interval: tuple[float, float, float]) -> str:
+    """An accuracy effect with its interval, (effect, lo, hi) as fractions, in signed points."""
+    effect, lo, hi = (value * 100 for value in interval)
+    return f"{effect:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 @dataclass
@@ -40,9 +61,10 @@ class Claim:
         if self.effect is None:
             measured, verdict = "not measured yet", "—"
         else:
-            scale = 100 if self.unit == "points" else 1
-            fmt = "{:+.1f}" if self.unit == "points" else "{:.3f}"
-            measured = f"{fmt.format(self.effect * scale)} [{fmt.format(self.lo * scale)}, {fmt.format(self.hi * scale)}]"
+            if self.unit == "points":
+                measured = format_points((self.effect, self.lo, self.hi))
+            else:
+                measured = f"{self.effect:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
             verdict = "yes" if self.reproduced else "no"
         return f"| {self.claim} | {self.measure} | {measured} | {verdict} | {self.note} |"
 
@@ -81,8 +103,9 @@ class Samples:
         return [np.asarray([v[item] for item in common]) for v in vectors]
 
 
+
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float] | None:
-    return scaling.difference_interval(a, b, paired=True) if a.size else None
+    return stats.difference_interval(a, b, paired=True) if a.size else None
 
 
 def _gain_growth(samples: Samples, small: str, large: str, tasks: list[str], base: str, better: str):
@@ -93,61 +116,32 @@ def _gain_growth(samples: Samples, small: str, large: str, tasks: list[str], bas
     return _difference(s_better - s_base, l_better - l_base)
 
 
+def _shots(setting: str) -> int:
+    return int(setting.split("-")[0])
+
+
+def _abilities(metrics: dict) -> tuple[list[str], list[str], list[str]]:
+    """The arithmetic tasks, the word tasks and the word tasks' settings (fewest shots first) of
+    one run's metrics."""
+    arith = sorted(t for t in metrics if t.startswith("arith_"))
+    words = sorted(t for t in metrics if t.startswith("words_"))
+    word_settings = sorted(metrics[words[0]], key=_shots) if words else []
+    return arith, words, word_settings
+
+
 # ---------------------------------------------------------------------------------------------
 # Claims
 
 
 def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> list[Claim]:
+    """The phenomena the ladder can measure, in the lecture's order, then ``extra`` (later stages')."""
     runs = ladder["runs"]
     small, large = runs[0]["name"], runs[-1]["name"]
     metrics = runs[-1]["metrics"]
-    arith = sorted(t for t in metrics if t.startswith("arith_"))
-    words = sorted(t for t in metrics if t.startswith("words_"))
-    word_k = sorted(int(s.split("-")[0]) for s in metrics[words[0]]) if words else []
-    claims: list[Claim] = []
-
-    fit = ladder["fit"]["power_law"]
-    loss_claim = Claim("Loss falls smoothly with compute (power law)", "exponent α of L(C) = a·C^-α + L∞", unit="exponent")
-    if "alpha" in fit and fit.get("intervals"):
-        lo, hi = fit["intervals"]["alpha"]
-        loss_claim.effect, loss_claim.lo, loss_claim.hi = fit["alpha"], lo, hi
-        loss_claim.note = "monotone over the ladder" if ladder["fit"]["monotone"] else "NOT monotone over the ladder"
-    else:
-        loss_claim.note = fit.get("unsupported") or "a fit with an interval needs at least 4 sizes"
-        if "alpha" in fit:
-            loss_claim.note += f" (exact fit: α = {fit['alpha']:.3f})"
-    claims.append(loss_claim)
-
-    if words and word_k:
-        k = f"{word_k[-1]}-shot"
-        claims.append(_claim(
-            "An ability appears with scale (exact match)", f"word tasks {k}, exact match, {large} minus {small}",
-            samples.paired((small, k), (large, k), tasks=words),
-            "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
-        ))
-        if len(runs) >= 2:
-            # The sizes before exact match first leaves the smallest model's: if partial credit
-            # has already risen by the last of them, the all-or-nothing metric hid a gradual gain.
-            before = before_em = None
-            for run in runs[1:]:
-                em = _difference(*samples.paired((small, k), (run["name"], k), tasks=words))
-                if em is None or em[1] > 0:
-                    break
-                before, before_em = run["name"], em
-            claim = Claim(
-                "The jump is partly the metric (Schaeffer et al.)",
-                f"word tasks {k}, partial credit (1 - edit distance), {before or runs[1]['name']} minus {small}: "
-                "the largest size whose exact match has not moved",
-            )
-            if before is None:
-                claim.note = "exact match already moves at the second size: a ladder with finer steps is needed"
-            else:
-                pc = _difference(*samples.paired((small, k), (before, k), tasks=words, metric="partial_credit"))
-                if pc:
-                    claim.effect, claim.lo, claim.hi = pc
-                    em = before_em
-                    claim.note = f"exact match over the same step: {em[0] * 100:+.1f} [{em[1] * 100:+.1f}, {em[2] * 100:+.1f}]"
-            claims.append(claim)
+    arith, words, word_settings = _abilities(metrics)
+    claims = [_loss_claim(ladder["fit"])]
+    if words:
+        claims += _word_scale_claims(samples, runs, words, word_settings[-1])
     if arith:
         claims.append(_claim(
             "Arithmetic appears with scale (exact match)",
@@ -155,37 +149,108 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
             samples.paired((small, "standard"), (large, "standard"), tasks=arith),
             "if no: arithmetic needs more compute per model than this ladder spends (docs/tinyworld.md)",
         ))
-    if words and word_k and word_k[-1] > 0:
-        claims.append(_claim(
+    if words and _shots(word_settings[-1]) > 0:
+        claims += _few_shot_claims(samples, small, large, words, word_settings[-1])
+    if arith:
+        claims += _cot_claims(samples, small, large, arith)
+    if "world_mmlu" in metrics and "5-shot" in metrics["world_mmlu"]:
+        claims.append(_mmlu_claim(samples, large, metrics["world_mmlu"]["5-shot"]))
+    return claims + list(extra)
+
+
+def _loss_claim(fit: dict) -> Claim:
+    power = fit["power_law"]
+    claim = Claim(
+        "Loss falls smoothly with compute (power law)", "exponent α of L(C) = a·C^-α + L∞", unit="exponent"
+    )
+    if "alpha" in power and power.get("intervals"):
+        claim.effect = power["alpha"]
+        claim.lo, claim.hi = power["intervals"]["alpha"]
+        claim.note = "monotone over the ladder" if fit["monotone"] else "NOT monotone over the ladder"
+    else:
+        claim.note = power.get("unsupported") or "a fit with an interval needs at least 4 sizes"
+        if "alpha" in power:
+            claim.note += f" (exact fit: α = {power['alpha']:.3f})"
+    return claim
+
+
+def _word_scale_claims(samples: Samples, runs: list[dict], words: list[str], k: str) -> list[Claim]:
+    small, large = runs[0]["name"], runs[-1]["name"]
+    claims = [_claim(
+        "An ability appears with scale (exact match)", f"word tasks {k}, exact match, {large} minus {small}",
+        samples.paired((small, k), (large, k), tasks=words),
+        "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
+    )]
+    if len(runs) >= 2:
+        claims.append(_metric_claim(samples, runs, words, k))
+    return claims
+
+
+def _metric_claim(samples: Samples, runs: list[dict], words: list[str], k: str) -> Claim:
+    """Partial credit over the sizes before exact match first leaves the smallest model's: if it
+    has already risen by the last of them, the all-or-nothing metric hid a gradual gain."""
+    small = runs[0]["name"]
+    before = before_em = None
+    for run in runs[1:]:
+        em = _difference(*samples.paired((small, k), (run["name"], k), tasks=words))
+        if em is None or em[1] > 0:
+            break
+        before, before_em = run["name"], em
+    claim = Claim(
+        "The jump is partly the metric (Schaeffer et al.)",
+        f"word tasks {k}, partial credit (1 - edit distance), {before or runs[1]['name']} minus {small}: "
+        "the largest size whose exact match has not moved",
+    )
+    if before is None:
+        claim.note = "exact match already moves at the second size: a ladder with finer steps is needed"
+        return claim
+    partial = _difference(*samples.paired((small, k), (before, k), tasks=words, metric="partial_credit"))
+    if partial:
+        claim.effect, claim.lo, claim.hi = partial
+        claim.note = f"exact match over the same step: {format_points(before_em)}"
+    return claim
+
+
+def _few_shot_claims(samples: Samples, small: str, large: str, words: list[str], k: str) -> list[Claim]:
+    return [
+        _claim(
             "Few-shot beats zero-shot", f"word tasks, {k} minus 0-shot accuracy, {large}",
-            samples.paired((large, "0-shot"), (large, k), tasks=words), "if no: more word-task episodes (mixture.words)",
-        ))
-        claims.append(_claim(
+            samples.paired((large, "0-shot"), (large, k), tasks=words),
+            "if no: more word-task episodes (mixture.words)",
+        ),
+        _claim(
             "The few-shot gain grows with size", f"({k} - 0-shot) of {large} minus that of {small}",
             _gain_growth(samples, small, large, words, "0-shot", k), "if no: a wider ladder",
-        ))
-    if arith:
-        claims.append(_claim(
+        ),
+    ]
+
+
+def _cot_claims(samples: Samples, small: str, large: str, arith: list[str]) -> list[Claim]:
+    return [
+        _claim(
             "Chain of thought beats standard prompting", f"arithmetic exact match, CoT minus standard, {large}",
             samples.paired((large, "standard"), (large, "cot"), tasks=arith),
             "if no: CoT needs models trained past the worked-solution format; more compute per model",
-        ))
-        claims.append(_claim(
+        ),
+        _claim(
             "The CoT gain grows with size", f"(CoT - standard) of {large} minus that of {small}",
             _gain_growth(samples, small, large, arith, "standard", "cot"), "if no: a wider ladder",
-        ))
-    if "world_mmlu" in metrics and "5-shot" in metrics["world_mmlu"]:
-        claim = _claim(
-            "Few-shot helps multiple choice (MMLU format)", f"world_mmlu 5-shot minus 0-shot, {large}",
-            samples.paired((large, "0-shot"), (large, "5-shot"), tasks=["world_mmlu"]), "",
+        ),
+    ]
+
+
+def _mmlu_claim(samples: Samples, large: str, five_shot: dict) -> Claim:
+    claim = _claim(
+        "Few-shot helps multiple choice (MMLU format)", f"world_mmlu 5-shot minus 0-shot, {large}",
+        samples.paired((large, "0-shot"), (large, "5-shot"), tasks=["world_mmlu"]), "",
+    )
+    cut = five_shot.get("truncated", 0)
+    if cut:
+        claim.note = (
+            f"{cut} of the 5-shot scoring requests (one per choice) are longer than the model's window and were "
+            "cut from the left (lm-eval's rule); a longer block_size would keep all five examples"
         )
-        cut = metrics["world_mmlu"]["5-shot"].get("truncated", 0)
-        if cut:
-            claim.note = (f"{cut} of the 5-shot scoring requests (one per choice) are longer than the model's window and were cut from the "
-                          "left (lm-eval's rule); a longer block_size would keep all five examples")
-        claims.append(claim)
-    claims.extend(extra)
-    return claims
+    return claim
 
 
 def _claim(claim: str, measure: str, pair, if_not: str) -> Claim:
@@ -328,49 +393,42 @@ def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_ladder(ladder_dir: Path, ladder: dict, samples: Samples) -> dict[str, Path]:
+    """Write the ladder's plots into ``ladder_dir``: {caption: path}, in the report's order."""
+    arith, words, _ = _abilities(ladder["runs"][-1]["metrics"])
+    plots = {"loss vs compute": ladder_dir / "loss_vs_compute.png"}
+    plot_loss(ladder, plots["loss vs compute"])
+    if arith:
+        plots["emergence"], plots["cot"] = ladder_dir / "emergence.png", ladder_dir / "cot.png"
+        plot_emergence(ladder, samples, plots["emergence"])
+        plot_cot(ladder, samples, plots["cot"])
+    if words:
+        plots["few-shot"] = ladder_dir / "fewshot.png"
+        plot_fewshot(ladder, samples, plots["few-shot"])
+    return plots
+
+
 # ---------------------------------------------------------------------------------------------
-# The report
+# The ladder's section
 
 
-def _mean(run: dict, task: str, setting: str, metric: str = "acc") -> str:
-    result = run["metrics"].get(task, {}).get(setting, {})
-    value = result.get(metric, result.get("exact_match"))
-    return "—" if value is None else f"{value * 100:.1f}"
+def read_ladder(ladder_dir: Path) -> dict:
+    path = ladder_dir / "ladder.json"
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist: the ladder has not finished; finish it with `gptlab ladder --out {ladder_dir}`"
+        )
+    return json.loads(path.read_text())
 
 
-def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#", link_prefix: str = "") -> str:
-    """The ladder's part of a report (markdown) and its plots, written into ladder_dir; image links
-    get ``link_prefix`` so a report in another folder (the demo's) finds them."""
-    ladder = json.loads((ladder_dir / "ladder.json").read_text())
+def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#", link_prefix: str = "") -> Section:
+    """The ladder's part of a report. Its plots are written into ladder_dir first; their links in
+    the markdown get ``link_prefix`` so a report in another folder (the demo's) finds them."""
+    ladder = read_ladder(ladder_dir)
     runs = ladder["runs"]
     samples = Samples(ladder_dir, runs)
-    plot_loss(ladder, ladder_dir / "loss_vs_compute.png")
-    plots = [f"![loss vs compute]({link_prefix}loss_vs_compute.png)"]
-    metrics = runs[-1]["metrics"]
-    if any(t.startswith("arith_") for t in metrics):
-        plot_emergence(ladder, samples, ladder_dir / "emergence.png")
-        plot_cot(ladder, samples, ladder_dir / "cot.png")
-        plots += [f"![emergence]({link_prefix}emergence.png)", f"![cot]({link_prefix}cot.png)"]
-    if any(t.startswith("words_") for t in metrics):
-        plot_fewshot(ladder, samples, ladder_dir / "fewshot.png")
-        plots.append(f"![few-shot]({link_prefix}fewshot.png)")
-    claims = ladder_claims(ladder, samples, extra or NOT_YET)
+    plots = plot_ladder(ladder_dir, ladder, samples)
     h = heading
-    fit = ladder["fit"]["power_law"]
-    fit_line = (
-        f"Power law: L(C) = {fit['a']:.3g}·(C)^-{fit['alpha']:.3f} + {fit['l_inf']:.3f}"
-        + (f", α 95% interval [{fit['intervals']['alpha'][0]:.3f}, {fit['intervals']['alpha'][1]:.3f}]"
-           if fit.get("intervals") else " (exact with 3 points: no interval)")
-        if "alpha" in fit else f"Power law: not fitted ({fit.get('unsupported')})."
-    )
-    chin = ladder["fit"]["chinchilla"]
-    chin_line = (
-        f"Chinchilla L(N, D): E = {chin['E']:.3f}, α = {chin['alpha']:.3f}, β = {chin['beta']:.3f}."
-        if "E" in chin else f"Chinchilla L(N, D): not fitted ({chin.get('unsupported')})."
-    )
-    arith = sorted(t for t in metrics if t.startswith("arith_"))
-    words = sorted(t for t in metrics if t.startswith("words_"))
-    word_settings = sorted(metrics[words[0]], key=lambda s: int(s.split("-")[0])) if words else []
     lines = [
         f"{h} Scaling ladder",
         "",
@@ -379,124 +437,221 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
         *(f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['flops']:.2e} | {r['val_loss']:.3f} | "
           f"{r['train_seconds']:.0f} |" for r in runs),
         "",
-        fit_line,
+        _power_law_line(ladder["fit"]["power_law"]),
         "",
-        chin_line,
+        _chinchilla_line(ladder["fit"]["chinchilla"]),
         "",
         f"{h}# Phenomena",
         "",
-        "Effects with seeded 95% bootstrap intervals over the evaluated items (paired where the items are the "
-        "same); accuracy effects in points. Reproduced = the interval excludes zero in the claimed direction.",
+        ("Effects with seeded 95% bootstrap intervals over the evaluated items (paired where the items are the "
+         "same); accuracy effects in points. Reproduced = the interval excludes zero in the claimed direction."),
         "",
         "| claim | measure | effect [95% CI] | reproduced | note |",
         "|---|---|---|---|---|",
-        *(c.row() for c in claims),
+        *(c.row() for c in ladder_claims(ladder, samples, extra or NOT_YET)),
         "",
         f"{h}# Abilities by size (accuracy, %)",
         "",
-        "| run | " + " | ".join(
-            [f"world_mmlu {s}" for s in metrics.get("world_mmlu", {})]
-            + [f"words {s}" for s in word_settings]
-            + ["arith standard", "arith CoT"]) + " |",
-        "|---|" + "---|" * (len(metrics.get("world_mmlu", {})) + len(word_settings) + 2),
+        *_abilities_table(runs, samples),
+        "",
+        f"{h}# In-context learning of {runs[-1]['name']} (accuracy %, 95% bootstrap interval)",
+        "",
+        *_in_context_table(runs[-1], samples),
+        "",
+        "\n\n".join(f"![{caption}]({link_prefix}{path.name})" for caption, path in plots.items()),
+    ]
+    return Section("\n".join(lines), list(plots.values()))
+
+
+def _power_law_line(fit: dict) -> str:
+    if "alpha" not in fit:
+        return f"Power law: not fitted ({fit.get('unsupported')})."
+    law = f"Power law: L(C) = {fit['a']:.3g}·(C)^-{fit['alpha']:.3f} + {fit['l_inf']:.3f}"
+    if not fit.get("intervals"):
+        return law + " (exact with 3 points: no interval)"
+    lo, hi = fit["intervals"]["alpha"]
+    return law + f", α 95% interval [{lo:.3f}, {hi:.3f}]"
+
+
+def _chinchilla_line(fit: dict) -> str:
+    if "E" not in fit:
+        return f"Chinchilla L(N, D): not fitted ({fit.get('unsupported')})."
+    return f"Chinchilla L(N, D): E = {fit['E']:.3f}, α = {fit['alpha']:.3f}, β = {fit['beta']:.3f}."
+
+
+def _mean(run: dict, task: str, setting: str, metric: str = "acc") -> str:
+    result = run["metrics"].get(task, {}).get(setting, {})
+    value = result.get(metric, result.get("exact_match"))
+    return "—" if value is None else f"{value * 100:.1f}"
+
+
+def _abilities_table(runs: list[dict], samples: Samples) -> list[str]:
+    """Accuracy of every run: world_mmlu by shots, the word tasks pooled by shots, arithmetic pooled by prompting."""
+    metrics = runs[-1]["metrics"]
+    arith, words, word_settings = _abilities(metrics)
+    mmlu_settings = list(metrics.get("world_mmlu", {}))
+    columns = [f"world_mmlu {s}" for s in mmlu_settings] + [f"words {s}" for s in word_settings]
+    lines = [
+        "| run | " + " | ".join(columns + ["arith standard", "arith CoT"]) + " |",
+        "|---|" + "---|" * (len(columns) + 2),
     ]
     for r in runs:
-        cells = [_mean(r, "world_mmlu", s) for s in metrics.get("world_mmlu", {})]
+        cells = [_mean(r, "world_mmlu", s) for s in mmlu_settings]
         cells += [f"{samples.vector(r['name'], words, s)[1].mean() * 100:.1f}" for s in word_settings]
-        cells += [f"{samples.vector(r['name'], arith, s)[1].mean() * 100:.1f}" if arith else "—" for s in ("standard", "cot")]
+        cells += [
+            f"{samples.vector(r['name'], arith, s)[1].mean() * 100:.1f}" if arith else "—" for s in ("standard", "cot")
+        ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    lines += ["", f"{h}# In-context learning of {runs[-1]['name']} (accuracy %, 95% bootstrap interval)", "",
-              "| ability | setting | accuracy [95% CI] | items |", "|---|---|---|---|"]
-    groups = [("world_mmlu", ["world_mmlu"], list(metrics.get("world_mmlu", {}))),
+    return lines
+
+
+def _in_context_table(run: dict, samples: Samples) -> list[str]:
+    """One run's accuracy in every setting, pooled by ability, with a bootstrap interval."""
+    arith, words, word_settings = _abilities(run["metrics"])
+    groups = [("world_mmlu", ["world_mmlu"], list(run["metrics"].get("world_mmlu", {}))),
               ("word tasks, pooled", words, word_settings), ("arithmetic, pooled", arith, ["standard", "cot"])]
+    lines = ["| ability | setting | accuracy [95% CI] | items |", "|---|---|---|---|"]
     for label, tasks, settings in groups:
         for setting in settings if tasks else []:
-            values = samples.vector(runs[-1]["name"], tasks, setting)[1]
+            values = samples.vector(run["name"], tasks, setting)[1]
             if values.size:
-                mean, lo, hi = scaling.bootstrap_mean_interval(values)
-                lines.append(f"| {label} | {setting} | {mean * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}] | {values.size} |")
-    lines += ["", *(p + "\n" for p in plots)]
-    return "\n".join(lines)
+                mean, lo, hi = stats.bootstrap_mean_interval(values)
+                interval = f"{mean * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]"
+                lines.append(f"| {label} | {setting} | {interval} | {values.size} |")
+    return lines
 
 
 def write_ladder_report(ladder_dir: Path) -> Path:
-    path = ladder_dir / "report.md"
-    write_text_atomic(path, ladder_section(ladder_dir) + "\n")
+    path = RunFolder(ladder_dir).report_path
+    write_text_atomic(path, ladder_section(ladder_dir).markdown + "\n")
     return path
 
 
-def write_reports(folder: Path) -> list[Path]:
-    """``report.md`` for a ladder folder or a training run's folder, or for each such folder
-    directly inside ``folder`` (a demo's: its ladder and its SFT run)."""
-
-    def writer(path: Path):
-        if (path / "ladder.json").is_file():
-            return write_ladder_report
-        return write_run_report if (path / "metrics.jsonl").is_file() else None
-
-    if write := writer(folder):
-        return [write(folder)]
-    children = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    written = [write(child) for child in children if (write := writer(child))]
-    if not written:
-        raise UserError(
-            f"{folder} holds no run: give a folder written by `gptlab ladder`, `pretrain` or `sft` "
-            "(with ladder.json or metrics.jsonl), or a folder of them"
-        )
-    return written
+# ---------------------------------------------------------------------------------------------
+# A training run's card
 
 
 def write_run_report(run_dir: Path) -> Path:
     """A training run's report card: what ran, how far, its losses, speed and memory, and its config."""
-    record = read_run_record(run_dir / "run.json", "restore it or remove it") if (run_dir / "run.json").is_file() else {}
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    logged = [m for m in metrics if "loss" in m]
-    if not logged:
-        raise UserError(f"{run_dir / 'metrics.jsonl'} holds no logged step yet: report the run once it has logged one")
+    run = RunFolder(run_dir)
+    write_text_atomic(run.report_path, training_run_section(run).markdown + "\n")
+    return run.report_path
+
+
+def training_run_section(run: RunFolder) -> Section:
+    record = run.read_record()
+    metrics = run.read_metrics()
+    if not any("loss" in m for m in metrics):
+        raise UserError(f"{run.metrics_path} holds no logged step yet: report the run once it has logged one")
+    plot = run.path / "loss.png"
+    plot_pretraining_loss(metrics, plot, title=f"Training run {run.path.name}")
     config = record.get("config", {})
-    validated = [m for m in metrics if "val_loss" in m]
-    last = metrics[-1]
-    versions = record.get("versions", {})
     lines = [
-        f"# Training run {run_dir.name}",
+        f"# Training run {run.path.name}",
         "",
         f"`{' '.join(record.get('argv', [])) or 'command not recorded'}`",
         "",
-        ", ".join(f"{name} {version}" for name, version in versions.items())
-        + (f"; commit {record['git_commit'][:12]}" if record.get("git_commit") else "")
-        + (f"; {record['device']}" if "device" in record else "")
-        + (f" x {record['world_size']} processes" if record.get("world_size", 1) > 1 else ""),
+        _provenance(record),
         "",
         "| | |",
         "|---|---|",
+        *_progress_rows(record, metrics),
+        *_resource_rows(record, metrics),
+        "",
+        f"![loss]({plot.name})",
     ]
-    if "params" in record:
-        lines.append(f"| parameters | {record['params']:,} |")
-    planned = config.get("train", {}).get("max_steps")
-    lines.append(f"| steps | {last['step']:,}" + (f" of {planned:,}" if planned else "") + " |")
-    lines.append(f"| tokens | {logged[-1]['tokens']:,} (to step {logged[-1]['step']:,}) |")
-    lines.append(f"| train loss, last logged | {logged[-1]['loss']:.4f} (step {logged[-1]['step']:,}) |")
+    if config:
+        lines += ["", "## Config", "", "```json", json.dumps(config, indent=1), "```"]
+    return Section("\n".join(lines), [plot])
+
+
+def _provenance(record: dict) -> str:
+    """Versions, commit and device the run.json records, on one line."""
+    versions = record.get("versions", {})
+    return (
+        ", ".join(f"{name} {version}" for name, version in versions.items())
+        + (f"; commit {record['git_commit'][:12]}" if record.get("git_commit") else "")
+        + (f"; {record['device']}" if "device" in record else "")
+        + (f" x {record['world_size']} processes" if record.get("world_size", 1) > 1 else "")
+    )
+
+
+def _progress_rows(record: dict, metrics: list[dict]) -> list[str]:
+    """Parameters, steps, tokens and losses: how far the run got."""
+    logged = [m for m in metrics if "loss" in m]
+    validated = [m for m in metrics if "val_loss" in m]
+    rows = [f"| parameters | {record['params']:,} |"] if "params" in record else []
+    planned = record.get("config", {}).get("train", {}).get("max_steps")
+    rows.append(f"| steps | {metrics[-1]['step']:,}" + (f" of {planned:,}" if planned else "") + " |")
+    rows.append(f"| tokens | {logged[-1]['tokens']:,} (to step {logged[-1]['step']:,}) |")
+    rows.append(f"| train loss, last logged | {logged[-1]['loss']:.4f} (step {logged[-1]['step']:,}) |")
     if validated:
         best = min(validated, key=lambda m: m["val_loss"])
-        lines.append(
+        rows.append(
             f"| val loss, last / best | {validated[-1]['val_loss']:.4f} (step {validated[-1]['step']:,}) / "
             f"{best['val_loss']:.4f} (step {best['step']:,}) |"
         )
+    return rows
+
+
+def _resource_rows(record: dict, metrics: list[dict]) -> list[str]:
+    """Throughput, MFU and peak memory over the logged windows."""
+    logged = [m for m in metrics if "loss" in m]
+    rows = []
     speeds = [m["tok_per_s"] for m in logged if "tok_per_s" in m]
     if speeds:
         mfus = [m["mfu"] for m in logged if m.get("mfu") is not None]
-        lines.append(
-            f"| throughput, median of {len(speeds)} logged window{'s' if len(speeds) > 1 else ''} | {float(np.median(speeds)):,.0f} tokens/s"
+        windows = f"{len(speeds)} logged window{'s' if len(speeds) > 1 else ''}"
+        rows.append(
+            f"| throughput, median of {windows} | {float(np.median(speeds)):,.0f} tokens/s"
             + (f", MFU {float(np.median(mfus)):.1%}" if mfus else "") + " |"
         )
     memory = [m["peak_mem_mb"] for m in logged if "peak_mem_mb" in m]
     if memory:
         what = "allocated on the GPU" if record.get("device", "").startswith("cuda") else "process RSS"
-        lines.append(f"| peak memory ({what}) | {max(memory):,.1f} MB |")
-    plot_pretraining_loss(metrics, run_dir / "loss.png", title=f"Training run {run_dir.name}")
-    lines += ["", "![loss](loss.png)"]
-    if config:
-        lines += ["", "## Config", "", "```json", json.dumps(config, indent=1), "```"]
-    path = run_dir / "report.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
+        rows.append(f"| peak memory ({what}) | {max(memory):,.1f} MB |")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Which report a folder gets
+
+# The report of each kind of run (runs.KINDS) that has one; a new stage adds its line.
+REPORTS = {"pretrain": write_run_report, "sft": write_run_report, "ladder": write_ladder_report}
+
+
+def write_reports(folder: Path) -> list[Path]:
+    """``report.md`` for the run in ``folder``, by the kind its run.json records; for a demo's
+    folder, or a folder without run.json, one for each run folder directly inside it."""
+    kind = recorded_kind(folder)
+    if kind in REPORTS:
+        return [REPORTS[kind](folder)]
+    if kind not in (None, "demo"):
+        raise UserError(f"{folder} holds a run of kind {kind!r}, which `gptlab report` does not report yet")
+    children = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    written = [REPORTS[child_kind](child) for child in children if (child_kind := recorded_kind(child)) in REPORTS]
+    if not written:
+        raise UserError(
+            f"{folder} holds no run: give a folder written by `gptlab ladder`, `pretrain`, `sft` or `demo` "
+            "(with its run.json), or a folder of them"
+        )
+    return written
+
+
+def recorded_kind(folder: Path) -> str | None:
+    """The kind of run ``folder`` holds, as its run.json records it; None without run.json."""
+    run = RunFolder(folder)
+    if not run.has_record():
+        return None
+    if "kind" not in run.read_record():
+        return kind_from_files_before_kinds_were_recorded(run)
+    return run.kind()
+
+
+def kind_from_files_before_kinds_were_recorded(run: RunFolder) -> str | None:
+    """The one place a kind is guessed: a run.json written before gptlab recorded kinds came from
+    a ladder (which wrote ladder.json beside it) or a training run (metrics.jsonl; pretrain and
+    SFT get the same report). None: neither has written its results yet."""
+    if (run.path / "ladder.json").is_file():
+        return "ladder"
+    return "pretrain" if run.metrics_path.is_file() else None

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 from gptlab.cli import main as gptlab
+from gptlab.ladder import run_folder
+from gptlab.report import ladder_section
+from gptlab.runs import RunFolder
 
 TINY = [
     "sizes.depths=[1, 2]", "sizes.aspect=16", "sizes.head_dim=16", "sizes.block_size=256",
@@ -73,3 +76,21 @@ def test_a_ladder_with_other_settings_refuses_the_kept_runs(ladder_dir, capsys):
     assert gptlab(["ladder", "--preset", "quick", "--out", str(ladder_dir), *sum((["--set", s] for s in changed), [])]) == 2
     assert "other settings" in capsys.readouterr().err
     assert (ladder_dir / "run.json").read_text() == run_json  # nothing written is lost
+
+
+def test_the_ladder_records_its_kind_and_its_runs_folders(ladder_dir):
+    assert RunFolder(ladder_dir).kind() == "ladder"
+    for name in ("d1", "d2"):
+        run = run_folder(ladder_dir, name)
+        assert run.kind() == "pretrain" and (run.model_dir / "config.json").is_file()
+
+
+def test_the_ladder_section_links_the_plots_it_wrote(ladder_dir):
+    for plot in ladder_dir.glob("*.png"):
+        plot.unlink()
+    section = ladder_section(ladder_dir, heading="##", link_prefix="ladder/")
+    assert [p.name for p in section.plots] == ["loss_vs_compute.png", "emergence.png", "cot.png", "fewshot.png"]
+    for plot in section.plots:
+        assert plot.parent == ladder_dir and plot.stat().st_size > 1000
+        assert f"(ladder/{plot.name})" in section.markdown
+    assert section.markdown.startswith("## Scaling ladder")

@@ -200,20 +200,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [record for _, record in jsonl_records(path)]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl. A line that does not parse is the torn tail of a
-    killed run's last write (appends are not atomic), so it is left out, not an error."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
-
-
 def _read_jsonl(path: Path) -> Iterator[str]:
     for number, record in jsonl_records(path):
         if not isinstance(record.get("text"), str):
