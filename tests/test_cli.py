@@ -2,42 +2,20 @@
 written before is lost."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gptlab.data import iter_documents, prepare
-from gptlab.model import GPT, ModelConfig
+from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
-from test_checkpoint import snapshot
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def gptlab(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gptlab: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
+from helpers import assert_user_error, gptlab, snapshot
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """A corpus, its tokenizer and shards, and a tiny model folder with the tokenizer."""
+def world(tmp_path_factory, tiny_model) -> Path:
+    """A corpus, its tokenizer and shards, and the tiny model saved without its tokenizer."""
     root = tmp_path_factory.mktemp("cli")
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "12", "345"]
@@ -45,28 +23,25 @@ def world(tmp_path_factory) -> Path:
     tok = Tokenizer.train(iter_documents([root / "corpus.txt"]), vocab_size=300)
     tok.save_pretrained(root / "tok")
     prepare(root / "tok", [root / "corpus.txt"], root / "shards", val_fraction=0.05, workers=1)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
-    model.save_pretrained(root / "model", tokenizer=tok)
-    model.save_pretrained(root / "model_without_tokenizer")
+    GPT.from_pretrained(tiny_model).save_pretrained(root / "model_without_tokenizer")
     return root
 
 
-def test_sample_prints_a_continuation(world):
-    result = gptlab("sample", "--model", world / "model", "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
+def test_sample_prints_a_continuation(tiny_model):
+    result = gptlab("sample", "--model", tiny_model, "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    again = gptlab("sample", "--model", world / "model", "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
+    again = gptlab("sample", "--model", tiny_model, "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
     assert again.stdout == result.stdout
     text = result.stdout.rstrip("\n")
     stop = text.strip()[1:3]
-    cut = gptlab("sample", "--model", world / "model", "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1",
+    cut = gptlab("sample", "--model", tiny_model, "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1",
                  "--stop", "never", "--stop", stop)
     assert cut.stdout.rstrip("\n") == text[: text.find(stop)]
 
 
-def test_sample_errors(world, tmp_path):
-    assert_user_error(gptlab("sample", "--model", world / "model", "--prompt", "x", "--repetition-penalty", "0"),
+def test_sample_errors(world, tiny_model, tmp_path):
+    assert_user_error(gptlab("sample", "--model", tiny_model, "--prompt", "x", "--repetition-penalty", "0"),
                       "repetition_penalty")
     assert_user_error(gptlab("sample", "--model", tmp_path / "nope", "--prompt", "x"), "does not exist")
     (tmp_path / "empty").mkdir()
@@ -74,14 +49,14 @@ def test_sample_errors(world, tmp_path):
     assert_user_error(gptlab("sample", "--model", world / "model_without_tokenizer", "--prompt", "x"), "tokenizer")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    for f in (world / "model").iterdir():
+    for f in tiny_model.iterdir():
         (corrupt / f.name).write_bytes(f.read_bytes())
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     assert_user_error(gptlab("sample", "--model", corrupt, "--prompt", "x"), "model.safetensors")
     mismatch = tmp_path / "mismatch"
     mismatch.mkdir()
-    for f in (world / "model").iterdir():
+    for f in tiny_model.iterdir():
         (mismatch / f.name).write_bytes(f.read_bytes())
     config = json.loads((mismatch / "config.json").read_text())
     config["intermediate_size"] = 2 * config["intermediate_size"]
@@ -157,17 +132,17 @@ def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path)
     assert not (out / "report.md").exists() and not (out / "loss.png").exists()  # they described the old run
 
 
-def test_an_output_path_that_cannot_be_written_is_one_line(world, tmp_path):
+def test_an_output_path_that_cannot_be_written_is_one_line(world, tiny_model, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("mine")
     assert_user_error(gptlab("tokenizer", "--input", world / "corpus.txt", "--out", blocker / "tok"), str(blocker))
     assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt",
                              "--out", blocker / "shards"), str(blocker))
     assert_user_error(pretrain(world, blocker / "run"), f"needs {blocker} to be a folder, but it is a file")
-    assert_user_error(gptlab("eval", "--model", world / "model", "--tasks", "ppl", "--data", world / "corpus.txt",
+    assert_user_error(gptlab("eval", "--model", tiny_model, "--tasks", "ppl", "--data", world / "corpus.txt",
                              "--limit", "2", "--out", blocker / "results.json"), f"{blocker} is a file where a folder is needed")
     (tmp_path / "a_folder").mkdir()
-    assert_user_error(gptlab("eval", "--model", world / "model", "--tasks", "ppl", "--data", world / "corpus.txt",
+    assert_user_error(gptlab("eval", "--model", tiny_model, "--tasks", "ppl", "--data", world / "corpus.txt",
                              "--limit", "2", "--out", tmp_path / "a_folder"), f"{tmp_path / 'a_folder'} is a folder where a file is needed")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
     assert blocker.read_text() == "mine"

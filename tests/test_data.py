@@ -16,6 +16,7 @@ from gptlab.data import TokenLoader, iter_documents, open_shard, permute, prepar
 from gptlab.data.shards import HEADER_BYTES, is_val, token_dtype
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
+from helpers import assert_one_line
 
 WORDS = "the a river city born works at company year plus equals answer is Alice Bob café 東京".split()
 
@@ -30,13 +31,6 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
 
 def write_jsonl(path: Path, docs: list[str]) -> None:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-
-
-def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(error.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message
 
 
 # ----------------------------------------------------------------------------- documents

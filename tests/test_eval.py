@@ -6,10 +6,7 @@ import csv
 import http.server
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -23,12 +20,8 @@ from gptlab.eval import GenerationRequest, GptlabBackend, HFBackend, OpenAIBacke
 from gptlab.eval import metrics
 from gptlab.eval.backends import rolling_windows
 from gptlab.eval.tasks import load_task
-from gptlab.model import GPT, ModelConfig
-from gptlab.tokenizer import Tokenizer
-
-ROOT = Path(__file__).resolve().parent.parent
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-BLOCK = 384  # the 5-shot prompts below are 330-420 tokens: some fit, some are cut from the left
+from gptlab.model import GPT
+from helpers import TINY_MODEL_BLOCK, WORDS, gptlab
 
 
 def mmlu_row(rng: random.Random) -> list[str]:
@@ -49,8 +42,8 @@ def write_jsonl(path: Path, rows) -> None:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    """An MMLU folder (2 subjects, 5 dev + 6 test rows), a TinyWorld-like folder and a tiny
-    model folder with a tokenizer trained on the same words."""
+    """An MMLU folder (2 subjects, 5 dev + 6 test rows), a TinyWorld-like folder and a text file, all
+    written with the words the tiny model's tokenizer was trained on."""
     root = tmp_path_factory.mktemp("eval")
     rng = random.Random(0)
     for subject in ("pure_logic", "greek"):
@@ -71,19 +64,13 @@ def files(tmp_path_factory) -> Path:
     words = [{"input": w, "output": w[::-1]} for w in WORDS]
     write_jsonl(world / "words" / "reverse_test.jsonl", words[:5])
     write_jsonl(world / "words" / "reverse_fewshot.jsonl", words[5:8])
-    corpus = [" ".join(rng.choices(WORDS, k=20)) for _ in range(200)]
-    corpus += [f"Q: {a}+{b}=? A: {a + b}." for a, b in sums] + [f"{w} -> {w[::-1]}" for w in WORDS]
-    tok = Tokenizer.train(corpus, vocab_size=300)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32))
-    model.save_pretrained(root / "model", tokenizer=tok)
     (root / "text.txt").write_text("\n\n".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 300))) for _ in range(4)))
     return root
 
 
 @pytest.fixture(scope="module")
-def backend(files) -> GptlabBackend:
-    return GptlabBackend.from_pretrained(files / "model")
+def backend(tiny_model) -> GptlabBackend:
+    return GptlabBackend.from_pretrained(tiny_model)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -179,7 +166,7 @@ def test_scores_equal_a_plain_forward_whatever_the_batch_size(files, backend, mo
         assert abs(a[0] - b[0]) < 1e-4
 
 
-def test_encoding_is_lm_evals(files, backend):
+def test_encoding_is_lm_evals(tiny_model, backend):
     tok = backend.tokenizer
     ctx, cont = backend.encode_pairs([("alpha beta? Answer: ", "A")])[0]
     assert (ctx, cont) == backend.encode_pairs([("alpha beta? Answer:", " A")])[0]  # the space moves
@@ -188,7 +175,7 @@ def test_encoding_is_lm_evals(files, backend):
     # The BOS lm-eval conditions an empty context on, and no second BOS for text starting with one.
     assert backend.encode_pairs([("", "alpha")])[0] == ([tok.bos_id], tok.encode("alpha", add_special_tokens=False))
     assert backend.encode([tok.bos_token + "alpha"]) == [tok.encode("alpha")]
-    hf = HFBackend(files / "model")
+    hf = HFBackend(tiny_model)
     assert hf.encode_pairs(scoring_requests()) == backend.encode_pairs(scoring_requests())
 
 
@@ -243,9 +230,9 @@ def test_rolling_loglikelihood_and_perplexity_task(files, backend):
     assert ppl["bits_per_byte_stderr"] > 0
 
 
-def test_hf_backend_agrees_with_gptlab(files, backend):
-    hf = HFBackend(files / "model")
-    assert hf.max_length == BLOCK
+def test_hf_backend_agrees_with_gptlab(tiny_model, backend):
+    hf = HFBackend(tiny_model)
+    assert hf.max_length == TINY_MODEL_BLOCK
     requests = scoring_requests()
     ours, theirs = backend.loglikelihood(requests, batch_size=5), hf.loglikelihood(requests, batch_size=5)
     assert [lp for lp, _ in theirs] == pytest.approx([lp for lp, _ in ours], abs=1e-4)
@@ -321,12 +308,12 @@ def test_toml_generation_task(files, backend):
 # --------------------------------------------------------------------------- parity with lm-evaluation-harness
 
 
-def test_parity_with_lm_evaluation_harness(files, backend, tmp_path):
+def test_parity_with_lm_evaluation_harness(files, tiny_model, backend, tmp_path):
     pytest.importorskip("lm_eval")
     from gptlab.eval.lmeval import read_mmlu_samples, run_lm_eval_hf, write_mmlu_tasks
 
     group = write_mmlu_tasks(files / "mmlu", tmp_path / "tasks")
-    run = run_lm_eval_hf(files / "model", tmp_path / "tasks", group, tmp_path / "out", shots=5, batch_size=7)
+    run = run_lm_eval_hf(tiny_model, tmp_path / "tasks", group, tmp_path / "out", shots=5, batch_size=7)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = read_mmlu_samples(tmp_path / "out", group)
     with warnings.catch_warnings():
@@ -343,22 +330,15 @@ def test_parity_with_lm_evaluation_harness(files, backend, tmp_path):
 # --------------------------------------------------------------------------- the command
 
 
-def gptlab(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
-def test_eval_command_writes_results_and_samples(files, tmp_path):
+def test_eval_command_writes_results_and_samples(files, tiny_model, tmp_path):
     out, samples = tmp_path / "r" / "results.json", tmp_path / "samples.jsonl"
     run = gptlab(
-        "eval", "--model", files / "model", "--tasks", "world_mmlu,arith_add_2,words_reverse", "--data", files / "world",
+        "eval", "--model", tiny_model, "--tasks", "world_mmlu,arith_add_2,words_reverse", "--data", files / "world",
         "--shots", "0,1", "--limit", "2", "--batch-size", "3", "--out", out, "--samples", samples,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert results["config"]["shots"] == [0, 1] and results["config"]["model"] == str(files / "model")
+    assert results["config"]["shots"] == [0, 1] and results["config"]["model"] == str(tiny_model)
     mmlu = results["results"]["world_mmlu"]["1-shot"]
     assert mmlu["n"] == 4 and {"acc", "acc_stderr", "acc_norm", "acc_bytes"} <= set(mmlu)
     assert set(mmlu["subjects"]) == {"greek", "pure logic"}
@@ -375,9 +355,9 @@ def test_eval_command_writes_results_and_samples(files, tmp_path):
     assert run.stdout.splitlines()[-1] == f"results -> {out}; samples -> {samples}"
 
 
-def test_eval_without_out_prints_the_table_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+def test_eval_without_out_prints_the_table_and_writes_nothing(files, tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = gptlab_main(["eval", "--model", str(files / "model"), "--tasks", "arith_add_2", "--data", str(files / "world"),
+    code = gptlab_main(["eval", "--model", str(tiny_model), "--tasks", "arith_add_2", "--data", str(files / "world"),
                         "--limit", "2"])
     out = capsys.readouterr().out
     assert code == 0 and out.splitlines()[0].startswith("task") and "exact_match" in out
@@ -393,8 +373,8 @@ def eval_error(capsys, *args) -> str:
     return lines[0]
 
 
-def test_bad_input_ends_with_one_line(files, tmp_path, capsys):
-    model, world = files / "model", files / "world"
+def test_bad_input_ends_with_one_line(files, tiny_model, tmp_path, capsys):
+    model, world = tiny_model, files / "world"
     bad = tmp_path / "bad"
     for split in ("dev", "test"):
         for f in (files / "mmlu" / split).iterdir():
@@ -467,17 +447,8 @@ def test_openai_backend_reads_echoed_logprobs():
 # --------------------------------------------------------------------------- instructions and chat
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory) -> Path:
-    from gptlab.world import write_world
-
-    root = tmp_path_factory.mktemp("world")
-    write_world(root, seed=0, preset="quick")
-    return root
-
-
-def test_world_instruct_prompts_shots_of_the_same_family_never_the_question(tiny_world):
-    task = load_task("world_instruct", tiny_world, limit=3)
+def test_world_instruct_prompts_shots_of_the_same_family_never_the_question(quick_world):
+    task = load_task("world_instruct", quick_world, limit=3)
     families = {d.subject for d in task.docs}
     assert len(task.docs) == 3 * len(families)
     for doc in task.docs:
@@ -487,7 +458,7 @@ def test_world_instruct_prompts_shots_of_the_same_family_never_the_question(tiny
         assert task.context(doc, shots) == "".join(
             f"Q: {s.data['messages'][-2]['content']} A: {s.data['messages'][-1]['content']}\n" for s in shots
         ) + f"Q: {question} A:"
-    whole = load_task("world_instruct", tiny_world)
+    whole = load_task("world_instruct", quick_world)
     by_id = {d.doc_id: d for d in whole.docs}
     assert all(task.shots(d, 2, seed=0) == whole.shots(by_id[d.doc_id], 2, seed=0) for d in task.docs)  # --limit changes no prompt
     smallest = min(len(pool) for pool in whole.fewshot.values())
@@ -503,8 +474,8 @@ def test_chat_context_encodes_to_the_chat_template(backend):
     assert backend.end_of_turn == ("<|end|>",)
 
 
-def test_oracle_scores_world_instruct_answers_with_and_without_chat(tiny_world, backend, monkeypatch):
-    task = load_task("world_instruct", tiny_world, limit=2)
+def test_oracle_scores_world_instruct_answers_with_and_without_chat(quick_world, backend, monkeypatch):
+    task = load_task("world_instruct", quick_world, limit=2)
     answers = {d.data["messages"][-2]["content"]: d.data["messages"][-1]["content"] for d in task.docs}
     asked = []
 
@@ -517,13 +488,13 @@ def test_oracle_scores_world_instruct_answers_with_and_without_chat(tiny_world, 
     monkeypatch.setattr(backend, "generate_until", answer_every_question)
     for chat in (False, True):
         asked.clear()
-        out = evaluate(backend, ["world_instruct"], tiny_world, shots=[1], limit=2, chat=chat, return_samples=True)
+        out = evaluate(backend, ["world_instruct"], quick_world, shots=[1], limit=2, chat=chat, return_samples=True)
         result = out["results"]["world_instruct"]
         assert result["exact_match"] == 1.0 and result["n"] == len(task.docs)
         assert set(result["subjects"]) == {d.subject for d in task.docs}
         assert all(("<|assistant|>" in r.context) == chat for r in asked)
         assert all(r.until == (("<|end|>",) if chat else ("\n",)) for r in asked)
     monkeypatch.setattr(backend, "generate_until", lambda requests, batch_size=32: [" I do not know."] * len(requests))
-    assert evaluate(backend, ["world_instruct"], tiny_world, limit=1)["results"]["world_instruct"]["exact_match"] == 0.0
+    assert evaluate(backend, ["world_instruct"], quick_world, limit=1)["results"]["world_instruct"]["exact_match"] == 0.0
     with pytest.raises(UserError, match="--chat applies to generation tasks"):
-        evaluate(backend, ["world_mmlu"], tiny_world, limit=1, chat=True)
+        evaluate(backend, ["world_mmlu"], quick_world, limit=1, chat=True)

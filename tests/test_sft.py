@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +17,9 @@ from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER, Tokenizer
+from helpers import assert_user_error, gptlab
 
-ROOT = Path(__file__).resolve().parent.parent
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the subprocesses, as one_thread below is for this one
 
 SYSTEM_PROMPT = "Answer in one sentence."
 CONVERSATIONS = [
@@ -76,21 +74,6 @@ def base(tok: Tokenizer, tmp_path_factory) -> Path:
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=48))
     model.save_pretrained(folder, tokenizer=tok)
     return folder
-
-
-def gptlab(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True, cwd=ROOT, input=stdin,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gptlab: error: "), result.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 # ----------------------------------------------------------------------------- the chat template
@@ -283,7 +266,7 @@ def trained(base: Path, tmp_path_factory) -> Path:
                        + [{"messages": [{"role": "user", "content": "Hello?"}]}])
     sets = [f"init={base}", f"data.train={data}", f"data.val={data}", "train.max_steps=100", "train.batch_size=4",
             "train.lr=3e-3", "train.warmup_steps=10", "train.eval_every=50", "train.log_every=10", "train.device=cpu"]
-    result = gptlab("sft", "--out", root / "run", *[a for s in sets for a in ("--set", s)])
+    result = gptlab("sft", "--out", root / "run", *[a for s in sets for a in ("--set", s)], env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 with no assistant reply" in result.stderr
     return root / "run"
@@ -315,7 +298,8 @@ def test_chat_from_stdin_answers_each_line_in_order(trained: Path):
     both conversations only when each prompt carries the exchange before it."""
     conversation = CONVERSATIONS[1]
     stdin = f"{conversation[0]['content']}\n\n{conversation[2]['content']}\n"
-    result = gptlab("chat", "--model", trained / "model", "--temperature", "0", "--max-new-tokens", "24", stdin=stdin)
+    result = gptlab("chat", "--model", trained / "model", "--temperature", "0", "--max-new-tokens", "24",
+                    stdin=stdin, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{conversation[1]['content']}\n{conversation[3]['content']}\n"
     assert ">" not in result.stdout  # no prompt marker when stdin is not a terminal

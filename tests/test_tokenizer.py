@@ -11,6 +11,7 @@ import pytest
 from gptlab.data import iter_documents
 from gptlab.errors import UserError
 from gptlab.tokenizer import SPECIAL_TOKENS, Tokenizer
+from helpers import assert_one_line
 
 WORDS = "the a river city born works at company year plus minus equals answer is Alice Bob café naïve 東京 🙂".split()
 
@@ -40,13 +41,6 @@ def random_texts(count: int = 200, seed: int = 1) -> list[str]:
             chars.append(chr(rng.randint(lo, hi)) if rng.random() < 0.8 else rng.choice([" ", "\n", "\t", "  ", "7"]))
         texts.append("".join(chars))
     return texts + [" leading", "trailing ", "\n\nnewlines\n", "e\u0301 combining", "  ", "", "a  b\r\nc"]
-
-
-def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(error.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message
 
 
 @pytest.fixture(scope="module")

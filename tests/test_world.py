@@ -20,6 +20,7 @@ from gptlab.world.arith import Problem, worked
 from gptlab.world.families import FAMILIES, FAMILY_BY_NAME, template_regex
 from gptlab.world.oracle import CORRUPTIONS
 from gptlab.world.words import TASK_BY_NAME
+from helpers import assert_one_line
 
 TINY = WorldSize(
     n_countries=4, n_cities=9, n_companies=6, n_universities=4, n_jobs=6, n_people=60, test_fraction=0.25,
@@ -29,13 +30,6 @@ TINY = WorldSize(
 )
 ARITH = re.compile(r"(\d+)([+*-])(\d+)=")
 OPS = {"+": "add", "-": "sub", "*": "mul"}
-
-
-def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(error.value)
-    assert "\n" not in message and message
-    for fragment in fragments:
-        assert fragment in message
 
 
 def hashes(root: Path) -> dict[str, str]:

@@ -1,0 +1,64 @@
+"""Helpers the test files share: running gptlab in a subprocess and checking one-line errors.
+
+Fixtures live in conftest.py; these are plain functions and constants, imported as `from helpers import ...`
+(pytest puts tests/ on sys.path, and importing from conftest.py is discouraged by its docs).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBPROCESS_TIMEOUT_S = 600  # long enough for the torchrun tests on 2 cores; a hung child fails instead of stalling CI
+
+# The words the tiny model's tokenizer is trained on; tests that score text with that model write it from these words.
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+TINY_MODEL_BLOCK = 384  # the eval tests' 5-shot prompts are 330-420 tokens: some fit, some are cut from the left
+
+
+def run_python(*args, stdin: str | None = None, check: bool = False, env: dict[str, str] | None = None,
+               timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository root with this checkout importable; `env` adds to os.environ.
+
+    With `check`, a non-zero exit fails the test with the child's stderr (subprocess's own error hides it)."""
+    result = subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, input=stdin, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"python {args} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def gptlab(*args, stdin: str | None = None, check: bool = False, env: dict[str, str] | None = None,
+           timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python -m gptlab ARGS` as a user runs it (see run_python)."""
+    return run_python("-m", "gptlab", *args, stdin=stdin, check=check, env=env, timeout=timeout)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    """A user mistake: exit code 2 and one `gptlab: error: ` line on stderr naming every word, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gptlab: error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
+    """An exception raised in this process carries a non-empty one-line message naming every fragment."""
+    message = str(error.value)
+    assert message and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes, to show that a failed command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
