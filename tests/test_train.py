@@ -3,11 +3,8 @@
 import copy
 import json
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,9 +17,10 @@ from gptlab.data import iter_documents, open_shard, prepare
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
-from gptlab.train.loop import ChainedOptimizer, Runtime, TrainConfig, Trainer, build_optimizer, list_checkpoints
+from gptlab.runs import RunFolder
+from gptlab.train.loop import ChainedOptimizer, Runtime, TrainConfig, Trainer, build_optimizer
+from helpers import gptlab, run_python
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
     "train.seq_len=32", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=5",
@@ -60,16 +58,6 @@ def pretrain_args(out: Path, shards: Path, *sets: str) -> list:
 SAVED_TWICE = ("train.max_steps=20", "train.save_every=10", "train.eval_every=10")
 
 
-def gptlab(*args, check=True, env=None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"gptlab {args} failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
 def weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
@@ -84,7 +72,8 @@ def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
     counts = np.array(list(Counter(stream.tolist()).values()), dtype=np.float64)
     p = counts / counts.sum()
     unigram_entropy = float(-(p * np.log(p)).sum())
-    gptlab(*pretrain_args(tmp_path / "run", shards, "train.max_steps=250", "train.eval_every=250", "train.save_every=0"))
+    gptlab(*pretrain_args(tmp_path / "run", shards, "train.max_steps=250", "train.eval_every=250", "train.save_every=0"),
+           check=True)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
     assert final["step"] == 250 and "val_loss" in final
@@ -113,43 +102,40 @@ sys.exit(main(sys.argv[1:]))
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-import gptlab.train.loop as loop
+import gptlab.checkpoint as checkpoint
 calls = []
-original = loop.write_model_files
+original = checkpoint.write_model_files
 def write_then_die(*args, **kwargs):
     calls.append(1)
     original(*args, **kwargs)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-loop.write_model_files = write_then_die
+checkpoint.write_model_files = write_then_die
 from gptlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_killed(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores: more threads per rank would only contend
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
-    gptlab(*pretrain_args(out, shards, *SAVED_TWICE))
+    gptlab(*pretrain_args(out, shards, *SAVED_TWICE), check=True)
     return out
 
 
 def test_resume_after_sigkill_is_bitwise_equal(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(out, shards, *SAVED_TWICE)
-    killed = run_killed(KILL_AFTER_FIRST_SAVE, *args)
+    killed = run_python("-c", KILL_AFTER_FIRST_SAVE, *args)
     assert killed.returncode == -signal.SIGKILL
-    assert [p.name for p in list_checkpoints(out)] == ["step-0000010"]
+    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010"]
     with (out / "metrics.jsonl").open("a") as metrics:  # as if killed halfway through a line
         metrics.write('{"step": 12, "lo')
-    resumed = gptlab("pretrain", "--out", out, "--resume")
+    resumed = gptlab("pretrain", "--out", out, "--resume", check=True)
     assert "resumed from" in resumed.stderr
     expected, got = weights(uninterrupted / "model"), weights(out / "model")
     assert expected.keys() == got.keys()
@@ -184,16 +170,15 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(family):
 @needs_muon
 def test_muon_resume_after_sigkill_is_bitwise_equal(shards, tmp_path):
     muon = ("train.optimizer=muon", *SAVED_TWICE)
-    gptlab(*pretrain_args(tmp_path / "full", shards, *muon))
+    gptlab(*pretrain_args(tmp_path / "full", shards, *muon), check=True)
     out = tmp_path / "run"
-    assert run_killed(KILL_AFTER_FIRST_SAVE, *pretrain_args(out, shards, *muon)).returncode == -signal.SIGKILL
-    gptlab("pretrain", "--out", out, "--resume")
+    assert run_python("-c", KILL_AFTER_FIRST_SAVE, *pretrain_args(out, shards, *muon)).returncode == -signal.SIGKILL
+    gptlab("pretrain", "--out", out, "--resume", check=True)
     expected, got = weights(tmp_path / "full" / "model"), weights(out / "model")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert losses(out) == losses(tmp_path / "full")
     record = (out / "run.json").read_text()
-    mixed = gptlab("pretrain", "--out", out, "--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=30",
-                   check=False)
+    mixed = gptlab("pretrain", "--out", out, "--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=30")
     assert mixed.returncode == 2 and "holds muon's state, but train.optimizer=adamw" in mixed.stderr.splitlines()[-1]
     assert (out / "run.json").read_text() == record  # a later plain --resume still finds the run's own config
 
@@ -201,20 +186,20 @@ def test_muon_resume_after_sigkill_is_bitwise_equal(shards, tmp_path):
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(out, shards, *SAVED_TWICE)
-    killed = run_killed(KILL_DURING_SAVE, *args)
+    killed = run_python("-c", KILL_DURING_SAVE, *args)
     assert killed.returncode == -signal.SIGKILL
-    assert [p.name for p in list_checkpoints(out)] == ["step-0000010"]  # the half-written step 20 is invisible
-    gptlab("pretrain", "--out", out, "--resume")
+    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010"]  # the half-written step 20 is invisible
+    gptlab("pretrain", "--out", out, "--resume", check=True)
     expected, got = weights(uninterrupted / "model"), weights(out / "model")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    gptlab(*pretrain_args(out, shards, *SAVED_TWICE))
+    gptlab(*pretrain_args(out, shards, *SAVED_TWICE), check=True)
     newest = out / "checkpoints" / "step-0000020" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
-    resumed = gptlab("pretrain", "--out", out, "--resume")
+    resumed = gptlab("pretrain", "--out", out, "--resume", check=True)
     assert "step-0000020 cannot be loaded" in resumed.stderr and "resumed from" in resumed.stderr
     expected, got = weights(uninterrupted / "model"), weights(out / "model")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
@@ -223,10 +208,8 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupt
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_path, parallelism):
     out = tmp_path / parallelism
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gptlab",
-           *map(str, pretrain_args(out, shards, f"train.parallelism={parallelism}", *SAVED_TWICE))]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    args = pretrain_args(out, shards, f"train.parallelism={parallelism}", *SAVED_TWICE)
+    result = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", *args, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     single, distributed = losses(uninterrupted), losses(out)
     assert single.keys() == distributed.keys()
@@ -243,11 +226,9 @@ def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
     """A checkpoint saved without FSDP (optimizer state keyed by index) resumes on 2 FSDP ranks."""
     out = tmp_path / "run"
     args = pretrain_args(out, shards, *SAVED_TWICE)
-    assert run_killed(KILL_AFTER_FIRST_SAVE, *args).returncode == -signal.SIGKILL
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gptlab", "pretrain", "--out", str(out), "--resume", "--set", "train.parallelism=fsdp"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert run_python("-c", KILL_AFTER_FIRST_SAVE, *args).returncode == -signal.SIGKILL
+    result = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", "pretrain", "--out", out, "--resume",
+                        "--set", "train.parallelism=fsdp", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     single, resumed = losses(uninterrupted), losses(out)
     assert single.keys() == resumed.keys()
@@ -326,14 +307,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     with pytest.raises(UserError, match="at step 7") as info:
         trainer.fit()
     assert "step-0000005" in str(info.value) and "\n" not in str(info.value)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000005"]
+    assert [p.name for p in RunFolder(tmp_path).checkpoints()] == ["step-0000005"]
     assert GPT.from_pretrained(tmp_path / "checkpoints" / "step-0000005").config.n_embd == 16
 
 
 def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
     common = ("train.max_steps=5", "train.save_every=0", "train.eval_every=0")
-    gptlab(*pretrain_args(tmp_path / "big", shards, *common))
-    gptlab(*pretrain_args(tmp_path / "accum", shards, *common, "train.micro_batch_size=2"))
+    gptlab(*pretrain_args(tmp_path / "big", shards, *common), check=True)
+    gptlab(*pretrain_args(tmp_path / "accum", shards, *common, "train.micro_batch_size=2"), check=True)
     big, accum = losses(tmp_path / "big"), losses(tmp_path / "accum")
     assert all(math.isclose(big[s], accum[s], abs_tol=1e-5) for s in big)
     for name, tensor in weights(tmp_path / "big" / "model").items():
