@@ -1,8 +1,6 @@
 """The run folder (gptlab.runs) and the report chosen by the kind a run.json records."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -10,6 +8,7 @@ from gptlab import report
 from gptlab.errors import UserError
 from gptlab.report import Section, concatenate, write_reports
 from gptlab.runs import RunFolder
+from helpers import run_python
 
 
 def test_a_record_round_trips_with_its_kind(tmp_path):
@@ -68,7 +67,7 @@ def test_checkpoints_are_listed_oldest_first_without_temp_folders(tmp_path):
 
 def test_runs_and_the_report_do_not_import_torch():
     code = "import sys, gptlab.runs, gptlab.report; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = run_python("-c", code, check=True)
     assert result.stdout.strip() == "False"
 
 

@@ -1,10 +1,8 @@
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from gptlab.stats import bootstrap_mean_interval, difference_interval
+from helpers import run_python
 
 
 def test_constant_sample_has_zero_width_interval():
@@ -29,4 +27,4 @@ def test_paired_difference_of_a_constant_shift_is_exact_unpaired_is_not():
 def test_stats_imports_without_torch():
     # The arena and the report load stats where torch may be absent or slow to import.
     code = "import sys, gptlab.stats; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python("-c", code, check=True)
