@@ -4,7 +4,8 @@ world -> tokenizer -> shards -> a ladder of model sizes (pretraining + evaluatio
 the largest -> instruction following of the base model (few-shot) and the SFT model (zero-shot)
 -> ``report.md`` with plots: data statistics, the pretraining curve, the scaling ladder and its
 phenomena table, in-context learning with intervals, instruction tuning, samples, timings and
-the machine. Each later stage (preferences, arena) adds itself here when it lands.
+the machine. The report is one ``Section`` per stage in pipeline order: a later stage
+(preferences, arena) adds its section function and one line in ``run_demo``.
 """
 
 from __future__ import annotations
@@ -14,21 +15,23 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from gptlab import scaling
-from gptlab.align.chat import ChatSession
+from gptlab import stats
+from gptlab.chat import ChatSession
 from gptlab.cli import main as gptlab
-from gptlab.data.documents import jsonl_records, read_jsonl, read_metrics
+from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.engine import Engine
 from gptlab.errors import UserError
-from gptlab.fileio import write_text_atomic
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
+from gptlab.fileio import write_text_atomic
+from gptlab.ladder import run_folder
 from gptlab.model import GPT
-from gptlab.report import NOT_YET, Claim, ladder_section, plot_pretraining_loss
+from gptlab.report import NOT_YET, Claim, Section, concatenate, format_points, ladder_section, plot_pretraining_loss
+from gptlab.runs import RunFolder
 
 INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
 
@@ -104,27 +107,18 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     if preset not in PRESETS:
         raise UserError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
-    out.mkdir(parents=True, exist_ok=True)
+    demo = RunFolder(out)
+    if demo.has_record() and demo.read_record().get("kind") != "demo":
+        raise UserError(f"{out} holds another gptlab run (see its run.json); give the demo a new --out")
+    demo.write_record("demo", {"preset": preset, **asdict(spec)}, seed=seed)
     world = out / "world"
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    stage("world", ["world", "--out", str(world), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
-    stage("tokenizer", ["tokenizer", "--input", str(world / "corpus"), "--vocab-size", str(spec.vocab_size),
-                        "--out", str(out / "tokenizer")], timings)
-    stage("prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(world / "corpus"),
-                      "--out", str(out / "shards"), "--val-fraction", "0.02", "--overwrite"], timings)
-    ladder_sets = [f"data.world={world}", f"data.shards={out / 'shards'}", f"train.seed={seed}", *spec.ladder_sets]
-    stage("ladder", ["ladder", "--preset", spec.ladder, "--out", str(out / "ladder"),
-                     *sum((["--set", s] for s in ladder_sets), [])], timings)
-    ladder = json.loads((out / "ladder" / "ladder.json").read_text())
-    base = out / "ladder" / "runs" / ladder["runs"][-1]["name"]
-    sft_sets = [f"init={base / 'model'}", f"data.train={world / 'sft' / 'train.jsonl'}", f"train.seed={seed}",
-                *spec.sft_sets]
-    stage("sft", ["sft", "--out", str(out / "sft"), "--overwrite", *sum((["--set", s] for s in sft_sets), [])], timings)
+    base, tuned = run_stages(out, spec, seed, timings)
 
     print("== demo: instruction following and samples", flush=True)
     start = time.perf_counter()
-    base_engine, tuned_engine = Engine.from_pretrained(base / "model"), Engine.from_pretrained(out / "sft" / "model")
+    base_engine, tuned_engine = Engine.from_pretrained(base.model_dir), Engine.from_pretrained(tuned.model_dir)
     truth = json.loads((world / "world.json").read_text())
     held_out = truth["sft"]["held_out"]
     with warnings_as_lines():
@@ -137,13 +131,38 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
-    metrics = read_metrics(base / "metrics.jsonl")
-    plot_pretraining_loss(metrics, out / "loss.png")
-    meta = json.loads((out / "shards" / "meta.json").read_text())
-    report = render_report(preset, seed, out, base_engine.model, meta, metrics, instruct, samples, conversations, timings)
-    write_text_atomic(out / "report.md", report)
+    report = concatenate([
+        Section(f"# gptlab demo report\n\nPreset `{preset}`, seed {seed}. Machine: {machine()}."),
+        data_section(json.loads((out / "shards" / "meta.json").read_text())),
+        pretraining_section(base, base_engine.model, out / "loss.png"),
+        ladder_section(out / "ladder", extra=instruction_claims(instruct), heading="##", link_prefix="ladder/"),
+        instruction_tuning_section(instruct, conversations),
+        samples_section(samples),
+        timings_section(timings),
+    ])
+    write_text_atomic(demo.report_path, report)
     print(report)
-    return out / "report.md"
+    return demo.report_path
+
+
+def run_stages(out: Path, spec: DemoPreset, seed: int, timings: dict) -> tuple[RunFolder, RunFolder]:
+    """The pipeline's commands, as a user would type them, up to SFT; returns the base model's
+    run (the ladder's largest) and the SFT run."""
+    world = out / "world"
+    stage("world", ["world", "--out", str(world), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
+    stage("tokenizer", ["tokenizer", "--input", str(world / "corpus"), "--vocab-size", str(spec.vocab_size),
+                        "--out", str(out / "tokenizer")], timings)
+    stage("prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(world / "corpus"),
+                      "--out", str(out / "shards"), "--val-fraction", "0.02", "--overwrite"], timings)
+    ladder_sets = [f"data.world={world}", f"data.shards={out / 'shards'}", f"train.seed={seed}", *spec.ladder_sets]
+    stage("ladder", ["ladder", "--preset", spec.ladder, "--out", str(out / "ladder"),
+                     *sum((["--set", s] for s in ladder_sets), [])], timings)
+    ladder = json.loads((out / "ladder" / "ladder.json").read_text())
+    base, tuned = run_folder(out / "ladder", ladder["runs"][-1]["name"]), RunFolder(out / "sft")
+    sft_sets = [f"init={base.model_dir}", f"data.train={world / 'sft' / 'train.jsonl'}", f"train.seed={seed}",
+                *spec.sft_sets]
+    stage("sft", ["sft", "--out", str(tuned.path), "--overwrite", *sum((["--set", s] for s in sft_sets), [])], timings)
+    return base, tuned
 
 
 def instruction_following(world: Path, held_out: list[str], base: Engine, tuned: Engine, limit: int) -> dict:
@@ -173,7 +192,7 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
             sft_values = [scores["sft"][k] for k in keys]
             result["groups"][group] = {
                 "n": len(keys), "base": sum(base_values) / len(keys), "sft": sum(sft_values) / len(keys),
-                "effect": scaling.difference_interval(base_values, sft_values, paired=True),
+                "effect": stats.difference_interval(base_values, sft_values, paired=True),
             }
     return result
 
@@ -198,26 +217,13 @@ def cell(text: str) -> str:
     return text.replace("\n", " / ").replace("|", "\\|").replace("`", "'")
 
 
-def render_report(preset, seed, out: Path, model: GPT, meta: dict, metrics: list[dict], instruct: dict, samples,
-                  conversations, timings: dict) -> str:
-    train_losses = [m for m in metrics if "loss" in m]
-    first, last = train_losses[0], train_losses[-1]
-    val = [m for m in metrics if "val_loss" in m]
-    held = instruct["groups"].get("held-out families")
-    sft_claim = Claim(
-        "Instruction tuning gives zero-shot gains on unseen tasks",
-        f"SFT zero-shot minus base {INSTRUCT_SHOTS}-shot, held-out instruction families (oracle-scored)",
-    )
-    if held:
-        sft_claim.effect, sft_claim.lo, sft_claim.hi = held["effect"]
-        if sft_claim.lo <= 0:
-            sft_claim.note = "if no: a larger base model or more SFT steps"
-    extra = [sft_claim, *(c for c in NOT_YET if "Instruction" not in c.claim)]
-    lines = [
-        "# gptlab demo report",
-        "",
-        f"Preset `{preset}`, seed {seed}. Machine: {machine()}.",
-        "",
+# ---------------------------------------------------------------------------------------------
+# The report's sections, in pipeline order (the ladder's comes from gptlab.report)
+
+
+def data_section(meta: dict) -> Section:
+    """The corpus the shards hold (``meta``: their meta.json) and the tokenizer."""
+    return Section("\n".join([
         "## Data",
         "",
         "| split | documents | tokens |",
@@ -225,11 +231,21 @@ def render_report(preset, seed, out: Path, model: GPT, meta: dict, metrics: list
         *(f"| {split} | {info['documents']:,} | {info['tokens']:,} |" for split, info in meta["splits"].items()),
         "",
         f"Tokenizer: byte-level BPE, {meta['vocab_size']:,} tokens.",
-        "",
+    ]))
+
+
+def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
+    """The base model's pretraining run; its loss curve is written to ``plot``, beside the report."""
+    metrics = base.read_metrics()
+    plot_pretraining_loss(metrics, plot)
+    train_losses = [m for m in metrics if "loss" in m]
+    first, last = train_losses[0], train_losses[-1]
+    val = [m for m in metrics if "val_loss" in m]
+    return Section("\n".join([
         "## Pretraining (the ladder's largest model, the base of SFT)",
         "",
-        f"llama, {model.num_params():,} parameters ({model.config.n_layer} layers, width {model.config.n_embd}), "
-        f"{last['step']} steps, {last['tokens']:,} tokens.",
+        (f"llama, {model.num_params():,} parameters ({model.config.n_layer} layers, width {model.config.n_embd}), "
+         f"{last['step']} steps, {last['tokens']:,} tokens."),
         "",
         "| measure | value |",
         "|---|---|",
@@ -239,20 +255,38 @@ def render_report(preset, seed, out: Path, model: GPT, meta: dict, metrics: list
         f"| throughput (last log window) | {last['tok_per_s']:,.0f} tokens/s |",
         f"| peak memory | {last['peak_mem_mb']:,.0f} MB |",
         "",
-        "![loss curve](loss.png)",
-        "",
-        ladder_section(out / "ladder", extra=extra, heading="##", link_prefix="ladder/"),
-        "",
+        f"![loss curve]({plot.name})",
+    ]), [plot])
+
+
+def instruction_claims(instruct: dict) -> list[Claim]:
+    """The phenomena table's rows after the ladder's: instruction tuning as measured here, then
+    what later stages will measure."""
+    claim = Claim(
+        "Instruction tuning gives zero-shot gains on unseen tasks",
+        f"SFT zero-shot minus base {INSTRUCT_SHOTS}-shot, held-out instruction families (oracle-scored)",
+    )
+    held = instruct["groups"].get("held-out families")
+    if held:
+        claim.effect, claim.lo, claim.hi = held["effect"]
+        if claim.lo <= 0:
+            claim.note = "if no: a larger base model or more SFT steps"
+    return [claim, *(c for c in NOT_YET if "Instruction" not in c.claim)]
+
+
+def instruction_tuning_section(instruct: dict, conversations: list[tuple[str, str, str]]) -> Section:
+    """The base model few-shot vs the SFT model zero-shot (``instruction_following``), and the SFT
+    model's replies on held-out families (``chat_samples``)."""
+    return Section("\n".join([
         "## Instruction tuning",
         "",
-        f"The base model is prompted with {INSTRUCT_SHOTS} solved examples of the same family (`Q: ... A: ...`); "
-        "the SFT model gets the question alone through its chat template. The oracle scores correctness. "
-        "Effects in points with paired 95% bootstrap intervals.",
+        (f"The base model is prompted with {INSTRUCT_SHOTS} solved examples of the same family (`Q: ... A: ...`); "
+         "the SFT model gets the question alone through its chat template. The oracle scores correctness. "
+         "Effects in points with paired 95% bootstrap intervals."),
         "",
         f"| families | questions | base {INSTRUCT_SHOTS}-shot | SFT zero-shot | SFT - base [95% CI] |",
         "|---|---|---|---|---|",
-        *(f"| {group} | {g['n']} | {g['base'] * 100:.1f} | {g['sft'] * 100:.1f} | "
-          f"{g['effect'][0] * 100:+.1f} [{g['effect'][1] * 100:+.1f}, {g['effect'][2] * 100:+.1f}] |"
+        *(f"| {group} | {g['n']} | {g['base'] * 100:.1f} | {g['sft'] * 100:.1f} | {format_points(g['effect'])} |"
           for group, g in instruct["groups"].items()),
         "",
         "| family | held out | questions | base | SFT |",
@@ -265,18 +299,26 @@ def render_report(preset, seed, out: Path, model: GPT, meta: dict, metrics: list
         "| family | user | assistant |",
         "|---|---|---|",
         *(f"| {family} | {cell(question)} | {cell(reply)} |" for family, question, reply in conversations),
-        "",
+    ]))
+
+
+def samples_section(samples: list[tuple[str, str, str]]) -> Section:
+    """The base model's greedy completions of ``sample_prompts``: (prompt, expected, completion)."""
+    return Section("\n".join([
         "## Base-model samples on held-out items (greedy, first line)",
         "",
         "| prompt | expected | model |",
         "|---|---|---|",
-        *(f"| `{cell(prompt)}` | `{cell(expected)}` | `{cell(completion)}` |" for prompt, expected, completion in samples),
-        "",
+        *(f"| `{cell(prompt)}` | `{cell(expected)}` | `{cell(completion)}` |"
+          for prompt, expected, completion in samples),
+    ]))
+
+
+def timings_section(timings: dict[str, float]) -> Section:
+    return Section("\n".join([
         "## Timings",
         "",
         "| stage | seconds |",
         "|---|---|",
         *(f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()),
-        "",
-    ]
-    return "\n".join(lines)
+    ]))
