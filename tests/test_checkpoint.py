@@ -17,6 +17,7 @@ from gptlab import checkpoint  # noqa: E402
 from gptlab.checkpoint import atomic_folder, load_pretrained, model_config_from_hf, save_pretrained  # noqa: E402
 from gptlab.errors import UserError  # noqa: E402
 from gptlab.model import GPT, ModelConfig  # noqa: E402
+from helpers import assert_one_line, snapshot  # noqa: E402
 
 VOCAB = 97
 TOL = 1e-4
@@ -240,10 +241,6 @@ def test_tokenizer_files_and_special_ids(tmp_path):
 # --------------------------------------------------------------------------- atomic writes
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_failed_save_leaves_old_folder_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     save_pretrained(tiny("llama"), path)
@@ -315,14 +312,10 @@ def test_atomic_folder_holds_extra_state_and_restores_an_interrupted_swap(tmp_pa
 # --------------------------------------------------------------------------- errors
 
 
-def assert_user_error(fn, *fragments: str) -> str:
-    with pytest.raises(UserError) as info:
+def assert_fails_in_one_line(fn, *fragments: str) -> None:
+    with pytest.raises(UserError) as error:
         fn()
-    message = str(info.value)
-    assert message and "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
+    assert_one_line(error, *fragments)
 
 
 def edit_config(path: Path, **changes) -> None:
@@ -332,42 +325,42 @@ def edit_config(path: Path, **changes) -> None:
 
 
 def test_error_missing_path(tmp_path):
-    assert_user_error(lambda: load_pretrained(tmp_path / "nope"), "does not exist")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "nope"), "does not exist")
 
 
 def test_error_not_a_folder(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "empty").mkdir()
-    assert_user_error(lambda: load_pretrained(tmp_path / "file.txt"), "not a model folder", "is a file")
-    assert_user_error(lambda: load_pretrained(tmp_path / "empty"), "not a model folder", "config.json")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "file.txt"), "not a model folder", "is a file")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "empty"), "not a model folder", "config.json")
 
 
 def test_error_invalid_json(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text('{"model_type": "llama",')
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "not valid JSON", "line 1")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "not valid JSON", "line 1")
 
 
 @pytest.mark.parametrize("model_type", ["bert", "mistral"])
 def test_error_unsupported_architecture(tmp_path, model_type):
     save_pretrained(tiny("llama"), tmp_path / "m")
     edit_config(tmp_path / "m", model_type=model_type)
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "unsupported model type", model_type)
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "unsupported model type", model_type)
 
 
 def test_error_rope_scaling(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
     edit_config(tmp_path / "m", rope_parameters=llama3)
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "llama3")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "llama3")
     edit_config(tmp_path / "m", rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "linear")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "linear")
 
 
 def test_error_bad_config_value(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     edit_config(tmp_path / "m", num_hidden_layers="two")
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "num_hidden_layers")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "num_hidden_layers")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -376,20 +369,20 @@ def test_error_corrupt_weights(tmp_path, damage):
     weights = tmp_path / "m" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(b"not a safetensors file" if damage == "garbage" else data[: len(data) // 2])
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "model.safetensors", "corrupt")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "model.safetensors", "corrupt")
 
 
 def test_error_only_pickled_weights(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     os.remove(tmp_path / "m" / "model.safetensors")
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "pytorch_model.bin", "safetensors")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "pytorch_model.bin", "safetensors")
 
 
 def test_error_no_weights(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     os.remove(tmp_path / "m" / "model.safetensors")
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "no weights")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "no weights")
 
 
 def rewrite_weights(path: Path, edit) -> None:
@@ -401,24 +394,26 @@ def rewrite_weights(path: Path, edit) -> None:
 def test_error_missing_tensor(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     rewrite_weights(tmp_path / "m", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "model.layers.1.self_attn.k_proj.weight", "missing")
+    assert_fails_in_one_line(
+        lambda: load_pretrained(tmp_path / "m"), "model.layers.1.self_attn.k_proj.weight", "missing"
+    )
 
 
 def test_error_unexpected_tensor(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     rewrite_weights(tmp_path / "m", lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(2, 2)}))
-    assert_user_error(lambda: load_pretrained(tmp_path / "m"), "model.layers.2.mlp.up_proj.weight")
+    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "model.layers.2.mlp.up_proj.weight")
 
 
 def test_error_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     edit_config(tmp_path / "m", vocab_size=VOCAB + 3)
-    assert_user_error(
+    assert_fails_in_one_line(
         lambda: load_pretrained(tmp_path / "m"), "model.embed_tokens.weight", f"({VOCAB}, 48)", f"({VOCAB + 3}, 48)"
     )
 
 
 @pytest.mark.parametrize("overrides, fragment", [({"n_kv_head": 2}, "n_kv_head"), ({"bias": False}, "bias")])
 def test_error_gpt2_configs_hf_cannot_express(tmp_path, overrides, fragment):
-    assert_user_error(lambda: save_pretrained(tiny("gpt2", **overrides), tmp_path / "m"), fragment)
+    assert_fails_in_one_line(lambda: save_pretrained(tiny("gpt2", **overrides), tmp_path / "m"), fragment)
     assert not (tmp_path / "m").exists()
