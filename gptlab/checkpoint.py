@@ -24,13 +24,16 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptlab.errors import UserError
-from gptlab.model import GPT, ModelConfig
+
+if TYPE_CHECKING:  # the model module builds on this one: it calls the readers below
+    from gptlab.model import GPT, ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -254,8 +257,9 @@ def _special_ids(tokenizer) -> dict:
     }
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """Translate a Hugging Face Llama or GPT-2 ``config.json`` (v4 or v5 spelling) to a ModelConfig.
+def model_config_fields(hf: dict) -> dict:
+    """Translate a Hugging Face Llama or GPT-2 ``config.json`` (v4 or v5 spelling) to ModelConfig
+    fields (``ModelConfig.from_hf`` builds the config from them).
 
     Missing fields take transformers' class defaults, as ``from_pretrained`` would.
     """
@@ -338,10 +342,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             bias=True,
             dropout=get_float("resid_pdrop", 0.1),
         )
-    try:
-        return ModelConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"config.json describes a model gptlab cannot build: {_one_line(e)}; fix config.json") from None
+    return fields
 
 
 def _family(hf: dict) -> str:
@@ -425,21 +426,24 @@ def _write_json(path: Path, data: dict) -> None:
 # --------------------------------------------------------------------------- load
 
 
-def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | str | None = None) -> GPT:
-    """Load a gptlab or Hugging Face Llama / GPT-2 folder as a GPT in eval mode.
-
-    dtype: None keeps the dtype config.json declares (float32 when it declares none).
-    """
+def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(the model folder, its config.json) for a gptlab or Hugging Face Llama / GPT-2 folder."""
     folder = _model_folder(Path(path))
     hf = _read_json(folder / CONFIG_NAME)
     if not isinstance(hf, dict):
         raise UserError(f"{folder / CONFIG_NAME} is not a JSON object; re-save the model folder")
-    config = model_config_from_hf(hf)
+    return folder, hf
+
+
+def read_weights(
+    folder: Path, hf: dict, config: ModelConfig, our_shapes: dict[str, tuple[int, ...]], device="cpu",
+    dtype: torch.dtype | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The folder's weights as a gptlab state dict, checked against ``our_shapes`` (the model's
+    state-dict shapes). dtype: None keeps the dtype config.json declares (float32 when it
+    declares none). A tied head shares the embedding's tensor."""
     dtype = _dtype(dtype if dtype is not None else hf.get("dtype") or hf.get("torch_dtype") or "float32")
     key_map = _key_map(config)
-    with torch.device("meta"):
-        model = GPT(config)
-    our_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with ExitStack() as stack:
         stored = _open_weights(folder, config.family, stack)
         _check_weights(folder, config, key_map, our_shapes, stored)
@@ -450,11 +454,7 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype | 
             state[t.ours] = (tensor.t() if t.transpose else tensor).contiguous()
     if config.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight  # assign=True gave the head its own Parameter
-    model.init_rope()
-    return model.eval()
+    return state
 
 
 def _model_folder(path: Path) -> Path:
@@ -520,7 +520,7 @@ def _open_weights(folder: Path, family: str, stack: ExitStack) -> dict[str, tupl
             handle = stack.enter_context(safe_open(str(f), framework="pt"))
         except (SafetensorError, OSError) as e:
             raise UserError(
-                f"cannot read {f}: {_one_line(e)}; the file is corrupt or truncated, re-save or re-copy it"
+                f"cannot read {f}: {one_line(e)}; the file is corrupt or truncated, re-save or re-copy it"
             ) from None
         for name in handle.keys():
             stored[name] = (handle, name, f)
@@ -536,7 +536,7 @@ def _read_tensor(stored: dict[str, tuple], name: str) -> torch.Tensor:
         return handle.get_tensor(key)
     except (SafetensorError, OSError) as e:
         raise UserError(
-            f"cannot read {name} from {file}: {_one_line(e)}; the file is corrupt, re-save or re-copy it"
+            f"cannot read {name} from {file}: {one_line(e)}; the file is corrupt, re-save or re-copy it"
         ) from None
 
 
@@ -567,5 +567,5 @@ def _check_weights(folder: Path, config: ModelConfig, key_map: list[_Tensor], ou
         )
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())

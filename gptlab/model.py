@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptlab import checkpoint
+from gptlab.errors import UserError
+
 FAMILIES = ("llama", "gpt2")
 
 
@@ -75,6 +78,16 @@ class ModelConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """The config of a Hugging Face Llama or GPT-2 ``config.json`` (see ``gptlab.checkpoint``)."""
+        try:
+            return cls(**checkpoint.model_config_fields(hf))
+        except (TypeError, ValueError) as e:
+            raise UserError(
+                f"config.json describes a model gptlab cannot build: {checkpoint.one_line(e)}; fix config.json"
+            ) from None
 
 
 class RMSNorm(nn.Module):
@@ -299,17 +312,52 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
 
     def save_pretrained(self, path, tokenizer=None) -> None:
-        """Write a Hugging Face model folder (see ``gptlab.checkpoint``)."""
-        from gptlab.checkpoint import save_pretrained
-
-        save_pretrained(self, path, tokenizer=tokenizer)
+        """Write a Hugging Face model folder, atomically (see ``gptlab.checkpoint``)."""
+        checkpoint.save_pretrained(self, path, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None) -> "GPT":
-        """Load a gptlab or Hugging Face Llama / GPT-2 folder (see ``gptlab.checkpoint``)."""
-        from gptlab.checkpoint import load_pretrained
+        """Load a gptlab or Hugging Face Llama / GPT-2 folder in eval mode (see ``gptlab.checkpoint``).
+        dtype: None keeps the dtype config.json declares (float32 when it declares none)."""
+        folder, hf = checkpoint.read_config(path)
+        config = ModelConfig.from_hf(hf)
+        with torch.device("meta"):
+            model = cls(config)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model.load_state_dict(checkpoint.read_weights(folder, hf, config, shapes, device, dtype), strict=True, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight  # assign=True gave the head its own Parameter
+        model.init_rope()
+        return model.eval()
 
-        return load_pretrained(path, device=device, dtype=dtype)
+    # ---- what the training loop asks of a model (gptlab.train.protocols.Trainable) --------------
+
+    def write_files(self, folder, tokenizer=None) -> None:
+        """The model's files (a Hugging Face folder's) into ``folder``, which the caller made atomic."""
+        checkpoint.write_model_files(self, folder, tokenizer=tokenizer)
+
+    def read_state(self, folder) -> dict[str, torch.Tensor]:
+        """The state dict that ``write_files`` wrote into ``folder``, on the CPU."""
+        return type(self).from_pretrained(folder).state_dict()
+
+    def with_state(self, state: dict[str, torch.Tensor]) -> "GPT":
+        """A plain, unsharded model of this config holding ``state`` (to write a sharded model's files)."""
+        with torch.device("meta"):
+            copy = type(self)(self.config)
+        copy.load_state_dict(state, assign=True)
+        copy.init_rope()
+        return copy
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one before the whole model."""
+        return list(self.blocks)
+
+    def matrix_parameters(self) -> list[nn.Parameter]:
+        """The hidden layers' weight matrices: what Muon may optimise (not embeddings, head, norms, biases)."""
+        return [
+            module.weight for block in self.blocks for module in block.modules()
+            if isinstance(module, nn.Linear) and module.weight.requires_grad
+        ]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied head counted once); non_embedding drops the lookup tables (Kaplan's N)."""

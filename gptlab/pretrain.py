@@ -130,6 +130,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, ove
             evaluate=validation(cfg, runtime) if has_val and cfg.train.eval_batches > 0 else None,
             tokenizer=tokenizer,
         )
-        return trainer.run(to_dict(cfg), resume, overwrite)
+        return trainer.run("pretrain", to_dict(cfg), resume, overwrite)
     finally:
         cleanup_runtime(runtime)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from gptlab import checkpoint  # noqa: E402
-from gptlab.checkpoint import atomic_folder, load_pretrained, model_config_from_hf, save_pretrained  # noqa: E402
+from gptlab.checkpoint import atomic_folder, save_pretrained  # noqa: E402
 from gptlab.errors import UserError  # noqa: E402
 from gptlab.model import GPT, ModelConfig  # noqa: E402
 from helpers import assert_one_line, snapshot  # noqa: E402
@@ -85,7 +85,7 @@ def max_diff(ours: GPT, theirs: torch.nn.Module) -> float:
 
 def test_hf_llama_gqa_untied_loads_with_same_logits(tmp_path):
     path, hf = hf_llama(tmp_path)
-    model = load_pretrained(path)
+    model = GPT.from_pretrained(path)
     assert (model.config.n_head, model.config.n_kv_head, model.config.tie_embeddings) == (6, 2, False)
     assert not model.training
     assert max_diff(model, hf) < TOL
@@ -95,14 +95,14 @@ def test_hf_llama_tied_loads_with_shared_head(tmp_path):
     path, hf = hf_llama(tmp_path, tie_word_embeddings=True)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
-    model = load_pretrained(path)
+    model = GPT.from_pretrained(path)
     assert model.lm_head.weight is model.wte.weight
     assert max_diff(model, hf) < TOL
 
 
 def test_hf_gpt2_loads_with_and_without_transformer_prefix(tmp_path):
     path, hf = hf_gpt2(tmp_path)
-    assert max_diff(load_pretrained(path), hf) < TOL
+    assert max_diff(GPT.from_pretrained(path), hf) < TOL
 
     # Old-style checkpoint: keys without "transformer.", plus the causal-mask buffers it carried.
     tensors = {k.removeprefix("transformer."): v for k, v in load_file(path / "model.safetensors").items()}
@@ -110,14 +110,14 @@ def test_hf_gpt2_loads_with_and_without_transformer_prefix(tmp_path):
         tensors[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
         tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    model = load_pretrained(path)
+    model = GPT.from_pretrained(path)
     assert model.lm_head.weight is model.wte.weight
     assert max_diff(model, hf) < TOL
 
 
 def test_hf_gpt2_untied_loads(tmp_path):
     path, hf = hf_gpt2(tmp_path, tie_word_embeddings=False)
-    model = load_pretrained(path)
+    model = GPT.from_pretrained(path)
     assert not model.config.tie_embeddings
     assert max_diff(model, hf) < TOL
 
@@ -127,7 +127,7 @@ def test_sharded_hf_folder_loads(tmp_path):
     _, hf = hf_llama(tmp_path)
     hf.save_pretrained(path, max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").exists()
-    assert max_diff(load_pretrained(path), hf) < TOL
+    assert max_diff(GPT.from_pretrained(path), hf) < TOL
 
 
 @pytest.mark.parametrize("spelling", ["v4", "v5"])
@@ -141,26 +141,26 @@ def test_rope_theta_and_dtype_in_both_transformers_spellings(tmp_path, spelling)
     else:
         config.update(rope_parameters={"rope_type": "default", "rope_theta": 500.0}, dtype="float32")
     (path / "config.json").write_text(json.dumps(config))
-    model = load_pretrained(path)
+    model = GPT.from_pretrained(path)
     assert model.config.rope_theta == 500.0
     assert max_diff(model, hf) < TOL
 
 
 def test_head_dim_given_or_derived():
     base = dict(model_type="llama", hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=1)
-    assert model_config_from_hf(base).head_dim == 16
-    assert model_config_from_hf({**base, "head_dim": 16}).head_dim == 16
+    assert ModelConfig.from_hf(base).head_dim == 16
+    assert ModelConfig.from_hf({**base, "head_dim": 16}).head_dim == 16
     with pytest.raises(UserError, match="head_dim"):
-        model_config_from_hf({**base, "head_dim": 32})
+        ModelConfig.from_hf({**base, "head_dim": 32})
 
 
 def test_dtype_from_config_or_argument(tmp_path):
     path, _ = hf_llama(tmp_path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
-    assert load_pretrained(path).wte.weight.dtype == torch.bfloat16
-    assert load_pretrained(path, dtype=torch.float16).lm_head.weight.dtype == torch.float16
-    assert load_pretrained(path, dtype="float32").blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert GPT.from_pretrained(path).wte.weight.dtype == torch.bfloat16
+    assert GPT.from_pretrained(path, dtype=torch.float16).lm_head.weight.dtype == torch.float16
+    assert GPT.from_pretrained(path, dtype="float32").blocks[0].attn.qkv.weight.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- gptlab -> HF
@@ -206,7 +206,7 @@ def test_gptlab_llama_with_bias_and_tied_head_loads_in_transformers(tmp_path):
 def test_round_trip_is_bitwise(tmp_path, family, overrides):
     model = tiny(family, **overrides)
     save_pretrained(model, tmp_path / "m")
-    loaded = load_pretrained(tmp_path / "m")
+    loaded = GPT.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()
@@ -218,7 +218,7 @@ def test_round_trip_keeps_bfloat16(tmp_path):
     model = tiny("llama").to(torch.bfloat16)
     save_pretrained(model, tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
-    loaded = load_pretrained(tmp_path / "m")
+    loaded = GPT.from_pretrained(tmp_path / "m")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert loaded.wte.weight.dtype == torch.bfloat16
 
@@ -280,7 +280,7 @@ def test_successful_save_replaces_old_folder_and_leaves_nothing_else(tmp_path):
     (path / "stale.txt").write_text("from the old checkpoint")
     save_pretrained(tiny("gpt2"), path)
     assert not (path / "stale.txt").exists()
-    assert load_pretrained(path).config.family == "gpt2"
+    assert GPT.from_pretrained(path).config.family == "gpt2"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
@@ -292,7 +292,7 @@ def test_atomic_folder_holds_extra_state_and_restores_an_interrupted_swap(tmp_pa
         (tmp / "trainer_state").mkdir()
         (tmp / "trainer_state" / "state.json").write_text('{"step": 10}')
     assert (path / "trainer_state" / "state.json").read_text() == '{"step": 10}'
-    assert load_pretrained(path).config.family == "llama"
+    assert GPT.from_pretrained(path).config.family == "llama"
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by whom any new folder would be
@@ -301,7 +301,7 @@ def test_atomic_folder_holds_extra_state_and_restores_an_interrupted_swap(tmp_pa
     aside = path.parent / f".{path.name}.old"
     os.rename(path, aside)
     with pytest.raises(UserError, match="interrupted"):
-        load_pretrained(path)
+        GPT.from_pretrained(path)
     with atomic_folder(path) as tmp:
         assert path.is_dir() and not aside.exists()  # put back before anything else happens
         (tmp / "marker").write_text("new")
@@ -325,42 +325,42 @@ def edit_config(path: Path, **changes) -> None:
 
 
 def test_error_missing_path(tmp_path):
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "nope"), "does not exist")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "nope"), "does not exist")
 
 
 def test_error_not_a_folder(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "empty").mkdir()
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "file.txt"), "not a model folder", "is a file")
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "empty"), "not a model folder", "config.json")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "file.txt"), "not a model folder", "is a file")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "empty"), "not a model folder", "config.json")
 
 
 def test_error_invalid_json(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text('{"model_type": "llama",')
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "not valid JSON", "line 1")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "not valid JSON", "line 1")
 
 
 @pytest.mark.parametrize("model_type", ["bert", "mistral"])
 def test_error_unsupported_architecture(tmp_path, model_type):
     save_pretrained(tiny("llama"), tmp_path / "m")
     edit_config(tmp_path / "m", model_type=model_type)
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "unsupported model type", model_type)
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "unsupported model type", model_type)
 
 
 def test_error_rope_scaling(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
     edit_config(tmp_path / "m", rope_parameters=llama3)
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "llama3")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "llama3")
     edit_config(tmp_path / "m", rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "linear")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "linear")
 
 
 def test_error_bad_config_value(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     edit_config(tmp_path / "m", num_hidden_layers="two")
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "num_hidden_layers")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "num_hidden_layers")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -369,20 +369,20 @@ def test_error_corrupt_weights(tmp_path, damage):
     weights = tmp_path / "m" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(b"not a safetensors file" if damage == "garbage" else data[: len(data) // 2])
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "model.safetensors", "corrupt")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "model.safetensors", "corrupt")
 
 
 def test_error_only_pickled_weights(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     os.remove(tmp_path / "m" / "model.safetensors")
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "pytorch_model.bin", "safetensors")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "pytorch_model.bin", "safetensors")
 
 
 def test_error_no_weights(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     os.remove(tmp_path / "m" / "model.safetensors")
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "no weights")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "no weights")
 
 
 def rewrite_weights(path: Path, edit) -> None:
@@ -395,21 +395,21 @@ def test_error_missing_tensor(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     rewrite_weights(tmp_path / "m", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     assert_fails_in_one_line(
-        lambda: load_pretrained(tmp_path / "m"), "model.layers.1.self_attn.k_proj.weight", "missing"
+        lambda: GPT.from_pretrained(tmp_path / "m"), "model.layers.1.self_attn.k_proj.weight", "missing"
     )
 
 
 def test_error_unexpected_tensor(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     rewrite_weights(tmp_path / "m", lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(2, 2)}))
-    assert_fails_in_one_line(lambda: load_pretrained(tmp_path / "m"), "model.layers.2.mlp.up_proj.weight")
+    assert_fails_in_one_line(lambda: GPT.from_pretrained(tmp_path / "m"), "model.layers.2.mlp.up_proj.weight")
 
 
 def test_error_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
     save_pretrained(tiny("llama"), tmp_path / "m")
     edit_config(tmp_path / "m", vocab_size=VOCAB + 3)
     assert_fails_in_one_line(
-        lambda: load_pretrained(tmp_path / "m"), "model.embed_tokens.weight", f"({VOCAB}, 48)", f"({VOCAB + 3}, 48)"
+        lambda: GPT.from_pretrained(tmp_path / "m"), "model.embed_tokens.weight", f"({VOCAB}, 48)", f"({VOCAB + 3}, 48)"
     )
 
 

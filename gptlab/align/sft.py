@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gptlab.checkpoint import model_config_from_hf
 from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
 from gptlab.data.chat import (
     IGNORE, TRUNCATION, ChatBatches, eval_batches, load_chat_data, packed_attention_mask,
 )
 from gptlab.data.loader import to_device
 from gptlab.errors import UserError
-from gptlab.model import GPT
+from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
 
@@ -81,7 +80,7 @@ def load_config(config_path: str | None, overrides: list[str], out_dir: Path, re
 
 def _block_size(folder: Path) -> int | None:
     try:
-        return model_config_from_hf(json.loads((folder / "config.json").read_text())).block_size
+        return ModelConfig.from_hf(json.loads((folder / "config.json").read_text())).block_size
     except (OSError, ValueError):
         return None  # sft() loads the folder and says what is wrong with it
 
@@ -161,6 +160,6 @@ def sft(cfg: SftConfig, out_dir: str | Path, resume: bool = False, overwrite: bo
         evaluate = validation(val_batches, runtime) if val_batches else None
         torch.manual_seed(tcfg.seed)
         trainer = Trainer(model, tcfg, runtime, out_dir, sft_loss, batches, evaluate=evaluate, tokenizer=tokenizer)
-        return trainer.run(to_dict(cfg), resume, overwrite, data={split: s.to_dict() for split, s in stats.items()})
+        return trainer.run("sft", to_dict(cfg), resume, overwrite, data={split: s.to_dict() for split, s in stats.items()})
     finally:
         cleanup_runtime(runtime)

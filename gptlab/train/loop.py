@@ -1,41 +1,40 @@
-"""The one training loop. Every stage (pretraining, SFT, reward model, DPO, RL) brings a batch
-source and a loss function; the loop owns everything else: device and precision, DDP/FSDP2 under
-``torchrun``, gradient accumulation, clipping, the learning-rate schedule, AdamW, periodic
-evaluation, atomic checkpoints, exact resume, the NaN guard, ``metrics.jsonl`` and the progress bar.
+"""The one training loop. Every stage (pretraining, SFT, reward model, DPO, RL) brings a model, a
+batch source and a loss function; the loop owns everything else: device and precision, DDP/FSDP2
+under ``torchrun``, gradient accumulation, clipping, the learning-rate schedule, AdamW, periodic
+evaluation, checkpoints (``gptlab.train.checkpoints``), exact resume, the NaN guard,
+``metrics.jsonl`` and the progress bar.
 
-A batch source has ``next_batch()``, ``state_dict()`` and ``load_state_dict()``; with
-``world_size`` ranks it must hand rank ``r`` its own part of each global batch (see
-``gptlab.data.loader.TokenLoader``). ``loss_fn(model, batch)`` returns the mean loss of a
-micro-batch.
+The model and the batch source answer the protocols of ``gptlab.train.protocols``.
+``loss_fn(model, batch)`` returns the mean loss of a micro-batch, or ``(loss, metrics)`` with
+``metrics`` a dict of scalar tensors (TRL's names, such as ``rewards/margins``): the loop averages
+each over micro-steps, ranks and the log window, as it does the loss, and logs it beside ``loss``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import re
 import resource
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gptlab.checkpoint import atomic_folder, load_pretrained, write_model_files
-from gptlab.config import run_info
-from gptlab.data.documents import read_metrics
 from gptlab.errors import UserError
-from gptlab.fileio import write_json_atomic, write_text_atomic
-from gptlab.model import GPT
+from gptlab.runs import RunFolder
+from gptlab.train.checkpoints import Checkpoints, export_model
+from gptlab.train.protocols import BatchSource, Trainable
 
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7,})$")
+LossFn = Callable[[torch.nn.Module, object], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+# What the loop itself logs; a stage's metrics take other names.
+LOOP_METRICS = ("step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "mfu", "peak_mem_mb")
 
 
 @dataclass
@@ -251,7 +250,7 @@ class ChainedOptimizer:
             optimizer.load_state_dict(own)
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | ChainedOptimizer:
+def build_optimizer(model: Trainable, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW with weight decay on matrices only (not on norms, biases or, by nanoGPT's habit,
     embeddings counted as matrices too); fused on CUDA.
 
@@ -265,10 +264,7 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
     if cfg.optimizer == "muon":
         if not hasattr(torch.optim, "Muon"):
             raise UserError(f"train.optimizer=muon needs torch>=2.9 (this is {torch.__version__}); use adamw")
-        on_muon = {
-            id(module.weight) for block in model.blocks for module in block.modules()
-            if isinstance(module, torch.nn.Linear) and module.weight.requires_grad
-        }
+        on_muon = {id(p) for p in model.matrix_parameters()}
     decay = [p for p in params if p.dim() >= 2 and id(p) not in on_muon]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -282,56 +278,47 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
     return ChainedOptimizer(adamw, muon)
 
 
-class BatchSource(Protocol):
-    def next_batch(self): ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints under out_dir/checkpoints, oldest first (atomic writes mean a folder
-    with the final name is complete; temp folders never match the pattern)."""
-    folder = out_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
-
 class Trainer:
-    """Runs ``cfg.max_steps`` optimizer steps of ``loss_fn`` over ``batches``, writing into out_dir."""
+    """Runs ``cfg.max_steps`` optimizer steps of ``loss_fn`` over ``batches``, writing into the run
+    folder ``out_dir``. ``progress_metrics``: the stage's metrics the progress bar shows."""
 
     def __init__(
         self,
-        model: GPT,
+        model: Trainable,
         cfg: TrainConfig,
         runtime: Runtime,
         out_dir: str | Path,
-        loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+        loss_fn: LossFn,
         batches: BatchSource,
         evaluate: Callable[[torch.nn.Module], dict] | None = None,
         tokenizer=None,
+        progress_metrics: tuple[str, ...] = (),
     ):
-        self.cfg, self.runtime, self.out_dir = cfg, runtime, Path(out_dir)
-        self.loss_fn, self.batches, self.evaluate, self.tokenizer = loss_fn, batches, evaluate, tokenizer
+        self.cfg, self.runtime, self.run_folder = cfg, runtime, RunFolder(out_dir)
+        self.loss_fn, self.batches, self.evaluate = loss_fn, batches, evaluate
+        self.progress_metrics = progress_metrics
         self.micro_batch_size, self.grad_accum = runtime.micro_batching(cfg)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.model = model.to(runtime.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         self.wrapped = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, cfg, runtime.device)
+        self.checkpoints = Checkpoints(
+            self.run_folder, self.model, self.optimizer, batches, optimizer_kind=cfg.optimizer,
+            keep=cfg.keep_checkpoints, sharded=self.sharded, is_main=runtime.is_main, warn=self._warn,
+            tokenizer=tokenizer,
+        )
         self.step = 0
-        self.metrics_path = self.out_dir / "metrics.jsonl"
 
-    def _wrap(self, model: GPT) -> torch.nn.Module:
+    def _wrap(self, model: Trainable) -> torch.nn.Module:
         wrapped: torch.nn.Module = torch.compile(model) if self.cfg.compile else model
         if not self.runtime.distributed:
             return wrapped
         if self.cfg.parallelism == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for block in model.blocks:
-                fully_shard(block)
+            for unit in model.shard_units():
+                fully_shard(unit)
             fully_shard(model)
             return wrapped
         from torch.nn.parallel import DistributedDataParallel
@@ -343,110 +330,17 @@ class Trainer:
     def sharded(self) -> bool:
         return self.runtime.distributed and self.cfg.parallelism == "fsdp"
 
-    # ---- checkpoints -------------------------------------------------------------------------
-
-    def _full_state(self) -> tuple[dict, dict]:
-        """(model state, optimizer state) as full, unsharded CPU tensors (collective under FSDP)."""
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return (
-                get_model_state_dict(self.model, options=options),
-                get_optimizer_state_dict(self.model, self.optimizer, options=options),
-            )
-        return self.model.state_dict(), self.optimizer.state_dict()
-
     def save_checkpoint(self) -> None:
-        model_state, optim_state = self._full_state()
-        if not self.runtime.is_main:
-            return
-        target = self.out_dir / "checkpoints" / f"step-{self.step:07d}"
-        with atomic_folder(target) as folder:
-            snapshot = self.model
-            if self.sharded:
-                with torch.device("meta"):
-                    snapshot = GPT(self.model.config)
-                snapshot.load_state_dict(model_state, assign=True)
-                snapshot.init_rope()
-            write_model_files(snapshot, folder, tokenizer=self.tokenizer)
-            state_dir = folder / "trainer_state"
-            state_dir.mkdir()
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save({"optimizer": optim_state, "rng": rng}, state_dir / "state.pt")
-            trainer_state = {"step": self.step, "optimizer": self.cfg.optimizer, "batches": self.batches.state_dict()}
-            (state_dir / "state.json").write_text(json.dumps(trainer_state, indent=1))
-        for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        self.checkpoints.save(self.step)
 
-    def load_checkpoint(self) -> Path | None:
-        """Restore the newest checkpoint that loads; a broken one is skipped with a warning.
-        None when there is no checkpoint at all; a UserError when none of them loads."""
-        found = list_checkpoints(self.out_dir)
-        for folder in reversed(found):
-            try:
-                state = json.loads((folder / "trainer_state" / "state.json").read_text())
-                extra = torch.load(folder / "trainer_state" / "state.pt", weights_only=True, map_location="cpu")
-                weights = load_pretrained(folder).state_dict()
-            except (UserError, OSError, ValueError, RuntimeError, KeyError) as e:
-                self._warn(f"checkpoint {folder} cannot be loaded ({str(e).splitlines()[0]}); trying an older one")
-                continue
-            # Checkpoints from before train.optimizer existed hold AdamW's state.
-            saved_with = state.get("optimizer", "adamw")
-            if saved_with != self.cfg.optimizer:
-                raise UserError(
-                    f"checkpoint {folder} holds {saved_with}'s state, but train.optimizer={self.cfg.optimizer}; "
-                    f"resume with train.optimizer={saved_with}"
-                )
-            self._restore(weights, extra["optimizer"])
-            torch.set_rng_state(extra["rng"]["torch"])
-            if "cuda" in extra["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
-            self.batches.load_state_dict(state["batches"])
-            self.step = state["step"]
-            return folder
-        if found:
-            raise UserError(
-                f"no checkpoint in {self.out_dir / 'checkpoints'} can be loaded ({len(found)} tried, all broken); "
-                "they are left untouched: train afresh into another --out folder"
-            )
-        return None
-
-    def _restore(self, weights: dict, optim_state: dict) -> None:
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-            set_model_state_dict(self.model, weights, options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, self._keyed_by_name(optim_state), options=options)
+    def resume(self) -> None:
+        """Continue from the newest checkpoint that loads (from step 0 when there is none)."""
+        restored = self.checkpoints.restore()
+        if restored is None:
+            self._warn(f"no checkpoint to resume from in {self.run_folder.checkpoints_dir}; starting from step 0")
         else:
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(optim_state)
-
-    def _keyed_by_name(self, optim_state: dict) -> dict:
-        """The optimizer state keyed by parameter name, as FSDP's loader needs. A one-process or DDP
-        run saves it keyed by index in the optimizer's parameter order, which ``build_optimizer``
-        makes the same in every run of the same model; names pass through."""
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-
-        def key(k):
-            return order[k] if isinstance(k, int) else k
-
-        return {
-            "state": {key(k): v for k, v in optim_state["state"].items()},
-            "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in optim_state["param_groups"]],
-        }
+            folder, self.step = restored
+            self._warn(f"resumed from {folder} (step {self.step})")
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -456,8 +350,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.runtime.is_main:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run_folder.append_metrics(record)
 
     def _run_eval(self) -> dict:
         self.model.eval()
@@ -466,12 +359,13 @@ class Trainer:
         self.model.train()
         return result
 
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks
-        and the gradient norm before clipping."""
+    def _train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns the loss and the stage's
+        metrics, each averaged over micro-steps and ranks, and the gradient norm before clipping."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
         total = torch.zeros((), device=self.runtime.device)
+        stage: dict[str, torch.Tensor] = {}
         ddp = isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
         for micro in range(self.grad_accum):
             batch = self.batches.next_batch()
@@ -479,80 +373,62 @@ class Trainer:
             skip_sync = ddp and micro < self.grad_accum - 1
             with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext():
                 with self.runtime.autocast():
-                    loss = self.loss_fn(self.wrapped, batch) / self.grad_accum
+                    loss, metrics = _loss_and_metrics(self.loss_fn(self.wrapped, batch))
+                    loss = loss / self.grad_accum
                 loss.backward()
             total += loss.detach()
-        total = self.runtime.mean(total)
+            for name, value in metrics.items():
+                stage[name] = stage.get(name, 0.0) + value.detach().float() / self.grad_accum
+        # One all-reduce for the loss and every stage metric.
+        averaged = self.runtime.mean(torch.stack([total, *stage.values()]))
+        total, stage = averaged[0], dict(zip(stage, averaged[1:]))
         # An infinite max_norm measures without clipping: a finite norm scales the gradients by
         # exactly 1, and a non-finite one stops the run below, before any update.
         grad_norm = _whole(torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         ))
         if not torch.isfinite(total + grad_norm):  # one sync for both
-            self.optimizer.zero_grad(set_to_none=True)
-            kept = list_checkpoints(self.out_dir)
-            what = f"loss became {total.item()}"
-            if torch.isfinite(total):
-                what = f"gradient norm became {grad_norm.item()}"
-            raise UserError(
-                f"{what} at step {self.step + 1}; the run stopped and "
-                f"{'the last good checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}"
-                "; lower train.lr, raise train.warmup_steps or check the data"
-            )
+            self._stop_on_non_finite(total, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm
+        return total, stage, grad_norm
 
-    def resume(self) -> None:
-        """Continue from the newest checkpoint that loads (from step 0 when there is none)."""
-        restored = self.load_checkpoint()
-        if restored is None:
-            self._warn(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}; starting from step 0")
-        else:
-            self._warn(f"resumed from {restored} (step {self.step})")
+    def _stop_on_non_finite(self, total: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = self.run_folder.checkpoints()
+        what = f"loss became {total.item()}"
+        if torch.isfinite(total):
+            what = f"gradient norm became {grad_norm.item()}"
+        raise UserError(
+            f"{what} at step {self.step + 1}; the run stopped and "
+            f"{'the last good checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}"
+            "; lower train.lr, raise train.warmup_steps or check the data"
+        )
 
-    def fit(self) -> GPT:
+    def fit(self) -> Trainable:
         """Train from the current step to cfg.max_steps; returns the model."""
         cfg = self.cfg
         if self.runtime.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_metrics()
-        peak = peak_flops(self.runtime.device)
-        flops_per_step = self.model.flops_per_token(cfg.seq_len) * self.tokens_per_step
+            self.run_folder.path.mkdir(parents=True, exist_ok=True)
+            self.run_folder.keep_metrics_until(self.step)
+        window = _LogWindow(self.model.flops_per_token(cfg.seq_len) * self.tokens_per_step, self.tokens_per_step,
+                            peak_flops(self.runtime.device), self.runtime)
         self.model.train()
         bar = tqdm(
             total=cfg.max_steps, initial=self.step, disable=not self.runtime.is_main, unit="step", dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
         )
-        window_time, window_steps, window_loss = 0.0, 0, torch.zeros((), device=self.runtime.device)
         try:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
-                loss, grad_norm = self._train_step()
-                window_loss += loss
-                window_time += time.perf_counter() - start
+                loss, stage, grad_norm = self._train_step()
+                window.add(loss, stage, time.perf_counter() - start)
                 self.step += 1
-                window_steps += 1
                 last = self.step == cfg.max_steps
                 record = {}
                 if self.step % cfg.log_every == 0 or last:
-                    record = {
-                        "step": self.step,
-                        "loss": round(window_loss.item() / window_steps, 6),  # mean since the last log
-                        "lr": learning_rate(cfg, self.step - 1),
-                        "grad_norm": round(grad_norm.item(), 6),  # the window's last step, before clipping
-                        "tokens": self.step * self.tokens_per_step,
-                        "tok_per_s": round(window_steps * self.tokens_per_step / window_time, 1),
-                        "mfu": round(window_steps * flops_per_step / window_time / (peak * self.runtime.world_size), 4)
-                        if peak
-                        else None,
-                        "peak_mem_mb": round(peak_memory_mb(self.runtime.device), 1),
-                    }
-                    shown = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tok_per_s']:.0f}"}
-                    if record["mfu"] is not None:
-                        shown["mfu"] = f"{record['mfu']:.1%}"
-                    bar.set_postfix(shown)
-                    window_time, window_steps, window_loss = 0.0, 0, torch.zeros_like(window_loss)
+                    record = window.close(self.step, learning_rate(cfg, self.step - 1), grad_norm)
+                    bar.set_postfix(window.shown(record, self.progress_metrics))
                 if self.evaluate and (cfg.eval_every and self.step % cfg.eval_every == 0 or last):
                     record = {"step": self.step, **record, **self._run_eval()}
                 if record:
@@ -564,8 +440,8 @@ class Trainer:
             bar.close()
         return self.model
 
-    def run(self, config: dict, resume: bool = False, overwrite: bool = False, **info) -> GPT:
-        """A stage's whole run: run.json (its config and ``info``), training, and the exported
+    def run(self, kind: str, config: dict, resume: bool = False, overwrite: bool = False, **info) -> Trainable:
+        """A stage's whole run: run.json (its kind, config and ``info``), training, and the exported
         model in ``out_dir/model``; returns the trained model. ``overwrite`` lets a fresh run
         replace an earlier run's checkpoints and model in ``out_dir``."""
         if resume:  # before run.json is written: a checkpoint that does not fit this config leaves it as it was
@@ -573,55 +449,98 @@ class Trainer:
         else:
             self._claim_out_dir(overwrite)
         if self.runtime.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(
-                self.out_dir / "run.json",
-                run_info(config, seed=self.cfg.seed, device=str(self.runtime.device),
-                         world_size=self.runtime.world_size, params=self.model.num_params(), **info),
+            self.run_folder.write_record(
+                kind, config, seed=self.cfg.seed, device=str(self.runtime.device),
+                world_size=self.runtime.world_size, params=self.model.num_params(), **info,
             )
         model = self.fit()
-        self.export(self.out_dir / "model")
+        if self.runtime.is_main:
+            export_model(self.run_folder)
         return model
 
     def _claim_out_dir(self, overwrite: bool) -> None:
         """A fresh run may not train over an earlier one: checkpoint rotation would keep the
         earlier run's higher-numbered checkpoints and export its model as this run's. Rank 0
         decides and deletes, so every rank refuses or proceeds together."""
-        holds_run = [self.runtime.is_main and bool(list_checkpoints(self.out_dir) or (self.out_dir / "model").exists())]
+        run = self.run_folder
+        holds_run = [self.runtime.is_main and run.holds_training()]
         if self.runtime.distributed:
             dist.broadcast_object_list(holds_run, src=0)
         if not holds_run[0]:
             return
-        earlier = [p for p in (self.out_dir / "checkpoints", self.out_dir / "model") if p.exists()]
+        earlier = [p for p in (run.checkpoints_dir, run.model_dir) if p.exists()]
         if not overwrite:
             raise UserError(
-                f"{self.out_dir} already holds a training run ({', '.join(p.name + '/' for p in earlier)}); "
+                f"{run.path} already holds a training run ({', '.join(p.name + '/' for p in earlier)}); "
                 "pass --resume to continue it, --overwrite to replace it, or choose another --out"
             )
         if self.runtime.is_main:
             for path in earlier:
                 shutil.rmtree(path)
-            for card in ("report.md", "loss.png"):  # `gptlab report`'s, of the run being replaced
-                (self.out_dir / card).unlink(missing_ok=True)
+            for card in (run.report_path, run.path / "loss.png"):  # `gptlab report`'s, of the run being replaced
+                card.unlink(missing_ok=True)
         if self.runtime.distributed:
             dist.barrier()
 
-    def export(self, path: str | Path) -> None:
-        """Publish the final checkpoint's model folder (weights and tokenizer, no trainer state)."""
-        if not self.runtime.is_main:
-            return
-        final = list_checkpoints(self.out_dir)[-1]
-        with atomic_folder(Path(path)) as folder:
-            for item in final.iterdir():
-                if item.is_file():
-                    shutil.copy2(item, folder / item.name)
 
-    def _truncate_metrics(self) -> None:
-        """Drop records past the current step: a resumed run rewrites what the killed one logged."""
-        if not self.runtime.is_main or not self.metrics_path.exists():
-            return
-        kept = [record for record in read_metrics(self.metrics_path) if record["step"] <= self.step]
-        write_text_atomic(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
+class _LogWindow:
+    """The steps since the last log: their mean loss and stage metrics, and their speed."""
+
+    def __init__(self, flops_per_step: float, tokens_per_step: int, peak: float | None, runtime: Runtime):
+        self.flops_per_step, self.tokens_per_step, self.peak, self.runtime = flops_per_step, tokens_per_step, peak, runtime
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+        self.loss = torch.zeros((), device=self.runtime.device)
+        self.stage: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, stage: dict[str, torch.Tensor], seconds: float) -> None:
+        self.loss += loss
+        for name, value in stage.items():
+            self.stage[name] = self.stage.get(name, 0.0) + value
+        self.seconds += seconds
+        self.steps += 1
+
+    def close(self, step: int, lr: float, grad_norm: torch.Tensor) -> dict:
+        """The record of the window ending at ``step``; the window starts afresh."""
+        means = [total / self.steps for total in torch.stack([self.loss, *self.stage.values()]).tolist()]  # one sync
+        record = {
+            "step": step,
+            "loss": round(means[0], 6),
+            **{name: round(value, 6) for name, value in zip(self.stage, means[1:])},
+            "lr": lr,
+            "grad_norm": round(grad_norm.item(), 6),  # the window's last step, before clipping
+            "tokens": step * self.tokens_per_step,
+            "tok_per_s": round(self.steps * self.tokens_per_step / self.seconds, 1),
+            "mfu": round(self.steps * self.flops_per_step / self.seconds / (self.peak * self.runtime.world_size), 4)
+            if self.peak
+            else None,
+            "peak_mem_mb": round(peak_memory_mb(self.runtime.device), 1),
+        }
+        self._reset()
+        return record
+
+    @staticmethod
+    def shown(record: dict, stage_metrics: tuple[str, ...]) -> dict:
+        """What the progress bar shows of a record: loss, the stage's chosen metrics, speed, MFU."""
+        shown = {"loss": f"{record['loss']:.4f}"}
+        shown.update({name: f"{record[name]:.4g}" for name in stage_metrics if name in record})
+        shown["tok_s"] = f"{record['tok_per_s']:.0f}"
+        if record["mfu"] is not None:
+            shown["mfu"] = f"{record['mfu']:.1%}"
+        return shown
+
+
+def _loss_and_metrics(output) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss function's output as (loss, metrics): it may return the loss alone."""
+    if not isinstance(output, tuple):
+        return output, {}
+    loss, metrics = output
+    clash = [name for name in metrics if name in LOOP_METRICS]
+    if clash:
+        raise ValueError(f"a stage metric may not be named like the loop's own: {', '.join(clash)}")
+    return loss, metrics
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:
