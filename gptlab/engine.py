@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from gptlab.errors import UserError
+from gptlab.logprobs import token_logprobs
 from gptlab.model import GPT, KVCache
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -573,7 +574,7 @@ class Engine:
             seen.scatter_(1, token[:, None], True)
         if not return_logprobs:
             return token, None
-        return token, logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+        return token, token_logprobs(logits, token)
 
 
 def _split_at_stops(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from gptlab import checkpoint
 from gptlab.errors import UserError
+from gptlab.logprobs import mean_cross_entropy
 
 FAMILIES = ("llama", "gpt2")
 
@@ -309,7 +310,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, position_ids, attn_mask, kv_cache))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return mean_cross_entropy(logits, targets)
 
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Write a Hugging Face model folder, atomically (see ``gptlab.checkpoint``)."""

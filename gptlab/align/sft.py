@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
-from gptlab.data.chat import (
-    IGNORE, TRUNCATION, ChatBatches, eval_batches, load_chat_data, packed_attention_mask,
-)
+from gptlab.data.chat import TRUNCATION, ChatBatches, eval_batches, load_chat_data, packed_attention_mask
 from gptlab.data.loader import to_device
 from gptlab.errors import UserError
+from gptlab.logprobs import IGNORE, token_logprobs
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
@@ -95,9 +93,7 @@ def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Cross-entropy of every target (B, T); 0 where the label is ignored."""
     mask = packed_attention_mask(batch["segment_ids"])
     logits = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=mask)
-    labels = batch["labels"]
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    return losses.view_as(labels)
+    return -token_logprobs(logits, batch["labels"])
 
 
 def validation(batches: list[dict], runtime: Runtime):

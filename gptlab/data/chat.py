@@ -35,9 +35,9 @@ import torch
 from gptlab.data.documents import jsonl_records
 from gptlab.data.loader import to_device
 from gptlab.errors import UserError
+from gptlab.logprobs import IGNORE, segment_mask
 from gptlab.tokenizer import Tokenizer
 
-IGNORE = -100  # the target value cross-entropy skips
 TRUNCATION = ("turn", "drop")
 
 
@@ -215,11 +215,7 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len:
 def packed_attention_mask(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
     """The block-diagonal causal mask (B, 1, T, T) of packed rows, True where a query may attend a
     key: earlier slots of its own conversation. None (plain causal attention) without packing."""
-    if segment_ids is None:
-        return None
-    slot = torch.arange(segment_ids.size(1), device=segment_ids.device)
-    causal = slot[None, :] <= slot[:, None]
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None] & causal
+    return None if segment_ids is None else segment_mask(segment_ids)
 
 
 class ChatBatches:

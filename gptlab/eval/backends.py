@@ -38,6 +38,7 @@ import torch
 
 from gptlab.engine import Engine
 from gptlab.errors import UserError, first_line
+from gptlab.logprobs import scored_targets, segment_mask
 from gptlab.model import KVCache
 from gptlab.tokenizer import END, UNLIMITED_LENGTH
 
@@ -358,15 +359,13 @@ class TokenBackend(Backend):
         cols_t = torch.tensor([t[1] for t in targets])
         tokens_t = torch.tensor([t[2] for t in targets])
         if prefix:
-            logits = self._logits_after_prefix(ids, positions, segment_mask(segments), prefix, rows_t, cols_t)
+            logits = self._logits_after_prefix(ids, positions, _context_mask(segments), prefix, rows_t, cols_t)
         else:
-            mask = segment_mask(segments) if needs_mask else None
+            mask = _context_mask(segments) if needs_mask else None
             logits = self._logits_at(ids, positions, mask, rows_t, cols_t)
         # Scored where the logits are: only two numbers per target leave the device, not a vocabulary.
-        logprobs = logits.float().log_softmax(-1)
-        tokens_t = tokens_t.to(logprobs.device)
-        picked = logprobs.gather(-1, tokens_t[:, None]).squeeze(-1).tolist()
-        greedy = (logprobs.argmax(-1) == tokens_t).tolist()
+        picked, greedy = scored_targets(logits, tokens_t.to(logits.device))
+        picked, greedy = picked.tolist(), greedy.tolist()
         sums: dict[int, list] = {}
         for (_, _, _, request), lp, g in zip(targets, picked, greedy):
             total = sums.setdefault(request, [0.0, True])
@@ -384,14 +383,10 @@ class TokenBackend(Backend):
         return self._logits_at(ids, positions, mask, rows, cols)
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean from (B, T) segment ids: causal, and a continuation (s > 0) sees the
-    context (0) and itself, never another continuation. A pad (-1) sees the context, so no
-    attention row is empty (which would give NaN)."""
-    width = segments.size(1)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    q, k = segments[:, :, None], segments[:, None, :]
-    return (causal & ((k == 0) | (k == q)))[:, None]
+def _context_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The mask of a scored row: a continuation (segment s > 0) sees the context (0) and itself,
+    never another continuation; the padding (-1) sees the context and itself."""
+    return segment_mask(segments, shared=0)
 
 
 # --------------------------------------------------------------------------- gptlab models

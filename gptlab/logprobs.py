@@ -1,0 +1,57 @@
+"""Log-probabilities of targets under a model's logits, and the attention masks of rows that hold
+several sequences: the one place that training losses, the evaluation scorer, the engine and the
+preference stages compute them, so they agree to the bit.
+
+Targets equal to ``IGNORE`` (-100, PyTorch's and Hugging Face's convention) are skipped. Logits are
+read in fp32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # the target value the log-probs and the losses skip
+
+
+def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy over the targets that are not ``IGNORE``."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at every position (the shape of ``targets``), 0 where the target is ``IGNORE``."""
+    return _picked(logits.float().log_softmax(-1), targets)
+
+
+def scored_targets(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` and whether each target is the most likely token (lm-eval's
+    ``is_greedy``, taken on the log-probs as lm-eval takes it, so that ties break alike)."""
+    logprobs = logits.float().log_softmax(-1)
+    return _picked(logprobs, targets), logprobs.argmax(-1) == targets
+
+
+def _picked(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    kept = targets != IGNORE
+    picked = logprobs.gather(-1, torch.where(kept, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(kept, picked, 0.0)
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p of each row's kept targets together (B,): the sum of their token log-probs."""
+    return token_logprobs(logits, targets).sum(-1)
+
+
+def segment_mask(segment_ids: torch.Tensor, shared: int | None = None) -> torch.Tensor:
+    """The (B, 1, T, T) attention mask, True where a query may attend a key, of rows whose
+    positions carry segment ids (B, T): causal, and a query sees the keys of its own segment and,
+    when ``shared`` is given, of that segment too (a context that several continuations read).
+    Padding is a segment of its own (e.g. -1), so no query's row of the mask is empty (an empty
+    row gives NaN in attention)."""
+    slot = torch.arange(segment_ids.size(1), device=segment_ids.device)
+    causal = slot[None, :] <= slot[:, None]
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    visible = key == query
+    if shared is not None:
+        visible = visible | (key == shared)
+    return (visible & causal)[:, None]

@@ -1,0 +1,64 @@
+"""The one log-prob room: closed forms, the IGNORE rule, and the masks of rows holding several sequences."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptlab.logprobs import IGNORE, mean_cross_entropy, scored_targets, segment_mask, sequence_logprobs, token_logprobs
+
+
+def test_uniform_logits_give_minus_log_vocab_and_ignored_targets_give_zero():
+    logits = torch.zeros(2, 3, 5)
+    targets = torch.tensor([[1, IGNORE, 4], [IGNORE, IGNORE, 0]])
+    expected = torch.tensor([[-math.log(5), 0.0, -math.log(5)], [0.0, 0.0, -math.log(5)]])
+    torch.testing.assert_close(token_logprobs(logits, targets), expected)
+    torch.testing.assert_close(sequence_logprobs(logits, targets), expected.sum(-1))
+
+
+def test_log_probs_agree_with_the_mean_loss_and_with_a_softmax_by_hand():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    tokens = torch.randint(0, 11, (3, 8), generator=generator)
+    targets = tokens[:, 1:]  # a non-contiguous slice, the natural way to shift
+    targets = torch.where(torch.rand(3, 7, generator=generator) < 0.3, IGNORE, targets)
+    probs = logits.double().softmax(-1)
+    by_hand = probs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1).log() * (targets != IGNORE)
+    lp = token_logprobs(logits, targets)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mean_cross_entropy(logits, targets), -lp.sum() / (targets != IGNORE).sum())
+
+
+def test_greedy_is_true_exactly_where_the_target_is_the_argmax():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    picked, greedy = scored_targets(logits, torch.tensor([1, 2]))
+    assert greedy.tolist() == [True, False]
+    torch.testing.assert_close(picked, token_logprobs(logits, torch.tensor([1, 2])))
+
+
+def test_packed_rows_attend_within_their_segment_only_and_causally():
+    segments = torch.tensor([[0, 0, 1, 1, -1]])
+    mask = segment_mask(segments)[0, 0]
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+
+
+def test_a_shared_context_is_seen_by_every_continuation_but_continuations_not_by_each_other():
+    segments = torch.tensor([[0, 0, 1, 2, 2, -1]])
+    mask = segment_mask(segments, shared=0)[0, 0]
+    assert mask[3, :2].all() and mask[2, :2].all()  # both continuations read the context
+    assert not mask[3, 2] and not mask[4, 2]  # continuation 2 never sees continuation 1
+    assert mask[5, :2].all() and not mask[5, 2:5].any()  # padding sees the context and itself
+    assert not mask.triu(1).any()
+    assert mask.any(-1).all()  # no empty row (NaN in attention)
