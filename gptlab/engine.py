@@ -456,28 +456,12 @@ class Engine:
             return
         param = next(self.model.parameters())
         device, batch, rows = param.device, len(prompts), len(prompts) * n
-        longest = max(len(p) for p in prompts)
+        ids, positions, prefill_mask, real_key = _left_padded(prompts, max_new_tokens, device)
+        longest = ids.size(1)
         length = longest + max_new_tokens
-        ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
-        pad = torch.tensor([longest - len(p) for p in prompts], device=device)  # pad slots left of each row
-        # Position of every (row, slot) of the cache: 0 at each row's first real token.
-        slots = torch.arange(length, device=device)
-        positions = (slots - pad[:, None]).clamp(min=0)
-        real = slots >= pad[:, None]  # (B, S): the slots that hold a token, not padding
-        if bool((pad > 0).any()):
-            real_key = real[:, None, None, :]  # (B, 1, 1, S), sliced per step
-            causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-            # A pad query attends only to itself: a fully masked row would give NaN, which the
-            # pad's keys and values would then carry into later layers.
-            eye = torch.eye(longest, dtype=torch.bool, device=device)
-            prefill_mask = causal & (real_key[..., :longest] | eye)
-        else:
-            real_key = prefill_mask = None  # no padding: plain causal attention, no mask tensors
         seen = None
         if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(batch, self.model.config.vocab_size, dtype=torch.bool, device=device)
-            prompt_real = real[:, :longest]
-            seen[torch.arange(batch, device=device)[:, None].expand_as(ids)[prompt_real], ids[prompt_real]] = True
+            seen = _prompt_tokens_seen(prompts, self.model.config.vocab_size, device)
         # The prompt runs once; its n rows of samples start from copies of its keys and values.
         per_sample = (lambda t: t.repeat_interleave(n, dim=0)) if n > 1 else (lambda t: t)
         prompt_positions = positions[:, :longest]
@@ -575,6 +559,35 @@ class Engine:
         if not return_logprobs:
             return token, None
         return token, token_logprobs(logits, token)
+
+
+def _left_padded(prompts, max_new_tokens: int, device) -> tuple:
+    """The prompts as one left-padded batch: ids (B, P), the position of every cache slot (B, P +
+    max_new_tokens), 0 at each row's first real token, and, when some row is padded, the prefill
+    mask (B, 1, P, P) and the real-key mask (B, 1, 1, S) that decode steps slice; both None
+    without padding (plain causal attention, no mask tensors)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    slots = torch.arange(longest + max_new_tokens, device=device)
+    positions = (slots - pad[:, None]).clamp(min=0)
+    if not bool((pad > 0).any()):
+        return ids, positions, None, None
+    real_key = (slots >= pad[:, None])[:, None, None, :]
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    # A pad query attends only to itself: a fully masked row would give NaN, which the pad's keys
+    # and values would then carry into later layers.
+    eye = torch.eye(longest, dtype=torch.bool, device=device)
+    return ids, positions, causal & (real_key[..., :longest] | eye), real_key
+
+
+def _prompt_tokens_seen(prompts, vocab_size: int, device) -> torch.Tensor:
+    """(B, V): the tokens of each prompt, which the repetition penalty applies to."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    rows = torch.tensor([row for row, prompt in enumerate(prompts) for _ in prompt], dtype=torch.long, device=device)
+    tokens = torch.tensor([token for prompt in prompts for token in prompt], dtype=torch.long, device=device)
+    seen[rows, tokens] = True
+    return seen
 
 
 def _split_at_stops(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
