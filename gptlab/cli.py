@@ -137,7 +137,7 @@ def cmd_report(args) -> None:
 def cmd_demo(args) -> None:
     from gptlab.demo import run_demo
 
-    run_demo(Path(args.out), preset=args.preset, seed=args.seed)
+    run_demo(Path(args.out), main, preset=args.preset, seed=args.seed)  # the demo runs its stages through main
 
 
 def add_config_options(p: argparse.ArgumentParser, config_help: str = "a TOML file; every key has a default") -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +23,6 @@ import torch
 
 from gptlab import stats
 from gptlab.chat import ChatSession
-from gptlab.cli import main as gptlab
 from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.engine import Engine
 from gptlab.errors import UserError
@@ -32,6 +32,10 @@ from gptlab.ladder import run_folder
 from gptlab.model import GPT
 from gptlab.report import NOT_YET, Claim, Section, concatenate, format_points, ladder_section, plot_pretraining_loss
 from gptlab.runs import RunFolder
+
+# Runs one gptlab command line (``gptlab.cli.main``) and returns its exit code. The CLI passes
+# itself in, so this module, which the CLI imports, never imports the CLI back.
+Command = Callable[[list[str]], int]
 
 INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
 
@@ -83,7 +87,7 @@ def sample_prompts(world: Path, truth: dict) -> list[tuple[str, str]]:
     ]
 
 
-def stage(name: str, args: list[str], timings: dict) -> None:
+def stage(gptlab: Command, name: str, args: list[str], timings: dict) -> None:
     """Run one gptlab command as a user would, with a progress line and its wall time."""
     print(f"== demo: {name}: gptlab {' '.join(args)}", flush=True)
     start = time.perf_counter()
@@ -103,7 +107,8 @@ def machine() -> str:
     return f"{cpu}; {device}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
+def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -> Path:
+    """The demo in ``out``; ``gptlab`` runs each stage's command line (the CLI's ``main``)."""
     if preset not in PRESETS:
         raise UserError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
@@ -114,7 +119,7 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     world = out / "world"
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    base, tuned = run_stages(out, spec, seed, timings)
+    base, tuned = run_stages(gptlab, out, spec, seed, timings)
 
     print("== demo: instruction following and samples", flush=True)
     start = time.perf_counter()
@@ -145,23 +150,24 @@ def run_demo(out: Path, preset: str = "quick", seed: int = 0) -> Path:
     return demo.report_path
 
 
-def run_stages(out: Path, spec: DemoPreset, seed: int, timings: dict) -> tuple[RunFolder, RunFolder]:
+def run_stages(gptlab: Command, out: Path, spec: DemoPreset, seed: int, timings: dict) -> tuple[RunFolder, RunFolder]:
     """The pipeline's commands, as a user would type them, up to SFT; returns the base model's
     run (the ladder's largest) and the SFT run."""
     world = out / "world"
-    stage("world", ["world", "--out", str(world), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
-    stage("tokenizer", ["tokenizer", "--input", str(world / "corpus"), "--vocab-size", str(spec.vocab_size),
-                        "--out", str(out / "tokenizer")], timings)
-    stage("prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(world / "corpus"),
-                      "--out", str(out / "shards"), "--val-fraction", "0.02", "--overwrite"], timings)
+    stage(gptlab, "world", ["world", "--out", str(world), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
+    stage(gptlab, "tokenizer", ["tokenizer", "--input", str(world / "corpus"), "--vocab-size", str(spec.vocab_size),
+                                "--out", str(out / "tokenizer")], timings)
+    stage(gptlab, "prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(world / "corpus"),
+                              "--out", str(out / "shards"), "--val-fraction", "0.02", "--overwrite"], timings)
     ladder_sets = [f"data.world={world}", f"data.shards={out / 'shards'}", f"train.seed={seed}", *spec.ladder_sets]
-    stage("ladder", ["ladder", "--preset", spec.ladder, "--out", str(out / "ladder"),
-                     *sum((["--set", s] for s in ladder_sets), [])], timings)
+    stage(gptlab, "ladder", ["ladder", "--preset", spec.ladder, "--out", str(out / "ladder"),
+                             *sum((["--set", s] for s in ladder_sets), [])], timings)
     ladder = json.loads((out / "ladder" / "ladder.json").read_text())
     base, tuned = run_folder(out / "ladder", ladder["runs"][-1]["name"]), RunFolder(out / "sft")
     sft_sets = [f"init={base.model_dir}", f"data.train={world / 'sft' / 'train.jsonl'}", f"train.seed={seed}",
                 *spec.sft_sets]
-    stage("sft", ["sft", "--out", str(tuned.path), "--overwrite", *sum((["--set", s] for s in sft_sets), [])], timings)
+    stage(gptlab, "sft", ["sft", "--out", str(tuned.path), "--overwrite", *sum((["--set", s] for s in sft_sets), [])],
+          timings)
     return base, tuned
 
 
