@@ -23,7 +23,7 @@ from typing import Any
 
 from gptlab.errors import UserError
 from gptlab.world.arith import ArithSampler, Reservation, bench_record, tasks
-from gptlab.world.facts import ATTRIBUTES, JOBS, WORLD_FORMAT, biographies, build_world, mmlu_sets, prose_documents, qa_documents
+from gptlab.world.facts import ATTRIBUTES, JOBS, WORLD_FORMAT, World, biographies, build_world, mmlu_sets, prose_documents, qa_documents
 from gptlab.world.families import FAMILIES, Facts, Sources
 from gptlab.world.instructions import fixed_texts, preference_sets, sft_sets
 from gptlab.world.oracle import CORRECT_WEIGHT, STYLE_RULES, STYLE_WEIGHT, Oracle
@@ -85,74 +85,123 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _generate(root: Path, seed: int, preset: str, size: WorldSize) -> dict[str, Any]:
-    def stream(part: str) -> random.Random:
-        return random.Random(f"tinyworld:{seed}:{part}")
+    """Write every file of the world into ``root`` and return its summary."""
+    world = build_world(size, _stream(seed, "world"))
+    reservation = Reservation(size, _stream(seed, "arith-reserved"))
+    # One arith stream serves the corpus, then the benchmarks' shots, then the SFT data: the
+    # order of these phases is part of the world's bytes.
+    arith = ArithSampler(size, reservation, _stream(seed, "arith"))
+    corpus, words = _corpus(size, world, arith, seed)
+    files = _corpus_files(corpus)
+    bench_files, bench_counts = _benchmarks(size, world, reservation, arith, words, seed)
+    files.update(bench_files)
+    chat_files, chat_counts = _instruction_data(size, world, arith, reservation, words, seed)
+    files.update(chat_files)
+    summary = {
+        "seed": seed,
+        "preset": preset,
+        "people": {"train": size.n_train_people, "val": size.n_val_people, "test": size.n_test_people - size.n_val_people},
+        "corpus": {name: {"documents": len(docs), "bytes": len(files[f"corpus/{name}"].encode())} for name, docs in sorted(corpus.items())},
+        **bench_counts,
+        **chat_counts,
+        "bytes": sum(len(text.encode()) for text in files.values()),
+    }
+    files["world.json"] = _world_json(seed, preset, size, world, summary)
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return summary
 
-    weights = dataclasses.asdict(size.mixture)
 
-    def budget(family: str) -> int:
-        return int(size.corpus_mb * 1e6 * weights[family] / sum(weights.values()))
+def _stream(seed: int, part: str) -> random.Random:
+    return random.Random(f"tinyworld:{seed}:{part}")
 
-    world = build_world(size, stream("world"))
-    facts = Facts(world)
-    reservation = Reservation(size, stream("arith-reserved"))
-    arith = ArithSampler(size, reservation, stream("arith"))
+
+def _corpus(size: WorldSize, world: World, arith: ArithSampler, seed: int) -> tuple[dict[str, list[str]], WordPools]:
+    """The corpus documents per file, and the word pools (their training words are in words.txt)."""
     corpus = {
-        "bios.txt": biographies(world, size.bios_per_person, stream("bios")),
-        "qa.jsonl": qa_documents(world, budget("qa"), size.qa_mc_fraction, stream("qa")),
-        "arith.txt": arith.bare_documents(budget("arith")),
-        "arith_worked.txt": arith.worked_documents(budget("arith_worked")),
-        "prose.txt": prose_documents(world, budget("prose"), stream("prose")),
+        "bios.txt": biographies(world, size.bios_per_person, _stream(seed, "bios")),
+        "qa.jsonl": qa_documents(world, _budget(size, "qa"), size.qa_mc_fraction, _stream(seed, "qa")),
+        "arith.txt": arith.bare_documents(_budget(size, "arith")),
+        "arith_worked.txt": arith.worked_documents(_budget(size, "arith_worked")),
+        "prose.txt": prose_documents(world, _budget(size, "prose"), _stream(seed, "prose")),
     }
     # Held-out words must be no word of any other text, so they are made once those exist.
     taken = set(_WORD.findall("\n".join(fixed_texts()).lower()))
     for docs in corpus.values():
         taken.update(_WORD.findall("\n".join(docs).lower()))
-    words = WordPools.make(size, taken, stream("words"))
-    corpus["words.txt"] = episodes(size, words.train, budget("words"), stream("episodes"))
+    words = WordPools.make(size, taken, _stream(seed, "words"))
+    corpus["words.txt"] = episodes(size, words.train, _budget(size, "words"), _stream(seed, "episodes"))
+    return corpus, words
 
+
+def _budget(size: WorldSize, family: str) -> int:
+    """A corpus family's bytes: its share of the mixture's weights."""
+    weights = dataclasses.asdict(size.mixture)
+    return int(size.corpus_mb * 1e6 * weights[family] / sum(weights.values()))
+
+
+def _corpus_files(corpus: dict[str, list[str]]) -> dict[str, str]:
     files: dict[str, str] = {}
     for name, docs in sorted(corpus.items()):
         if name.endswith(".jsonl"):
             files[f"corpus/{name}"] = _jsonl({"text": d} for d in docs)
         else:
             files[f"corpus/{name}"] = "\n\n".join(docs) + "\n"
+    return files
 
-    mmlu = mmlu_sets(world, stream("world_mmlu"))
+
+def _benchmarks(
+    size: WorldSize, world: World, reservation: Reservation, arith: ArithSampler, words: WordPools, seed: int
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The bench/ files, and the summary's counts of their test items."""
+    files: dict[str, str] = {}
+    mmlu = mmlu_sets(world, _stream(seed, "world_mmlu"))
     for split, subjects in mmlu.items():
         for subject, questions in subjects.items():
             files[f"bench/world_mmlu/{split}/{subject}_{split}.csv"] = _csv(q.row() for q in questions)
     for task in tasks(size):
         files[f"bench/arith/{task}_test.jsonl"] = _jsonl(bench_record(p) for p in reservation.bench[task])
         files[f"bench/arith/{task}_fewshot.jsonl"] = _jsonl(bench_record(p) for p in arith.fewshot(task))
-    word_rng = stream("bench-words")
+    word_rng = _stream(seed, "bench-words")
     for task in TASKS:
         for split, pool in (("test", words.test), ("fewshot", word_rng.sample(words.train, size.word_fewshot))):
             files[f"bench/words/{task.name}_{split}.jsonl"] = _jsonl(dict(zip(("input", "output"), example(task, w, word_rng))) for w in pool)
-
-    city_names = [c.name for c in world.cities]
-    stream("cities").shuffle(city_names)
-    held = max(1, len(city_names) // 3)
-    cities = {"train": city_names[held:], "test": city_names[:held]}
-    people = {split: world.people_in(split) for split in ("train", "test")}
-    sources = Sources(facts, arith, reservation, words, cities, people)
-    sft_train, sft_test = sft_sets(size, sources, stream("sft"))
-    prefs_train, prefs_test = preference_sets(size, sources, Oracle(world), stream("prefs"))
-    for name, records in (("sft/train", sft_train), ("sft/test", sft_test), ("prefs/train", prefs_train), ("prefs/test", prefs_test)):
-        files[f"{name}.jsonl"] = _jsonl(records)
-
-    summary = {
-        "seed": seed,
-        "preset": preset,
-        "people": {"train": size.n_train_people, "val": size.n_val_people, "test": size.n_test_people - size.n_val_people},
-        "corpus": {name: {"documents": len(docs), "bytes": len(files[f"corpus/{name}"].encode())} for name, docs in sorted(corpus.items())},
+    counts = {
         "world_mmlu": {split: sum(len(q) for q in subjects.values()) for split, subjects in mmlu.items()},
         "arith": {task: len(reservation.bench[task]) for task in tasks(size)},
         "words": {task.name: len(words.test) for task in TASKS},
+    }
+    return files, counts
+
+
+def _instruction_data(
+    size: WorldSize, world: World, arith: ArithSampler, reservation: Reservation, words: WordPools, seed: int
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The sft/ and prefs/ files, and the summary's counts of their records."""
+    people = {split: world.people_in(split) for split in ("train", "test")}
+    sources = Sources(Facts(world), arith, reservation, words, _city_split(world, seed), people)
+    sft_train, sft_test = sft_sets(size, sources, _stream(seed, "sft"))
+    prefs_train, prefs_test = preference_sets(size, sources, Oracle(world), _stream(seed, "prefs"))
+    records = {"sft/train": sft_train, "sft/test": sft_test, "prefs/train": prefs_train, "prefs/test": prefs_test}
+    files = {f"{name}.jsonl": _jsonl(split) for name, split in records.items()}
+    counts = {
         "sft": {"train": len(sft_train), "test": len(sft_test), "held_out": list(size.sft_held_out)},
         "prefs": {"train": len(prefs_train), "test": len(prefs_test)},
-        "bytes": sum(len(text.encode()) for text in files.values()),
     }
+    return files, counts
+
+
+def _city_split(world: World, seed: int) -> dict[str, list[str]]:
+    """The cities SFT data asks about in training, and the third (at least one) kept for its test."""
+    city_names = [c.name for c in world.cities]
+    _stream(seed, "cities").shuffle(city_names)
+    held = max(1, len(city_names) // 3)
+    return {"train": city_names[held:], "test": city_names[:held]}
+
+
+def _world_json(seed: int, preset: str, size: WorldSize, world: World, summary: dict[str, Any]) -> str:
     meta = {
         "format": WORLD_FORMAT,
         "seed": seed,
@@ -168,12 +217,7 @@ def _generate(root: Path, seed: int, preset: str, size: WorldSize) -> dict[str, 
         "oracle": {"style_rules": STYLE_RULES, "weights": {"correct": CORRECT_WEIGHT, "style": STYLE_WEIGHT}},
         **world.to_json(),
     }
-    files["world.json"] = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    return summary
+    return json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
 
 
 def _jsonl(records) -> str:
