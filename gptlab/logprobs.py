@@ -42,6 +42,23 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return token_logprobs(logits, targets).sum(-1)
 
 
+def padded_inputs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(position_ids, attention mask or None) for rows padded on either side, ``attention_mask``
+    (B, T) being 1 at real tokens (Hugging Face's convention). Positions count real tokens from 0,
+    so a sequence reads the same whatever its padding. None when no row has padding before a
+    real token: plain causal attention never sees right padding, so no mask tensor is built."""
+    real = attention_mask.bool()
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    left_padded = (real[:, 1:] & ~real[:, :-1]).any()
+    return positions, segment_mask(real.long()) if bool(left_padded) else None
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,): the index of each row's last real token, with padding on either side."""
+    slots = torch.arange(attention_mask.size(-1), device=attention_mask.device)
+    return (slots * attention_mask.bool()).argmax(-1)
+
+
 def segment_mask(segment_ids: torch.Tensor, shared: int | None = None) -> torch.Tensor:
     """The (B, 1, T, T) attention mask, True where a query may attend a key, of rows whose
     positions carry segment ids (B, T): causal, and a query sees the keys of its own segment and,

@@ -6,7 +6,10 @@ import math
 
 import torch
 
-from gptlab.logprobs import IGNORE, mean_cross_entropy, scored_targets, segment_mask, sequence_logprobs, token_logprobs
+from gptlab.logprobs import (
+    IGNORE, last_real_index, mean_cross_entropy, padded_inputs, scored_targets, segment_mask, sequence_logprobs,
+    token_logprobs,
+)
 
 
 def test_uniform_logits_give_minus_log_vocab_and_ignored_targets_give_zero():
@@ -62,3 +65,13 @@ def test_a_shared_context_is_seen_by_every_continuation_but_continuations_not_by
     assert mask[5, :2].all() and not mask[5, 2:5].any()  # padding sees the context and itself
     assert not mask.triu(1).any()
     assert mask.any(-1).all()  # no empty row (NaN in attention)
+
+
+def test_left_right_and_no_padding_give_the_same_positions_for_the_real_tokens():
+    real = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions, mask = padded_inputs(real)
+    assert positions[0, :3].tolist() == positions[1, 2:].tolist() == [0, 1, 2]
+    assert last_real_index(real).tolist() == [2, 4, 4]
+    assert mask is not None and not mask[1, 0, 3, :2].any() and mask[1, 0, 3, 2:4].all()
+    assert mask.any(-1).all()
+    assert padded_inputs(real[[0, 2]])[1] is None  # right padding only: plain causal attention
