@@ -319,3 +319,79 @@ def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
     assert all(math.isclose(big[s], accum[s], abs_tol=1e-5) for s in big)
     for name, tensor in weights(tmp_path / "big" / "model").items():
         assert torch.allclose(tensor, weights(tmp_path / "accum" / "model")[name], atol=1e-5)
+
+
+TRAIN_WITH_METRICS = """
+import sys
+from pathlib import Path
+import torch
+import gptlab.train.loop as loop
+from gptlab.model import GPT, ModelConfig
+from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
+
+loop.peak_flops = lambda device: None  # no MFU: spares timing the CPU's matmuls
+
+def global_batch(step):
+    return torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(step))
+
+class Slices:  # rank r's micro-step k of each step takes rows (r * accum + k) * micro onwards of its global batch
+    def __init__(self, rank, micro, accum):
+        self.rank, self.micro, self.accum, self.calls = rank, micro, accum, 0
+    def next_batch(self):
+        step, k = divmod(self.calls, self.accum)
+        self.calls += 1
+        start = (self.rank * self.accum + k) * self.micro
+        return global_batch(step)[start:start + self.micro]
+    def state_dict(self):
+        return {}
+    def load_state_dict(self, state):
+        pass
+
+def loss_fn(model, batch):
+    metrics = {"rewards/chosen": (batch.float() / 50).mean(), "tokens/below_10": (batch < 10).float().sum(1).mean()}
+    return model(batch, batch), metrics
+
+def train(runtime, micro, out):
+    cfg = TrainConfig(max_steps=5, batch_size=8, micro_batch_size=micro, seq_len=8, eval_every=0, log_every=2,
+                      save_every=0, device="cpu")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    micro, accum = runtime.micro_batching(cfg)
+    Trainer(model, cfg, runtime, out, loss_fn, Slices(runtime.rank, micro, accum)).fit()
+
+out = Path(sys.argv[1])
+ranks = setup_runtime(TrainConfig(device="cpu"))
+for micro in (4, 2):  # two ranks: 4 rows each in one micro-step, and 2 rows each in two
+    train(ranks, micro, out / f"ranks2_micro{micro}")
+# One process, no all-reduce (run here, as one launch is cheaper than two): all 8 rows at once, and in 4 micro-steps.
+if ranks.is_main:
+    for micro in (8, 2):
+        train(Runtime(torch.device("cpu"), None), micro, out / f"ranks1_micro{micro}")
+cleanup_runtime(ranks)
+"""
+
+
+def test_stage_metrics_are_averaged_over_micro_steps_ranks_and_the_log_window(tmp_path):
+    """A loss_fn's (loss, metrics): each metric is logged as its mean over the global batch and the log window,
+    however the batch is split into micro-steps and ranks."""
+    script = tmp_path / "train_with_metrics.py"
+    script.write_text(TRAIN_WITH_METRICS)
+    run_python(*TORCHRUN_TWO_RANKS, script, tmp_path, check=True, env=ONE_THREAD)
+
+    def expected(step: int) -> dict[str, float]:  # the closed form over the step's whole global batch
+        rows = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(step)).double()
+        below_10 = (rows < 10).double().sum(1)  # per row
+        return {"rewards/chosen": (rows / 50).mean().item(), "tokens/below_10": below_10.mean().item()}
+
+    windows = {2: [0, 1], 4: [2, 3], 5: [4]}  # log_every=2 over 5 steps; the last window holds one step
+    runs = [tmp_path / name for name in ("ranks1_micro8", "ranks1_micro2", "ranks2_micro4", "ranks2_micro2")]
+    for name in ("rewards/chosen", "tokens/below_10"):
+        want = {s: sum(expected(i)[name] for i in steps) / len(steps) for s, steps in windows.items()}
+        for run in runs:
+            got = losses(run, name)
+            assert got.keys() == want.keys(), (run, got)
+            assert all(got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6) for s in want), (run, name, got, want)
+    single = losses(runs[0])
+    assert single.keys() == windows.keys()
+    for run in runs[1:]:  # the loss beside them is the same one
+        assert all(abs(losses(run)[s] - single[s]) < 1e-4 for s in single), (run, losses(run), single)
