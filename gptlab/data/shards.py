@@ -159,6 +159,45 @@ class _ShardWriter:
         self.names.append(name)
 
 
+class _SplitWriter:
+    """Sends each document to its split's ``_ShardWriter``, counting documents: document ``i`` of the
+    corpus goes to val when ``is_val(i, val_fraction)``."""
+
+    def __init__(self, out_dir: Path, dtype: np.dtype, shard_tokens: int, val_fraction: float):
+        self.writers = {split: _ShardWriter(out_dir, split, dtype, shard_tokens) for split in SPLITS}
+        self.documents = dict.fromkeys(SPLITS, 0)
+        self.val_fraction = val_fraction
+        self._next_index = 0
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Write the next documents of the corpus: ``tokens`` concatenated, ``lengths`` tokens each."""
+        val = is_val(np.arange(self._next_index, self._next_index + lengths.size), self.val_fraction)
+        in_val = np.repeat(val, lengths)
+        self.writers["train"].write(tokens[~in_val])
+        self.writers["val"].write(tokens[in_val])
+        self.documents["val"] += int(val.sum())
+        self.documents["train"] += int((~val).sum())
+        self._next_index += lengths.size
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """meta.json's "splits": documents, tokens and shard names per split."""
+        return {
+            split: {"documents": self.documents[split], "tokens": writer.tokens, "shards": writer.names}
+            for split, writer in self.writers.items()
+        }
+
+    def shard_names(self) -> list[str]:
+        return [name for split in SPLITS for name in self.writers[split].names]
+
+
 # ----------------------------------------------------------------------------- meta.json
 
 
@@ -209,65 +248,72 @@ def prepare(
     out_dir = Path(out_dir)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}: e.g. 0.0005")
-    if shard_tokens < 1:
-        raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise UserError(f"workers must be positive, got {workers}")
+    _check_settings(val_fraction, shard_tokens, workers)
     separator = _separator(tokenizer, tokenizer_dir)
     old = _old_shards(out_dir, overwrite)
     # New shards are written aside and swapped in only once complete, so a failure at any
     # input (a bad line, an unreachable hub) leaves the old ones as they were.
     staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     staging.mkdir()
-
-    dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: _ShardWriter(staging, split, dtype, shard_tokens) for split in SPLITS}
-    documents = {split: 0 for split in SPLITS}
-    index = 0
+    splits = _SplitWriter(staging, token_dtype(tokenizer.vocab_size), shard_tokens, val_fraction)
+    # The encoder is iterated here, not handed to a helper, so a failed write drops it at once,
+    # closing its worker pool before the staging folder goes.
     try:
         chunks = _chunks(require_documents(iter_documents(inputs), ", ".join(map(str, inputs))))
         for tokens, lengths in _encode_chunks(chunks, tokenizer, Path(tokenizer_dir), separator["position"], workers):
-            val = is_val(np.arange(index, index + lengths.size), val_fraction)
-            in_val = np.repeat(val, lengths)
-            writers["train"].write(tokens[~in_val])
-            writers["val"].write(tokens[in_val])
-            documents["val"] += int(val.sum())
-            documents["train"] += int((~val).sum())
-            index += lengths.size
-        for writer in writers.values():
-            writer.close()
+            splits.write(tokens, lengths)
+        splits.close()
     except BaseException:
-        for writer in writers.values():
-            writer.abort()
+        splits.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype.name,
-        "separator": separator,
-        "val_fraction": val_fraction,
-        "shard_tokens": shard_tokens,
-        "inputs": [str(p) for p in inputs],
-        "splits": {
-            split: {"documents": documents[split], "tokens": writers[split].tokens, "shards": writers[split].names}
-            for split in SPLITS
-        },
-    }
-    for path in old:  # meta.json first: from here until the new one lands, the folder reads as unfinished
-        path.unlink()
-    for name in (name for split in SPLITS for name in writers[split].names):
-        os.replace(staging / name, out_dir / name)
-    staging.rmdir()
+    meta = _meta(tokenizer, separator, inputs, val_fraction, shard_tokens, splits)
+    _swap_in(staging, out_dir, old, splits.shard_names())
     # A copy of the tokenizer travels with its shards, so training needs only the shards folder.
     tokenizer.save_pretrained(out_dir / "tokenizer")
     write_json_atomic(out_dir / "meta.json", meta)
     return meta
+
+
+def _meta(
+    tokenizer: Tokenizer,
+    separator: dict[str, Any],
+    inputs: list[str | os.PathLike],
+    val_fraction: float,
+    shard_tokens: int,
+    splits: _SplitWriter,
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "separator": separator,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+        "inputs": [str(p) for p in inputs],
+        "splits": splits.summary(),
+    }
+
+
+def _check_settings(val_fraction: float, shard_tokens: int, workers: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}: e.g. 0.0005")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
+    if workers < 1:
+        raise UserError(f"workers must be positive, got {workers}")
+
+
+def _swap_in(staging: Path, out_dir: Path, old: list[Path], names: list[str]) -> None:
+    """Replace the ``old`` shards with the staged ``names``. ``old`` starts with meta.json: from here
+    until the new one lands, the folder reads as unfinished."""
+    for path in old:
+        path.unlink()
+    for name in names:
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
 
 
 def is_val(index: np.ndarray, val_fraction: float) -> np.ndarray:
