@@ -6,6 +6,7 @@ Fixtures live in conftest.py; these are plain functions and constants, imported 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,9 @@ def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes, to show that a failed command changed nothing."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_jsonl(path: Path, records) -> Path:
+    """One JSON object per line; a string record is written as it is (a malformed line, for instance)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return path

@@ -16,12 +16,11 @@ import torch
 
 from gptlab.cli import main as gptlab_main
 from gptlab.errors import UserError
-from gptlab.eval import GenerationRequest, GptlabBackend, HFBackend, OpenAIBackend, evaluate, format_table
-from gptlab.eval import metrics
+from gptlab.eval import GenerationRequest, GptlabBackend, HFBackend, OpenAIBackend, evaluate, format_table, metrics
 from gptlab.eval.backends import rolling_windows
 from gptlab.eval.tasks import load_task
 from gptlab.model import GPT
-from helpers import TINY_MODEL_BLOCK, WORDS, gptlab
+from helpers import TINY_MODEL_BLOCK, WORDS, gptlab, write_jsonl
 
 
 def mmlu_row(rng: random.Random) -> list[str]:
@@ -33,11 +32,6 @@ def write_csv(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
-
-
-def write_jsonl(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,8 @@ def files(tmp_path_factory) -> Path:
     world = root / "world" / "bench"
     for split in ("dev", "test"):
         for f in (root / "mmlu" / split).iterdir():
-            write_csv(world / "world_mmlu" / split / f.name, list(csv.reader(open(f, newline=""))))
+            with open(f, newline="") as rows:
+                write_csv(world / "world_mmlu" / split / f.name, list(csv.reader(rows)))
     sums = [(a, b) for a in range(10, 30) for b in range(40, 45)]
     arith = [
         {"question": f"{a}+{b}=?", "rationale": f"Let's think step by step. The answer is {a + b}.",
@@ -198,7 +193,8 @@ def test_a_continuation_merging_across_the_seam_is_detected(files, backend):
     task = files / "seam.toml"
     write_jsonl(files / "seam.jsonl", [{"q": context, "a": continuation, "b": "x" + continuation}])
     task.write_text(
-        'test = "seam.jsonl"\ndoc_to_text = "{q}"\ndoc_to_target = "{a}"\nchoices = ["{a}", "{b}"]\ntarget_delimiter = ""\n'
+        'test = "seam.jsonl"\ndoc_to_text = "{q}"\ndoc_to_target = "{a}"\n'
+        'choices = ["{a}", "{b}"]\ntarget_delimiter = ""\n'
     )
     with pytest.warns(UserWarning, match="merge with the end of their context"):
         result = evaluate(backend, [str(task)])
@@ -250,8 +246,10 @@ def test_prompts_are_the_documented_formats(files):
     assert doc.subject == "greek" and doc.doc_id == 0
     assert mmlu.context(doc, mmlu.shots(doc, 1, seed=0)) == (
         "The following are multiple choice questions (with answers) about greek.\n\n"
-        f"{shot['question'].strip()}\nA. {shot['A']}\nB. {shot['B']}\nC. {shot['C']}\nD. {shot['D']}\nAnswer: {shot['answer']}\n\n"
-        f"{doc.data['question'].strip()}\nA. {doc.data['A']}\nB. {doc.data['B']}\nC. {doc.data['C']}\nD. {doc.data['D']}\nAnswer:"
+        f"{shot['question'].strip()}\nA. {shot['A']}\nB. {shot['B']}\nC. {shot['C']}\nD. {shot['D']}\n"
+        f"Answer: {shot['answer']}\n\n"
+        f"{doc.data['question'].strip()}\nA. {doc.data['A']}\nB. {doc.data['B']}\nC. {doc.data['C']}\n"
+        f"D. {doc.data['D']}\nAnswer:"
     )
     assert mmlu.shots(doc, 3, seed=0) == mmlu.fewshot["greek"][:3]  # first-n, whatever the seed
 
@@ -288,8 +286,10 @@ def test_toml_generation_task(files, backend):
     write_jsonl(files / "gen.jsonl", [{"w": w, "r": w[::-1]} for w in WORDS[:4]])
     task = files / "rev.toml"
     task.write_text(
-        'name = "rev"\ntype = "generate_until"\ntest = "gen.jsonl"\nfewshot = "gen.jsonl"\nfewshot_sampler = "first_n"\n'
-        'doc_to_text = "{w} ->"\ndoc_to_target = "{r}"\nfewshot_delimiter = "\\n"\nmax_new_tokens = 4\npartial_credit = true\n'
+        'name = "rev"\ntype = "generate_until"\ntest = "gen.jsonl"\n'
+        'fewshot = "gen.jsonl"\nfewshot_sampler = "first_n"\n'
+        'doc_to_text = "{w} ->"\ndoc_to_target = "{r}"\nfewshot_delimiter = "\\n"\n'
+        'max_new_tokens = 4\npartial_credit = true\n'
     )
     result = evaluate(backend, [str(task)], shots=[2], return_samples=True)
     scores = result["results"]["rev"]

@@ -17,7 +17,7 @@ from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER, Tokenizer
-from helpers import assert_user_error, gptlab
+from helpers import assert_user_error, gptlab, write_jsonl
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the subprocesses, as one_thread below is for this one
 
@@ -45,11 +45,6 @@ CONVERSATIONS = [
 
 def texts() -> list[str]:
     return [m["content"] for c in CONVERSATIONS for m in c] * 20
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -169,7 +164,7 @@ def test_skips_and_truncations_are_counted(tok: Tokenizer, tmp_path: Path):
     assert "1 with no assistant reply" in warning and "1 longer than 64" in warning and "truncated 1" in warning
     examples, stats = load_chat_data(path, tok, max_len=64, truncation="drop")
     assert (stats.kept, stats.truncated, stats.no_assistant, stats.too_long) == (1, 0, 1, 2)
-    assert load_chat_data(path, tok, max_len=200)[1].warning(path, 200) == "{}: of 4 conversations, skipped 1 with no assistant reply; 3 used".format(path)
+    assert load_chat_data(path, tok, max_len=200)[1].warning(path, 200) == f"{path}: of 4 conversations, skipped 1 with no assistant reply; 3 used"
 
 
 @pytest.mark.parametrize(
