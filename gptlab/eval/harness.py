@@ -52,15 +52,41 @@ def evaluate(
     with ``return_samples``, ``"samples"``: one record per document and shot count.
     Every task is loaded and every shot count checked before the model runs.
     """
-    if isinstance(tasks, str):
-        tasks = tasks.split(",")
     shots = list(dict.fromkeys(int(k) for k in shots))
+    _check_settings(shots, batch_size, limit)
+    names, loaded = _load_tasks(tasks, data, shots, cot, limit, chat)
+    results, samples = _run_tasks(backend, loaded, shots, seed, batch_size, chat)
+    config = {
+        "tasks": names, "shots": shots, "cot": cot, "chat": chat, "batch_size": batch_size, "limit": limit, "seed": seed,
+        "data": None if data is None else str(data), "backend": backend.name, "versions": _versions(),
+    }
+    out: dict[str, Any] = {"results": results, "config": config}
+    if return_samples:
+        out["samples"] = samples
+    return out
+
+
+def _check_settings(shots: list[int], batch_size: int, limit: int | None) -> None:
     if not shots or min(shots) < 0:
         raise UserError(f"shots must be non-negative integers, got {shots}")
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UserError(f"limit must be >= 1, got {limit}")
+
+
+def _load_tasks(
+    tasks: Sequence[str] | str,
+    data: str | os.PathLike | None,
+    shots: list[int],
+    cot: bool,
+    limit: int | None,
+    chat: bool,
+) -> tuple[list[str], list[Task]]:
+    """The task names (group names such as ``words`` expanded) and the tasks loaded, each checked
+    against every shot count and ``chat``, so a bad request fails before the model runs."""
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
     data_path = Path(data) if data is not None else None
     names = expand_names([t.strip() for t in tasks if t.strip()], data_path)
     if not names:
@@ -72,7 +98,13 @@ def evaluate(
                 task.check_shots(k)
         if chat and task.kind != GEN:
             raise UserError(f"--chat applies to generation tasks; {task.name} is {task.kind.replace('_', ' ')}")
+    return names, loaded
 
+
+def _run_tasks(
+    backend: Backend, loaded: list[Task], shots: list[int], seed: int, batch_size: int, chat: bool
+) -> tuple[dict[str, Any], list[dict]]:
+    """``evaluate``'s results (see the module docstring for their nesting) and sample records."""
     results: dict[str, Any] = {}
     samples: list[dict] = []
     for task in loaded:
@@ -88,14 +120,7 @@ def evaluate(
             else:
                 results[task.name] = scores
             samples += records
-    config = {
-        "tasks": names, "shots": shots, "cot": cot, "chat": chat, "batch_size": batch_size, "limit": limit, "seed": seed,
-        "data": None if data is None else str(data), "backend": backend.name, "versions": _versions(),
-    }
-    out: dict[str, Any] = {"results": results, "config": config}
-    if return_samples:
-        out["samples"] = samples
-    return out
+    return results, samples
 
 
 @contextmanager
