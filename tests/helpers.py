@@ -66,6 +66,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def write_jsonl(path: Path, records) -> Path:
-    """One JSON object per line; a string record is written as it is (a malformed line, for instance)."""
+    """One JSON object per line; a string record is written as it is (a malformed line, for instance).
+    Missing parent folders are made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return path
