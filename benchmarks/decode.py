@@ -23,9 +23,9 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line  # noqa: E402
-from gptlab.engine import Engine  # noqa: E402
-from gptlab.model import GPT  # noqa: E402
+from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line
+from gptlab.engine import Engine
+from gptlab.model import GPT
 
 # name: (transformers class, its config). "tiny" and "small" suit a 2-core CPU; "gpt2-124m" is GPT-2 small.
 SHAPES = {
@@ -121,11 +121,11 @@ def main() -> None:
         input_ids = prompts.to(args.device)
         attention_mask = torch.ones_like(input_ids)
         contenders = {
-            name: (lambda engine=engine: engine.generate(prompts.tolist(), n, temperature=0))
+            name: (lambda engine=engine, prompts=prompts: engine.generate(prompts.tolist(), n, temperature=0))
             for name, engine in engines.items()
         }
 
-        def run_peer(options: dict) -> list[list[int]]:
+        def run_peer(options: dict, input_ids=input_ids, attention_mask=attention_mask) -> list[list[int]]:
             with torch.inference_mode():
                 out = peer.generate(
                     input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=n,

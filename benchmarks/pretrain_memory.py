@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line  # noqa: E402
-from benchmarks.pretrain_throughput import SHAPES  # noqa: E402
-from gptlab.model import GPT, ModelConfig  # noqa: E402
+from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line
+from benchmarks.pretrain_throughput import SHAPES
+from gptlab.model import GPT, ModelConfig
 
 MIB = 2**20
 

@@ -41,12 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import device_name, result_line, synchronize  # noqa: E402
-from benchmarks.prepare_throughput import train_tokenizer, write_corpus  # noqa: E402
-from gptlab.data import TokenLoader, prepare  # noqa: E402
-from gptlab.model import GPT, ModelConfig  # noqa: E402
-from gptlab.pretrain import DeviceBatches, next_token_loss  # noqa: E402
-from gptlab.train.loop import TrainConfig, Trainer, learning_rate, peak_memory_mb, setup_runtime  # noqa: E402
+from benchmarks.common import device_name, result_line, synchronize
+from benchmarks.prepare_throughput import train_tokenizer, write_corpus
+from gptlab.data import TokenLoader, prepare
+from gptlab.model import GPT, ModelConfig
+from gptlab.pretrain import DeviceBatches, next_token_loss
+from gptlab.train.loop import TrainConfig, Trainer, learning_rate, peak_memory_mb, setup_runtime
 
 SHAPES = {
     # (n_embd, n_layer, n_head, vocab, seq_len, batch)
@@ -214,7 +214,7 @@ def main() -> None:
     print(f"{'Trainer.fit (whole loop)':34}{loop_s / args.steps:9.3f}{loop_tps:11,.0f}")
     print(f"{'bare forward+backward+AdamW':34}{bare_s / args.steps:9.3f}{bare_tps:11,.0f}")
     bare_around = [(a + b) / 2 for a, b in zip(batches.bare_times, batches.bare_times[1:])]
-    paired = statistics.median(b / l for l, b in zip(batches.loop_times, bare_around))
+    paired = statistics.median(bare / loop for loop, bare in zip(batches.loop_times, bare_around))
     print(f"overhead 1 - loop/bare: {100 * overhead:+.1f}% (target < 5%); paired: {100 * (1 - paired):+.1f}% "
           f"(median over loop repeats of 1 - loop / mean of the bare repeats before and after it)")
     loop_list, bare_list = (

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line  # noqa: E402
-from gptlab.model import GPT, ModelConfig  # noqa: E402
-from gptlab.train.loop import peak_flops  # noqa: E402
+from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line
+from gptlab.model import GPT, ModelConfig
+from gptlab.train.loop import peak_flops
 
 SHAPES = {
     # (n_embd, n_layer, n_head, vocab, seq_len, batch): tiny is the scale TinyWorld trains on a laptop.
@@ -89,7 +89,8 @@ def main() -> None:
     ours_tps, peer_tps = tokens / seconds["ours"], tokens / seconds["peer"]
     peak = peak_flops(torch.device(args.device))
     flops = ours.flops_per_token(seq_len)
-    print(f"shape {args.shape}: {ours.num_params():,} params, batch {batch} x {seq_len}, {args.dtype}, {device_name(args.device)}")
+    print(f"shape {args.shape}: {ours.num_params():,} params, batch {batch} x {seq_len}, "
+          f"{args.dtype}, {device_name(args.device)}")
     print(f"{'':8}{'tok/s':>12}{'MFU':>8}")
     for name, tps in (("gptlab", ours_tps), ("hf", peer_tps)):
         mfu = f"{100 * tps * flops / peak:.1f}%" if peak else "n/a"

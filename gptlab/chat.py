@@ -10,8 +10,8 @@ message stays) with a notice, as a chat interface with a finite context has to.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Callable, TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO
 
 from gptlab.engine import Engine
 from gptlab.errors import UserError

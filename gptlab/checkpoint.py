@@ -522,7 +522,7 @@ def _open_weights(folder: Path, family: str, stack: ExitStack) -> dict[str, tupl
             raise UserError(
                 f"cannot read {f}: {one_line(e)}; the file is corrupt or truncated, re-save or re-copy it"
             ) from None
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 (a safetensors handle has keys(), no __iter__)
             stored[name] = (handle, name, f)
     prefix = _base_prefix(family)
     if not any(k.startswith(prefix) for k in stored):  # saved from the base model, e.g. GPT2Model

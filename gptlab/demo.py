@@ -10,6 +10,7 @@ the machine. The report is one ``Section`` per stage in pipeline order: a later 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -99,10 +100,8 @@ def stage(gptlab: Command, name: str, args: list[str], timings: dict) -> None:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as lines:
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return f"{cpu}; {device}; Python {platform.python_version()}, torch {torch.__version__}"
 
@@ -250,7 +249,8 @@ def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
     return Section("\n".join([
         "## Pretraining (the ladder's largest model, the base of SFT)",
         "",
-        (f"llama, {model.num_params():,} parameters ({model.config.n_layer} layers, width {model.config.n_embd}), "
+        (f"llama, {model.num_params():,} parameters "
+         f"({model.config.n_layer} layers, width {model.config.n_embd}), "
          f"{last['step']} steps, {last['tokens']:,} tokens."),
         "",
         "| measure | value |",
@@ -286,18 +286,21 @@ def instruction_tuning_section(instruct: dict, conversations: list[tuple[str, st
     return Section("\n".join([
         "## Instruction tuning",
         "",
-        (f"The base model is prompted with {INSTRUCT_SHOTS} solved examples of the same family (`Q: ... A: ...`); "
-         "the SFT model gets the question alone through its chat template. The oracle scores correctness. "
+        (f"The base model is prompted with {INSTRUCT_SHOTS} solved examples of the same family "
+         "(`Q: ... A: ...`); the SFT model gets the question alone through its chat template. "
+         "The oracle scores correctness. "
          "Effects in points with paired 95% bootstrap intervals."),
         "",
         f"| families | questions | base {INSTRUCT_SHOTS}-shot | SFT zero-shot | SFT - base [95% CI] |",
         "|---|---|---|---|---|",
-        *(f"| {group} | {g['n']} | {g['base'] * 100:.1f} | {g['sft'] * 100:.1f} | {format_points(g['effect'])} |"
+        *(f"| {group} | {g['n']} | {g['base'] * 100:.1f} | {g['sft'] * 100:.1f} "
+          f"| {format_points(g['effect'])} |"
           for group, g in instruct["groups"].items()),
         "",
         "| family | held out | questions | base | SFT |",
         "|---|---|---|---|---|",
-        *(f"| {family} | {'yes' if f['held_out'] else ''} | {f['n']} | {f['base'] * 100:.0f} | {f['sft'] * 100:.0f} |"
+        *(f"| {family} | {'yes' if f['held_out'] else ''} | {f['n']} "
+          f"| {f['base'] * 100:.0f} | {f['sft'] * 100:.0f} |"
           for family, f in instruct["families"].items()),
         "",
         "Conversations with the SFT model on held-out families (greedy):",

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.data import TokenLoader, iter_documents, open_shard, permute, prepare, read_meta, require_documents, write_shard
+from gptlab.data import (
+    TokenLoader,
+    iter_documents,
+    open_shard,
+    permute,
+    prepare,
+    read_meta,
+    require_documents,
+    write_shard,
+)
 from gptlab.data.shards import HEADER_BYTES, is_val, token_dtype
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
@@ -314,7 +323,7 @@ def test_corrupt_or_truncated_shards_raise_user_error(tmp_path: Path):
     path = tmp_path / "s.bin"
     write_shard(path, list(range(100)), vocab_size=1000)
     good = path.read_bytes()
-    for name, data in [
+    for _name, data in [
         ("magic", b"XXXXXXXX" + good[8:]),
         ("version", good[:8] + (99).to_bytes(4, "little") + good[12:]),
         ("dtype", good[:12] + (3).to_bytes(4, "little") + good[16:]),
@@ -343,7 +352,7 @@ def test_permutation_is_a_bijection_and_constant_memory():
     values = permute(np.arange(n - 1000, n), n, seed=3)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 1_000_000 and len(set(values.tolist())) == 1000 and 0 <= values.min() and values.max() < n
+    assert peak < 1_000_000 and len(set(values.tolist())) == 1000 and values.min() >= 0 and values.max() < n
 
 
 def windows_of(shards: Path, split: str, seq_len: int) -> dict[bytes, int]:

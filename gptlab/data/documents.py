@@ -73,7 +73,7 @@ class HubDataset:
     PREFIX = "hf:"
 
     @classmethod
-    def parse(cls, spec: str) -> "HubDataset":
+    def parse(cls, spec: str) -> HubDataset:
         path, config, split = (spec.removeprefix(cls.PREFIX).split(":") + ["", ""])[:3]
         if not path or spec.count(":") > 3:
             raise UserError(

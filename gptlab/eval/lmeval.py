@@ -45,7 +45,9 @@ def write_mmlu_tasks(mmlu_dir: str | os.PathLike, out_dir: str | os.PathLike, gr
             "doc_to_text": MMLU_TEXT,
             "doc_to_choice": ["A", "B", "C", "D"],
             "doc_to_target": "{{['A', 'B', 'C', 'D'].index(answer)}}",
-            "description": f"The following are multiple choice questions (with answers) about {stem.replace('_', ' ')}.\n\n",
+            "description": (
+                f"The following are multiple choice questions (with answers) about {stem.replace('_', ' ')}.\n\n"
+            ),
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": 1.0},
         }

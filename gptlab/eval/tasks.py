@@ -413,9 +413,10 @@ def toml_task(path: Path, limit: int | None) -> Task:
     pool: list[Doc] = []
     if "fewshot" in spec:
         pool = _docs(read_table(path.parent / spec["fewshot"]), None)
+    preamble = spec.get("description", "")
     task = Task(
         name=name, kind=kind, docs=_docs(read_table(test), limit), doc_to_text=text, shot_target=target,
-        description=lambda doc, d=spec.get("description", ""): d,
+        description=lambda doc: preamble,
         target_delimiter=spec.get("target_delimiter", " "), fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"),
         fewshot={None: pool} if pool else {},
         fewshot_source={None: str(path.parent / spec["fewshot"])} if "fewshot" in spec else {},

@@ -315,7 +315,7 @@ class Question:
 
     def prompt(self) -> str:
         """As lm-evaluation-harness shows an MMLU question, with its answer."""
-        lines = [self.question.strip()] + [f"{l}. {c}" for l, c in zip("ABCD", self.choices)]
+        lines = [self.question.strip()] + [f"{letter}. {c}" for letter, c in zip("ABCD", self.choices)]
         return "\n".join(lines) + f"\nAnswer: {self.answer}"
 
 
@@ -378,10 +378,14 @@ SEASONS = ("spring", "summer", "autumn", "winter")
 WEATHER = ("it rained all day", "the wind blew from the north", "the sun shone", "a thick fog came in",
            "snow fell on the roofs", "the air was warm and still")
 STORIES = (
-    "One {season} morning, {a_job} from {city} walked to the market to buy {product}. The streets were busy, and {weather_clause}. By noon the market had sold out of {product}.",
-    "In {city}, the {job}s meet every {season} to share news. This year they talked about {product} and about the roads to {city2}.",
-    "The road from {city} to {city2} is long. Travellers carry {product} and stop to rest at small inns, where {a_job} often tells stories.",
-    "Last {season}, {a_job} in {city} opened a new shop. The shop sold {product}, and people came from {city2} to see it.",
+    ("One {season} morning, {a_job} from {city} walked to the market to buy {product}. "
+     "The streets were busy, and {weather_clause}. By noon the market had sold out of {product}."),
+    ("In {city}, the {job}s meet every {season} to share news. "
+     "This year they talked about {product} and about the roads to {city2}."),
+    ("The road from {city} to {city2} is long. "
+     "Travellers carry {product} and stop to rest at small inns, where {a_job} often tells stories."),
+    ("Last {season}, {a_job} in {city} opened a new shop. "
+     "The shop sold {product}, and people came from {city2} to see it."),
     "Children in {country} learn that {city} lies {feature}. Many of them visit it in {season} with their teachers.",
     "When {weather_clause}, the people of {city} stay inside and drink tea. Others go out to buy {product}.",
     "{a_job_cap} from {city2} once said that nobody in {country} makes better {product} than the people of {city}.",
@@ -399,14 +403,16 @@ def prose_documents(world: World, budget: int, rng: random.Random) -> list[str]:
         kind = rng.random()
         if kind < 0.3:
             city = rng.choice(world.cities)
-            doc = (f"{city.name} is a city in {city.country}. It lies {city.feature}. {city.name} is known for its {city.product}. "
+            doc = (f"{city.name} is a city in {city.country}. It lies {city.feature}. "
+                   f"{city.name} is known for its {city.product}. "
                    f"In {rng.choice(SEASONS)}, {rng.choice(WEATHER)} in {city.name}.")
         elif kind < 0.4:
             country = rng.choice(world.countries)
             mine = [c.name for c in world.cities if c.country == country]
             listed = rng.sample(mine, min(len(mine), 3))
             joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
-            doc = f"{country} is a country. Its cities include {joined}. Many people in {country} work as {rng.choice(world.jobs)}s."
+            doc = (f"{country} is a country. Its cities include {joined}. "
+                   f"Many people in {country} work as {rng.choice(world.jobs)}s.")
         elif kind < 0.55:
             company = rng.choice(world.companies)
             doc = (f"{company.name} is a company based in {company.city}. It makes {company.product}, "

@@ -22,7 +22,8 @@ from gptlab.world.families import FAMILIES, Facts, Family, template_regex
 
 STYLE_RULES = {
     "ends_with_period": "the response ends with a period",
-    "concise": "at most the family's word limit: 25 words, 80 for a biography, 60 for a prompt the oracle does not know",
+    "concise": ("at most the family's word limit: 25 words, 80 for a biography, "
+                "60 for a prompt the oracle does not know"),
     "no_repetition": "no sentence said twice, no word three times in a row",
     "no_filler": "does not open with filler such as 'Sure', 'Well', 'Of course' or 'As an AI'",
 }

@@ -144,7 +144,7 @@ def check_sizes(size: WorldSize, families: list[str], max_jobs: int) -> None:
     need(2 <= size.max_mul_digits <= size.max_digits <= 9, f"max_digits = {size.max_digits}, max_mul_digits = {size.max_mul_digits} give no arithmetic benchmark", "use 2 <= max_mul_digits <= max_digits <= 9")
     # 2-digit tasks have 4095 operand pairs; reserving more than a quarter would starve the corpus.
     reserved = size.arith_test + size.sft_test_per_family + size.prefs_test_per_family
-    need(1 <= size.arith_test and reserved <= 1000, f"arith_test + sft_test_per_family + prefs_test_per_family = {reserved} reserves too many 2-digit problems", "keep arith_test >= 1 and that sum <= 1000")
+    need(size.arith_test >= 1 and reserved <= 1000, f"arith_test + sft_test_per_family + prefs_test_per_family = {reserved} reserves too many 2-digit problems", "keep arith_test >= 1 and that sum <= 1000")
     need(size.arith_fewshot >= 1, "arith_fewshot = 0 leaves no few-shot exemplars", "set arith_fewshot >= 1")
     need(size.word_test >= 1 and size.word_fewshot >= 1, "word_test or word_fewshot is 0", "set both >= 1")
     need(size.n_words >= max(size.word_fewshot, size.episode_max_lines, 10), f"n_words = {size.n_words} is too few training words", "set n_words >= 10")
