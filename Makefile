@@ -1,9 +1,9 @@
-# The two commands a new user needs: `make demo` and `make test`.
+# The two commands a new user needs: `make demo` and `make test`. `make lint` checks the layering and the style.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# The import contract in pyproject.toml (layers, TinyWorld's independence, no cycles), then ruff.
+LINTED := gptlab tests benchmarks
+lint: install
+	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 PRESET ?= default
 demo: install
