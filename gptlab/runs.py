@@ -2,7 +2,8 @@
 
 A run folder holds ``run.json`` (the resolved config, the run's kind, versions, the command
 line), ``metrics.jsonl`` (one record per logged step), ``checkpoints/step-NNNNNNN/`` (complete
-checkpoints, oldest first), ``model/`` (the exported model) and ``report.md``. The kind of run
+checkpoints, oldest first), ``model/`` (the exported model), ``report.md`` and, for a DPO run,
+``ref_logps.safetensors`` (its reference log-probs). The kind of run
 (``KINDS``) is recorded in run.json when the run starts, so nothing has to guess it from the
 files it finds.
 """
@@ -49,6 +50,11 @@ class RunFolder:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def ref_logps_path(self) -> Path:
+        """A DPO run's reference log-probs of its pairs, computed once before training."""
+        return self.path / "ref_logps.safetensors"
 
     @property
     def report_path(self) -> Path:
