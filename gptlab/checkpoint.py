@@ -9,6 +9,11 @@ gptlab fuses q/k/v into ``attn.qkv`` and SwiGLU's gate/up into ``mlp.up``; HF ke
 apart, and HF GPT-2's Conv1D stores weights as (in, out). The key map below joins, splits and
 transposes them. Loading never unpickles: weights come from safetensors only.
 
+A reward model (``gptlab.model.RewardModel``) is saved as Hugging Face saves a sequence classifier
+with one label (``LlamaForSequenceClassification`` / ``GPT2ForSequenceClassification``): the same
+trunk tensors, ``score.weight`` instead of the language-model head, and ``pad_token_id`` set, since
+transformers reads each row's reward at its last token that is not the pad id.
+
 Writes are atomic (``atomic_folder``): a kill at any moment leaves the old complete folder
 or the new complete one, never a mixture.
 """
@@ -22,7 +27,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,12 +38,18 @@ from safetensors.torch import save_file
 from gptlab.errors import UserError
 
 if TYPE_CHECKING:  # the model module builds on this one: it calls the readers below
-    from gptlab.model import GPT, ModelConfig
+    from gptlab.model import GPT, ModelConfig, RewardModel
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
+# The Hugging Face class of each family's causal LM and of its reward model.
+CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+REWARD_MODEL_CLASSES = {"llama": "LlamaForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+_FAMILY_OF_CLASS = {  # for a config.json that names no model_type
+    name: family for classes in (CAUSAL_LM_CLASSES, REWARD_MODEL_CLASSES) for family, name in classes.items()
+}
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Buffers some HF checkpoints carry that are recomputed, not learned: GPT-2's causal mask
@@ -142,8 +153,9 @@ class _Tensor:
         return {name: (rows, *shape[1:]) for name, rows in zip(self.theirs, self.sizes)}
 
 
-def _key_map(c: ModelConfig) -> list[_Tensor]:
-    """Every gptlab state-dict tensor (the tied head aside) with its HF name(s)."""
+def _key_map(c: ModelConfig, reward: bool = False) -> list[_Tensor]:
+    """Every gptlab state-dict tensor (the tied head aside) with its HF name(s); with ``reward``,
+    a RewardModel's: the trunk's under ``trunk.`` and the score head instead of the LM head."""
     kinds = ("weight", "bias") if c.bias else ("weight",)
     if c.family == "llama":
         qkv = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim)
@@ -174,6 +186,8 @@ def _key_map(c: ModelConfig) -> list[_Tensor]:
                 out.append(_Tensor(f"{ours}mlp.up.{k}", (f"{theirs}mlp.c_fc.{k}",), transpose=conv1d))
                 out.append(_Tensor(f"{ours}mlp.down.{k}", (f"{theirs}mlp.c_proj.{k}",), transpose=conv1d))
         out += [_Tensor(f"norm_f.{k}", (f"transformer.ln_f.{k}",)) for k in ("weight", "bias")]
+    if reward:
+        return [replace(t, ours="trunk." + t.ours) for t in out] + [_Tensor("score.weight", ("score.weight",))]
     if not c.tie_embeddings:
         out.append(_Tensor("lm_head.weight", ("lm_head.weight",)))
     return out
@@ -186,12 +200,14 @@ def _base_prefix(family: str) -> str:
 # --------------------------------------------------------------------------- config
 
 
-def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer=None) -> dict:
-    """The ``config.json`` transformers needs for this model (v4 and v5 spellings both present)."""
+def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer=None, reward: bool = False) -> dict:
+    """The ``config.json`` transformers needs for this model (v4 and v5 spellings both present);
+    with ``reward``, for its reward model: a sequence classifier with one label, as transformers
+    writes one (``id2label``; ``num_labels`` for readers that look for it)."""
     c = config
     if c.family == "llama":
         out = {
-            "architectures": ["LlamaForCausalLM"],
+            "architectures": [CAUSAL_LM_CLASSES["llama"]],
             "model_type": "llama",
             "vocab_size": c.vocab_size,
             "hidden_size": c.n_embd,
@@ -222,7 +238,7 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer
                 "use family llama or bias = true"
             )
         out = {
-            "architectures": ["GPT2LMHeadModel"],
+            "architectures": [CAUSAL_LM_CLASSES["gpt2"]],
             "model_type": "gpt2",
             "vocab_size": c.vocab_size,
             "n_positions": c.block_size,
@@ -240,6 +256,9 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer
             "tie_word_embeddings": c.tie_embeddings,
         }
     out.update(_special_ids(tokenizer))
+    if reward:
+        out.update(architectures=[REWARD_MODEL_CLASSES[c.family]], num_labels=1, id2label={"0": "LABEL_0"},
+                   label2id={"LABEL_0": 0})
     name = str(dtype).removeprefix("torch.")
     out["torch_dtype"] = name  # transformers v4
     out["dtype"] = name  # v5
@@ -349,7 +368,7 @@ def _family(hf: dict) -> str:
     model_type = hf.get("model_type")
     architectures = hf.get("architectures") or []
     if model_type is None and architectures:
-        model_type = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}.get(architectures[0], architectures[0])
+        model_type = _FAMILY_OF_CLASS.get(architectures[0], architectures[0])
     if model_type not in ("llama", "gpt2"):
         raise UserError(
             f"unsupported model type {model_type!r} in config.json: gptlab loads Llama and GPT-2 models only; "
@@ -382,24 +401,30 @@ def _rope_theta(hf: dict) -> float:
 # --------------------------------------------------------------------------- save
 
 
-def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None) -> None:
-    """Write ``model`` (and ``tokenizer``) as a Hugging Face folder at ``path``, atomically."""
+def save_pretrained(model: GPT | RewardModel, path: str | os.PathLike, tokenizer=None, reward: bool = False) -> None:
+    """Write ``model`` (and ``tokenizer``) as a Hugging Face folder at ``path``, atomically;
+    ``reward``: the model is a RewardModel."""
     hf_config(model.config)  # refuse unsavable configs before touching the disk
     with atomic_folder(path) as tmp:
-        write_model_files(model, tmp, tokenizer=tokenizer)
+        write_model_files(model, tmp, tokenizer=tokenizer, reward=reward)
 
 
-def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None) -> None:
+def write_model_files(
+    model: GPT | RewardModel, folder: str | os.PathLike, tokenizer=None, reward: bool = False
+) -> None:
     """Write the model files into an existing folder, without atomicity.
 
     For callers that already hold an ``atomic_folder`` (the training loop adds ``trainer_state/``).
+    A reward model gets no generation_config.json: transformers writes none for a model that
+    cannot generate.
     """
     folder = Path(folder)
     state = model.state_dict()
-    dtype = state["wte.weight"].dtype
-    config = hf_config(model.config, dtype, tokenizer)
+    key_map = _key_map(model.config, reward)
+    dtype = state[key_map[0].ours].dtype  # the token embedding's
+    config = hf_config(model.config, dtype, tokenizer, reward)
     tensors = {}
-    for t in _key_map(model.config):
+    for t in key_map:
         ours = state[t.ours].detach()
         if t.transpose:
             ours = ours.t()
@@ -409,14 +434,19 @@ def write_model_files(model: GPT, folder: str | os.PathLike, tokenizer=None) -> 
             tensors[name] = part.to("cpu").clone(memory_format=torch.contiguous_format)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     _write_json(folder / CONFIG_NAME, config)
+    if not reward:
+        _write_json(folder / GENERATION_CONFIG_NAME, _generation_config(tokenizer))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _generation_config(tokenizer) -> dict:
     generation = {k: v for k, v in _special_ids(tokenizer).items() if v is not None}
     end = getattr(tokenizer, "end_id", None)
     if end is not None and generation.get("eos_token_id") is not None:
         # A chat reply ends with <|end|>: transformers' generate stops there too.
         generation["eos_token_id"] = [generation["eos_token_id"], end]
-    _write_json(folder / GENERATION_CONFIG_NAME, generation)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    return generation
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -435,15 +465,42 @@ def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
     return folder, hf
 
 
+def is_reward_model(hf: dict) -> bool:
+    """Whether a ``config.json`` describes a sequence classifier (a reward model), not a causal LM."""
+    return any(str(name).endswith("ForSequenceClassification") for name in hf.get("architectures") or [])
+
+
+def check_kind(folder: Path, hf: dict, reward: bool) -> None:
+    """Refuse, in one line, a reward model where a causal LM is expected (``reward`` False) and the
+    reverse, and a sequence classifier with more than one label, which is no reward model."""
+    found = (hf.get("architectures") or ["a model without architectures"])[0]
+    if is_reward_model(hf) and not reward:
+        raise UserError(
+            f"{folder} holds a reward model ({found}): it scores text and has no language-model head; "
+            "give a causal LM folder, such as an SFT run's model/"
+        )
+    if reward and not is_reward_model(hf):
+        raise UserError(
+            f"{folder} holds a causal language model ({found}), not a reward model; give the model/ folder of a "
+            f"`gptlab reward` run, or train one from this model with `gptlab reward --set init={folder}`"
+        )
+    labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 1)
+    if reward and labels != 1:
+        raise UserError(
+            f"{folder} holds a sequence classifier with {labels} labels; a reward model gives one score "
+            "(num_labels = 1): give a reward model's folder"
+        )
+
+
 def read_weights(
     folder: Path, hf: dict, config: ModelConfig, our_shapes: dict[str, tuple[int, ...]], device="cpu",
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None, reward: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The folder's weights as a gptlab state dict, checked against ``our_shapes`` (the model's
-    state-dict shapes). dtype: None keeps the dtype config.json declares (float32 when it
-    declares none). A tied head shares the embedding's tensor."""
+    """The folder's weights as a gptlab state dict (a RewardModel's with ``reward``), checked
+    against ``our_shapes`` (the model's state-dict shapes). dtype: None keeps the dtype config.json
+    declares (float32 when it declares none). A tied head shares the embedding's tensor."""
     dtype = _dtype(dtype if dtype is not None else hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    key_map = _key_map(config)
+    key_map = _key_map(config, reward)
     with ExitStack() as stack:
         stored = _open_weights(folder, config.family, stack)
         _check_weights(folder, config, key_map, our_shapes, stored)
@@ -452,7 +509,7 @@ def read_weights(
             parts = [_read_tensor(stored, name).to(device=device, dtype=dtype) for name in t.theirs]
             tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
             state[t.ours] = (tensor.t() if t.transpose else tensor).contiguous()
-    if config.tie_embeddings:
+    if config.tie_embeddings and not reward:
         state["lm_head.weight"] = state["wte.weight"]
     return state
 

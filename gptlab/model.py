@@ -6,6 +6,10 @@ Two families share one code path and differ only by config:
 - ``gpt2``: learned positions, LayerNorm with bias, GELU (tanh) MLP, tied head.
   Maps to HF ``GPT2LMHeadModel``.
 
+``RewardModel`` is the same trunk with a scalar head instead of the language-model head, read at
+each sequence's last real token. Maps to HF ``LlamaForSequenceClassification`` /
+``GPT2ForSequenceClassification`` with one label.
+
 The query/key/value projections are one fused matrix, as are SwiGLU's gate and up projections:
 fewer, larger matmuls are faster on every device. ``checkpoint.py`` splits and joins them when
 reading and writing Hugging Face folders.
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 from gptlab import checkpoint
 from gptlab.errors import UserError
-from gptlab.logprobs import mean_cross_entropy
+from gptlab.logprobs import last_real_index, mean_cross_entropy, padded_inputs
 
 FAMILIES = ("llama", "gpt2")
 
@@ -320,13 +324,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, path, device="cpu", dtype=None) -> "GPT":
         """Load a gptlab or Hugging Face Llama / GPT-2 folder in eval mode (see ``gptlab.checkpoint``).
         dtype: None keeps the dtype config.json declares (float32 when it declares none)."""
-        folder, hf = checkpoint.read_config(path)
-        config = ModelConfig.from_hf(hf)
-        with torch.device("meta"):
-            model = cls(config)
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        model.load_state_dict(checkpoint.read_weights(folder, hf, config, shapes, device, dtype), strict=True, assign=True)
-        if config.tie_embeddings:
+        model = _load(cls, path, device, dtype, reward=False)
+        if model.config.tie_embeddings:
             model.lm_head.weight = model.wte.weight  # assign=True gave the head its own Parameter
         model.init_rope()
         return model.eval()
@@ -378,3 +377,102 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         linear_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * linear_weights + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+
+class RewardModel(nn.Module):
+    """A GPT trunk and a scalar head, ``score``: a sequence's reward is the head applied to the
+    trunk's last hidden state at its last real token, found from the attention mask, so that the
+    padding on either side and the pad id (which may occur in text) cannot move it.
+
+    The trunk is a GPT whose language-model head is dropped: a head that gets no gradient stops DDP,
+    and a reward folder holds none. ``from_causal_lm`` starts one from a causal LM folder.
+    """
+
+    def __init__(self, config: ModelConfig, trunk: GPT | None = None):
+        super().__init__()
+        self.config = config
+        self.trunk = trunk if trunk is not None else GPT(config)
+        self.trunk.lm_head = None
+        embedding = self.trunk.wte.weight
+        self.score = nn.Linear(config.n_embd, 1, bias=False, device=embedding.device, dtype=embedding.dtype)
+        if embedding.device.type != "meta":
+            # A new head as transformers initialises one (normal, std = initializer_range 0.02), which TRL keeps.
+            nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.trunk.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self.trunk.activation_checkpointing = value
+
+    def forward(self, input_ids, attention_mask):
+        """The reward of each row (B,) in fp32. attention_mask (B, T): 1 at real tokens, padding on
+        either side; positions count real tokens, so a row scores the same however it is padded."""
+        position_ids, attn_mask = padded_inputs(attention_mask)
+        hidden = self.trunk.hidden(input_ids, position_ids=position_ids, attn_mask=attn_mask)
+        rows = torch.arange(hidden.size(0), device=hidden.device)
+        return self.score(hidden[rows, last_real_index(attention_mask)]).squeeze(-1).float()
+
+    @classmethod
+    def from_causal_lm(cls, path, device="cpu", dtype=None) -> RewardModel:
+        """A reward model whose trunk is the causal LM at ``path`` and whose score head is new (drawn
+        from torch's RNG): where reward-model training starts, as TRL's does from
+        ``AutoModelForSequenceClassification.from_pretrained(causal LM)``."""
+        trunk = GPT.from_pretrained(path, device=device, dtype=dtype)
+        return cls(trunk.config, trunk).eval()
+
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """Write a Hugging Face sequence-classification folder, atomically (see ``gptlab.checkpoint``)."""
+        checkpoint.save_pretrained(self, path, tokenizer=tokenizer, reward=True)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None) -> RewardModel:
+        """Load a reward-model folder (gptlab's, or a Hugging Face Llama / GPT-2 sequence classifier with
+        one label) in eval mode; a causal LM folder is refused in one line."""
+        model = _load(cls, path, device, dtype, reward=True)
+        model.trunk.init_rope()
+        return model.eval()
+
+    # ---- what the training loop asks of a model (gptlab.train.protocols.Trainable) --------------
+
+    def write_files(self, folder, tokenizer=None) -> None:
+        checkpoint.write_model_files(self, folder, tokenizer=tokenizer, reward=True)
+
+    def read_state(self, folder) -> dict[str, torch.Tensor]:
+        return type(self).from_pretrained(folder).state_dict()
+
+    def with_state(self, state: dict[str, torch.Tensor]) -> RewardModel:
+        with torch.device("meta"):
+            copy = type(self)(self.config)
+        copy.load_state_dict(state, assign=True)
+        copy.trunk.init_rope()
+        return copy
+
+    def shard_units(self) -> list[nn.Module]:
+        return self.trunk.shard_units()
+
+    def matrix_parameters(self) -> list[nn.Parameter]:
+        return self.trunk.matrix_parameters()
+
+    def num_params(self) -> int:
+        return self.trunk.num_params() + self.score.weight.numel()
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """The trunk's: the head is read once per sequence, not per token."""
+        return self.trunk.flops_per_token(seq_len)
+
+
+def _load(model_class, path, device, dtype, reward: bool):
+    """A GPT or RewardModel (``reward``) holding the weights of the folder at ``path``; a folder of the
+    other kind is refused in one line."""
+    folder, hf = checkpoint.read_config(path)
+    checkpoint.check_kind(folder, hf, reward)
+    config = ModelConfig.from_hf(hf)
+    with torch.device("meta"):
+        model = model_class(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = checkpoint.read_weights(folder, hf, config, shapes, device, dtype, reward=reward)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
