@@ -74,6 +74,12 @@ def cmd_sft(args) -> None:
     train_stage(args, load_config, sft)
 
 
+def cmd_reward(args) -> None:
+    from gptlab.align.reward import load_config, reward
+
+    train_stage(args, load_config, reward)
+
+
 def cmd_chat(args) -> None:
     from gptlab.chat import ChatSession, run_chat, typed_lines
     from gptlab.engine import Engine
@@ -146,7 +152,7 @@ def add_config_options(p: argparse.ArgumentParser, config_help: str = "a TOML fi
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
-    """The options of every command that trains through the one loop (pretrain, sft)."""
+    """The options of every command that trains through the one loop (pretrain, sft, reward)."""
     add_config_options(p)
     p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
     fresh_or_not = p.add_mutually_exclusive_group()
@@ -204,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sft", help="supervised fine-tuning on chat data (torchrun for several processes)")
     add_training_options(p)
     p.set_defaults(func=cmd_sft)
+
+    p = commands.add_parser("reward", help="train a reward model on preference pairs (torchrun for several processes)")
+    add_training_options(p)
+    p.set_defaults(func=cmd_reward)
 
     p = commands.add_parser("chat", help="talk to a model in the terminal (one message per line from a pipe)")
     p.add_argument("--model", required=True, help="a model folder with its tokenizer (e.g. runs/sft/model)")

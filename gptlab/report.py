@@ -1,6 +1,6 @@
 """Reports: each stage's part of a report is a ``Section`` (its markdown and the plots it wrote),
 and a report is sections in pipeline order. ``gptlab report`` writes a run folder's report.md for
-the kind of run its run.json records: a training run's card (pretrain, SFT), a ladder's scaling
+the kind of run its run.json records: a training run's card (pretrain, SFT, reward), a ladder's scaling
 report with its phenomena table, or, for a demo's folder, one for each run inside it.
 
 Every claim of the lecture is stated, measured on the ladder's own samples with a seeded 95%
@@ -12,6 +12,7 @@ appearing, with what would be needed.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -538,7 +539,8 @@ def write_run_report(run_dir: Path) -> Path:
     return run.report_path
 
 
-def training_run_section(run: RunFolder) -> Section:
+def training_run_section(run: RunFolder, stage_rows: Sequence[str] = ()) -> Section:
+    """The card's markdown and loss plot; ``stage_rows``: the stage's own lines of the table."""
     record = run.read_record()
     metrics = run.read_metrics()
     if not any("loss" in m for m in metrics):
@@ -556,6 +558,7 @@ def training_run_section(run: RunFolder) -> Section:
         "| | |",
         "|---|---|",
         *_progress_rows(record, metrics),
+        *stage_rows,
         *_resource_rows(record, metrics),
         "",
         f"![loss]({plot.name})",
@@ -613,11 +616,43 @@ def _resource_rows(record: dict, metrics: list[dict]) -> list[str]:
     return rows
 
 
+def write_reward_report(run_dir: Path) -> Path:
+    """A reward-model run's card: the training card with how often the model prefers the chosen answer."""
+    run = RunFolder(run_dir)
+    section = training_run_section(run, _reward_rows(run.read_metrics()))
+    write_text_atomic(run.report_path, section.markdown + "\n")
+    return run.report_path
+
+
+def _reward_rows(metrics: list[dict]) -> list[str]:
+    """Accuracy (r_chosen > r_rejected) and mean margin on the training pairs' last logged window and
+    on the held-out pairs."""
+    rows = []
+    logged = [m for m in metrics if "accuracy" in m]
+    if logged:
+        last = logged[-1]
+        rows.append(
+            f"| training pairs, last logged: accuracy / margin | {last['accuracy']:.1%} / {last['margin']:.3f} "
+            f"(step {last['step']:,}) |"
+        )
+    evaluated = [m for m in metrics if "eval_accuracy" in m]
+    if evaluated:
+        last, best = evaluated[-1], max(evaluated, key=lambda m: m["eval_accuracy"])
+        rows.append(
+            f"| held-out pairs: accuracy, last / best | {last['eval_accuracy']:.1%} (step {last['step']:,}) / "
+            f"{best['eval_accuracy']:.1%} (step {best['step']:,}) |"
+        )
+        rows.append(f"| held-out pairs, last: loss / margin | {last['eval_loss']:.4f} / {last['eval_margin']:.3f} |")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Which report a folder gets
 
 # The report of each kind of run (runs.KINDS) that has one; a new stage adds its line.
-REPORTS = {"pretrain": write_run_report, "sft": write_run_report, "ladder": write_ladder_report}
+REPORTS = {
+    "pretrain": write_run_report, "sft": write_run_report, "reward": write_reward_report, "ladder": write_ladder_report,
+}
 
 
 def write_reports(folder: Path) -> list[Path]:

@@ -69,14 +69,15 @@ def load_config(config_path: str | None, overrides: list[str], out_dir: Path, re
     raw = read_run_raw(config_path, overrides, out_dir, resume)
     cfg = build(SftConfig, raw)  # refuses unknown keys before any file is read
     if get_dotted(raw, "train.seq_len") is None:
-        block_size = _block_size(Path(cfg.init))
+        block_size = init_block_size(Path(cfg.init))
         if block_size is not None:
             set_dotted(raw, "train.seq_len", block_size)
             cfg = build(SftConfig, raw)
     return cfg
 
 
-def _block_size(folder: Path) -> int | None:
+def init_block_size(folder: Path) -> int | None:
+    """The block_size of the model folder a run starts from, or None when it cannot be read yet."""
     try:
         return ModelConfig.from_hf(json.loads((folder / "config.json").read_text())).block_size
     except (OSError, ValueError):
