@@ -413,7 +413,8 @@ class RewardModel(nn.Module):
         position_ids, attn_mask = padded_inputs(attention_mask)
         hidden = self.trunk.hidden(input_ids, position_ids=position_ids, attn_mask=attn_mask)
         rows = torch.arange(hidden.size(0), device=hidden.device)
-        return self.score(hidden[rows, last_real_index(attention_mask)]).squeeze(-1).float()
+        rewards = self.score(hidden[rows, last_real_index(attention_mask)]).squeeze(-1)
+        return rewards.to(torch.float32, copy=True)  # not a view of the head's output, which FSDP warns about
 
     @classmethod
     def from_causal_lm(cls, path, device="cpu", dtype=None) -> RewardModel:

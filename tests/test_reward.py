@@ -27,13 +27,15 @@ from gptlab.logprobs import padded_inputs
 from gptlab.model import GPT, ModelConfig, RewardModel
 from gptlab.report import write_reports
 from gptlab.tokenizer import CHAT_TEMPLATE, Tokenizer
-from helpers import ROOT, assert_one_line, assert_user_error, gptlab, snapshot, write_jsonl
+from helpers import ROOT, assert_one_line, assert_user_error, gptlab, run_python, snapshot, write_jsonl
 
 FAMILIES = {  # two layers each; llama with grouped-query attention, so the K/V split is checked too
     "llama": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
     "gpt2": dict(family="gpt2", n_layer=2, n_head=2, n_embd=32),
 }
 BLOCK = 128
+TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores: more threads per rank would only contend
 # Pairs where the only difference is the final period, TinyWorld's `no_period` kind.
 PERIOD_PAIRS = [
     {
@@ -245,6 +247,37 @@ def test_exact_resume(base: Path, tmp_path: Path):
             for run in ("straight", "resumed")
         ]
         assert logged[0] == logged[1] and len(logged[0]) == 12, name
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(base: Path, quick_world: Path, tmp_path: Path, parallelism: str):
+    prefs = quick_world / "prefs"
+    sets = [
+        f"init={base}",
+        f"data.train={prefs / 'train.jsonl'}",
+        f"data.val={prefs / 'test.jsonl'}",
+        "train.max_steps=6",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        "train.eval_every=3",
+        "train.log_every=1",
+        "train.eval_batches=4",
+        "train.device=cpu",
+    ]
+    reward(load_config(None, sets, tmp_path / "one", resume=False), tmp_path / "one")
+    args = [a for s in [*sets, f"train.parallelism={parallelism}"] for a in ("--set", s)]
+    result = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", "reward", "--out", tmp_path / "two", *args, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+    logged = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
+    for name in ("loss", "accuracy", "margin", "grad_norm", "eval_loss", "eval_accuracy"):
+        one, two = ([r.get(name) for r in records] for records in logged)
+        assert one == pytest.approx(two, abs=1e-4), name
+    one, two = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
 
 
 # ----------------------------------------------------------------------------- config and mistakes
