@@ -80,6 +80,12 @@ def cmd_reward(args) -> None:
     train_stage(args, load_config, reward)
 
 
+def cmd_dpo(args) -> None:
+    from gptlab.align.dpo import dpo, load_config
+
+    train_stage(args, load_config, dpo)
+
+
 def cmd_chat(args) -> None:
     from gptlab.chat import ChatSession, run_chat, typed_lines
     from gptlab.engine import Engine
@@ -152,7 +158,7 @@ def add_config_options(p: argparse.ArgumentParser, config_help: str = "a TOML fi
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
-    """The options of every command that trains through the one loop (pretrain, sft, reward)."""
+    """The options of every command that trains through the one loop (pretrain, sft, reward, dpo)."""
     add_config_options(p)
     p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
     fresh_or_not = p.add_mutually_exclusive_group()
@@ -214,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("reward", help="train a reward model on preference pairs (torchrun for several processes)")
     add_training_options(p)
     p.set_defaults(func=cmd_reward)
+
+    p = commands.add_parser("dpo", help="align a model on preference pairs with DPO (torchrun for several processes)")
+    add_training_options(p)
+    p.set_defaults(func=cmd_dpo)
 
     p = commands.add_parser("chat", help="talk to a model in the terminal (one message per line from a pipe)")
     p.add_argument("--model", required=True, help="a model folder with its tokenizer (e.g. runs/sft/model)")

@@ -1,6 +1,6 @@
 """Reports: each stage's part of a report is a ``Section`` (its markdown and the plots it wrote),
 and a report is sections in pipeline order. ``gptlab report`` writes a run folder's report.md for
-the kind of run its run.json records: a training run's card (pretrain, SFT, reward), a ladder's scaling
+the kind of run its run.json records: a training run's card (pretrain, SFT, reward, DPO), a ladder's scaling
 report with its phenomena table, or, for a demo's folder, one for each run inside it.
 
 Every claim of the lecture is stated, measured on the ladder's own samples with a seeded 95%
@@ -314,6 +314,23 @@ def plot_pretraining_loss(metrics: list[dict], path: Path, title: str = "Pretrai
     if val:
         ax.plot([s * tokens_per_step for s, _ in val], [v for _, v in val], "o-", label="val loss")
     _save_line_plot(plt, fig, ax, path, "tokens", "cross-entropy (nats/token)", title)
+
+
+def plot_dpo_rewards(metrics: list[dict], path: Path, title: str) -> None:
+    """rewards/margins and rewards/accuracies over the steps, on the training pairs and the held-out ones."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name in zip(axes, ("rewards/margins", "rewards/accuracies")):
+        for key, style, label in ((name, "-", "training pairs"), (f"eval_{name}", "o-", "held-out pairs")):
+            points = [(m["step"], m[key]) for m in metrics if key in m]
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    _save(plt, fig, path)
 
 
 def plot_loss(ladder: dict, path: Path) -> None:
@@ -646,12 +663,52 @@ def _reward_rows(metrics: list[dict]) -> list[str]:
     return rows
 
 
+def write_dpo_report(run_dir: Path) -> Path:
+    """A DPO run's card: the training card with TRL's preference metrics, first and last, and their plot."""
+    run = RunFolder(run_dir)
+    metrics = run.read_metrics()
+    card = training_run_section(run, _dpo_rows(metrics))
+    plot = run.path / "rewards.png"
+    plot_dpo_rewards(metrics, plot, title=f"DPO run {run.path.name}")
+    rewards = Section(
+        "## Implicit rewards\n\nA reward is β·(log π − log π_ref) of an answer; rewards/accuracies is the share of "
+        "pairs whose chosen answer has the higher one, rewards/margins their mean difference.\n\n"
+        f"![rewards]({plot.name})", [plot],
+    )
+    write_text_atomic(run.report_path, concatenate([card, rewards]))
+    return run.report_path
+
+
+def _dpo_rows(metrics: list[dict]) -> list[str]:
+    """Rewards and log-probs on the training pairs' first and last logged windows, and on the held-out pairs."""
+    logged = [m for m in metrics if "rewards/margins" in m]
+    rows = []
+    if logged:
+        first, last = logged[0], logged[-1]
+        for name, form in (("rewards/accuracies", ".1%"), ("rewards/margins", ".3f"), ("rewards/chosen", "+.3f"),
+                           ("rewards/rejected", "+.3f"), ("logps/chosen", ".2f"), ("logps/rejected", ".2f")):
+            rows.append(
+                f"| {name}, first → last logged | {first[name]:{form}} (step {first['step']:,}) → "
+                f"{last[name]:{form}} (step {last['step']:,}) |"
+            )
+    evaluated = [m for m in metrics if "eval_rewards/margins" in m]
+    if evaluated:
+        last = evaluated[-1]
+        rows.append(
+            f"| held-out pairs, last: eval_loss / eval_rewards/accuracies / eval_rewards/margins | "
+            f"{last['eval_loss']:.4f} / {last['eval_rewards/accuracies']:.1%} / {last['eval_rewards/margins']:.3f} "
+            f"(step {last['step']:,}) |"
+        )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Which report a folder gets
 
 # The report of each kind of run (runs.KINDS) that has one; a new stage adds its line.
 REPORTS = {
-    "pretrain": write_run_report, "sft": write_run_report, "reward": write_reward_report, "ladder": write_ladder_report,
+    "pretrain": write_run_report, "sft": write_run_report, "reward": write_reward_report, "dpo": write_dpo_report,
+    "ladder": write_ladder_report,
 }
 
 
