@@ -1,10 +1,11 @@
 """`gptlab demo`: the whole pipeline on TinyWorld, through the same commands a user would run.
 
 world -> tokenizer -> shards -> a ladder of model sizes (pretraining + evaluation of each) -> SFT of
-the largest -> instruction following of the base model (few-shot) and the SFT model (zero-shot)
+the largest -> a reward model and DPO from the SFT model -> instruction following of the base model
+(few-shot) and the SFT model (zero-shot), the reward model's held-out accuracy and DPO against SFT
 -> ``report.md`` with plots: data statistics, the pretraining curve, the scaling ladder and its
-phenomena table, in-context learning with intervals, instruction tuning, samples, timings and
-the machine. The report is one ``Section`` per stage in pipeline order: a later stage
+phenomena table, in-context learning with intervals, instruction tuning, learning from
+preferences, samples, timings and the machine. The report is one ``Section`` per stage in pipeline order: a later stage
 (preferences, arena) adds its section function and one line in ``run_demo``.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from gptlab import stats
+from gptlab.align.reward import RewardScorer
 from gptlab.chat import ChatSession
 from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.engine import Engine
@@ -33,12 +35,14 @@ from gptlab.ladder import run_folder
 from gptlab.model import GPT
 from gptlab.report import NOT_YET, Claim, Section, concatenate, format_points, ladder_section, plot_pretraining_loss
 from gptlab.runs import RunFolder
+from gptlab.world.oracle import Oracle
 
 # Runs one gptlab command line (``gptlab.cli.main``) and returns its exit code. The CLI passes
 # itself in, so this module, which the CLI imports, never imports the CLI back.
 Command = Callable[[list[str]], int]
 
 INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
+REPLY_TOKENS = 48  # longer than any reference answer of the families the preference pairs cover
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class DemoPreset:
     ladder: str  # ladder preset
     ladder_sets: tuple[str, ...]  # --set overrides on top of it
     sft_sets: tuple[str, ...]
+    reward_sets: tuple[str, ...]
+    dpo_sets: tuple[str, ...]  # a live reference: cheaper than precomputing every pair for runs under an epoch
     instruct_limit: int  # test conversations per instruction family
 
 
@@ -56,11 +62,15 @@ PRESETS = {
         world="quick", vocab_size=263, ladder="quick",
         ladder_sets=("sizes.depths=[1, 2, 3]", "sizes.tokens_per_param=4", "eval.limit=20"),
         sft_sets=("train.max_steps=60", "train.eval_every=0", "train.save_every=0"),
+        reward_sets=("train.max_steps=40", "train.eval_every=0", "train.save_every=0"),
+        dpo_sets=("train.max_steps=40", "train.eval_every=0", "train.save_every=0", "precompute_ref=false"),
         instruct_limit=10,
     ),
     "default": DemoPreset(
         world="default", vocab_size=263, ladder="default", ladder_sets=(),
         sft_sets=("train.max_steps=300", "train.eval_every=100", "train.save_every=0"),
+        reward_sets=("train.max_steps=150", "train.eval_every=50", "train.save_every=0"),
+        dpo_sets=("train.max_steps=150", "train.eval_every=50", "train.save_every=0", "precompute_ref=false"),
         instruct_limit=50,
     ),
 }
@@ -119,6 +129,7 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
     timings: dict[str, float] = {}
     started = time.perf_counter()
     base, tuned = run_stages(gptlab, out, spec, seed, timings)
+    reward_run, dpo_run = preference_stages(gptlab, out, spec, tuned, seed, timings)
 
     print("== demo: instruction following and samples", flush=True)
     start = time.perf_counter()
@@ -132,6 +143,7 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
         for prompt, expected in sample_prompts(world, truth)
     ]
     conversations = chat_samples(world, held_out, tuned_engine)
+    preferences = preference_results(world, reward_run.model_dir, tuned_engine, Engine.from_pretrained(dpo_run.model_dir))
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
@@ -139,8 +151,10 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
         Section(f"# gptlab demo report\n\nPreset `{preset}`, seed {seed}. Machine: {machine()}."),
         data_section(json.loads((out / "shards" / "meta.json").read_text())),
         pretraining_section(base, base_engine.model, out / "loss.png"),
-        ladder_section(out / "ladder", extra=instruction_claims(instruct), heading="##", link_prefix="ladder/"),
+        ladder_section(out / "ladder", extra=alignment_claims(instruct, preferences), heading="##",
+                       link_prefix="ladder/"),
         instruction_tuning_section(instruct, conversations),
+        preferences_section(preferences),
         samples_section(samples),
         timings_section(timings),
     ])
@@ -168,6 +182,20 @@ def run_stages(gptlab: Command, out: Path, spec: DemoPreset, seed: int, timings:
     stage(gptlab, "sft", ["sft", "--out", str(tuned.path), "--overwrite", *sum((["--set", s] for s in sft_sets), [])],
           timings)
     return base, tuned
+
+
+def preference_stages(
+    gptlab: Command, out: Path, spec: DemoPreset, tuned: RunFolder, seed: int, timings: dict
+) -> tuple[RunFolder, RunFolder]:
+    """A reward model and DPO, both from the SFT model on the world's preference pairs."""
+    prefs = out / "world" / "prefs"
+    common = [f"init={tuned.model_dir}", f"data.train={prefs / 'train.jsonl'}", f"data.val={prefs / 'test.jsonl'}",
+              f"train.seed={seed}"]
+    runs = RunFolder(out / "reward"), RunFolder(out / "dpo")
+    for name, run, sets in (("reward", runs[0], spec.reward_sets), ("dpo", runs[1], spec.dpo_sets)):
+        overrides = sum((["--set", s] for s in (*common, *sets)), [])
+        stage(gptlab, name, [name, "--out", str(run.path), "--overwrite", *overrides], timings)
+    return runs
 
 
 def instruction_following(world: Path, held_out: list[str], base: Engine, tuned: Engine, limit: int) -> dict:
@@ -200,6 +228,52 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
                 "effect": stats.difference_interval(base_values, sft_values, paired=True),
             }
     return result
+
+
+def replies(engine: Engine, prompts: list[list[dict]]) -> list[str]:
+    """Greedy chat replies to ``prompts`` (message lists), one batch per 32 prompts."""
+    tokenizer = engine.tokenizer
+    rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+    out = []
+    for start in range(0, len(rendered), 32):
+        tokens = engine.generate(rendered[start:start + 32], REPLY_TOKENS, temperature=0.0,
+                                 stop_ids=[tokenizer.end_id])
+        out += [tokenizer.decode([t for t in row if t != tokenizer.end_id], skip_special_tokens=True) for row in tokens]
+    return out
+
+
+def preference_results(world: Path, reward_dir: Path, sft: Engine, dpo: Engine) -> dict:
+    """The reward model's accuracy on the held-out pairs per kind of rejected answer, and the DPO
+    model against the SFT model on the held-out prompts, judged by the oracle."""
+    pairs = read_jsonl(world / "prefs" / "test.jsonl")
+    scorer = RewardScorer.from_pretrained(reward_dir)
+    chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    correct: dict[str, list[float]] = {}
+    for pair, c, r in zip(pairs, chosen, rejected):
+        correct.setdefault(pair["kind"], []).append(float(c > r))
+    correct["all"] = [v for values in correct.values() for v in values]
+    prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
+    answers = {"sft": replies(sft, prompts), "dpo": replies(dpo, prompts)}
+    oracle = Oracle(world)
+    verdicts = [oracle.judge(p, d, s) for p, d, s in zip(prompts, answers["dpo"], answers["sft"])]
+    points = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
+    return {
+        "reward_accuracy": {kind: stats.bootstrap_mean_interval(v) for kind, v in correct.items()},
+        "reward_n": {kind: len(v) for kind, v in correct.items()},
+        "win_rate": stats.bootstrap_mean_interval([points[v] for v in verdicts]),
+        "verdicts": {v: verdicts.count(v) for v in points},
+        "prompts": len(prompts),
+        "models": {
+            name: {
+                "score": sum(oracle.score(p, a) for p, a in zip(prompts, texts)) / len(prompts),
+                "words": sum(len(a.split()) for a in texts) / len(prompts),
+            }
+            for name, texts in answers.items()
+        },
+        "example": (prompts[0], answers["sft"][0], answers["dpo"][0]),
+    }
+
 
 
 def chat_samples(world: Path, held_out: list[str], tuned: Engine) -> list[tuple[str, str, str]]:
@@ -265,9 +339,9 @@ def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
     ]), [plot])
 
 
-def instruction_claims(instruct: dict) -> list[Claim]:
-    """The phenomena table's rows after the ladder's: instruction tuning as measured here, then
-    what later stages will measure."""
+def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
+    """The phenomena table's rows after the ladder's: instruction tuning and DPO as measured here,
+    then what later stages will measure."""
     claim = Claim(
         "Instruction tuning gives zero-shot gains on unseen tasks",
         f"SFT zero-shot minus base {INSTRUCT_SHOTS}-shot, held-out instruction families (oracle-scored)",
@@ -277,7 +351,15 @@ def instruction_claims(instruct: dict) -> list[Claim]:
         claim.effect, claim.lo, claim.hi = held["effect"]
         if claim.lo <= 0:
             claim.note = "if no: a larger base model or more SFT steps"
-    return [claim, *(c for c in NOT_YET if "Instruction" not in c.claim)]
+    win, lo, hi = preferences["win_rate"]
+    dpo = Claim(
+        "DPO moves a model toward human preferences",
+        "DPO's win rate against the SFT model minus 50%, held-out prompts (oracle-judged, ties half)",
+        win - 0.5, lo - 0.5, hi - 0.5,
+    )
+    if lo <= 0.5:
+        dpo.note = "if no: more DPO steps or a larger beta"
+    return [claim, dpo, *(c for c in NOT_YET if not c.claim.startswith(("Instruction", "DPO")))]
 
 
 def instruction_tuning_section(instruct: dict, conversations: list[tuple[str, str, str]]) -> Section:
@@ -308,6 +390,44 @@ def instruction_tuning_section(instruct: dict, conversations: list[tuple[str, st
         "| family | user | assistant |",
         "|---|---|---|",
         *(f"| {family} | {cell(question)} | {cell(reply)} |" for family, question, reply in conversations),
+    ]))
+
+
+def preferences_section(result: dict) -> Section:
+    """The reward model's held-out accuracy and DPO against SFT (``preference_results``)."""
+    mean, lo, hi = result["win_rate"]
+    sft, dpo = result["models"]["sft"], result["models"]["dpo"]
+    prompt, sft_reply, dpo_reply = result["example"]
+    return Section("\n".join([
+        "## Learning from preferences",
+        "",
+        "The reward model and DPO both start from the SFT model and learn from `prefs/train.jsonl` (pairs whose "
+        "rejected answer is wrong, or right but breaking one style rule). Held-out: `prefs/test.jsonl`.",
+        "",
+        "Reward model: held-out accuracy (chosen scored above rejected), 95% bootstrap intervals.",
+        "",
+        "| rejected answer | pairs | accuracy [95% CI] |",
+        "|---|---|---|",
+        *(f"| {kind} | {result['reward_n'][kind]} | {a * 100:.1f} [{l * 100:.1f}, {h * 100:.1f}] |"
+          for kind, (a, l, h) in result["reward_accuracy"].items()),
+        "",
+        (f"DPO against SFT on {result['prompts']} held-out prompts (greedy replies, judged by the oracle; ties count "
+         f"half): DPO wins **{mean * 100:.1f}%** [{lo * 100:.1f}, {hi * 100:.1f}]."),
+        "",
+        "| DPO better | tie | SFT better | both wrong (tie) |",
+        "|---|---|---|---|",
+        "| {model_a} | {tie} | {model_b} | {tie (bothbad)} |".format_map(result["verdicts"]),
+        "",
+        "| model | oracle score | mean reply length (words) |",
+        "|---|---|---|",
+        f"| SFT | {sft['score']:.3f} | {sft['words']:.1f} |",
+        f"| DPO | {dpo['score']:.3f} | {dpo['words']:.1f} |",
+        "",
+        "A longer DPO reply at an equal or lower score is DPO's known length exploitation.",
+        "",
+        "| user | SFT | DPO |",
+        "|---|---|---|",
+        f"| {cell(prompt[-1]['content'])} | {cell(sft_reply)} | {cell(dpo_reply)} |",
     ]))
 
 

@@ -270,7 +270,10 @@ def _claim(claim: str, measure: str, pair, if_not: str) -> Claim:
 NOT_YET = [
     Claim("Instruction tuning gives zero-shot gains on unseen tasks", "SFT zero-shot minus base few-shot, held-out families",
           note="measured by `gptlab demo` (SFT stage)"),
-    Claim("RLHF / DPO move a model toward human preferences", "oracle win rate vs the SFT model", note="alignment stage not built yet"),
+    Claim("DPO moves a model toward human preferences", "DPO's oracle win rate vs the SFT model",
+          note="measured by `gptlab demo` (DPO stage)"),
+    Claim("RLHF (reward model + PPO) moves a model toward human preferences", "PPO's oracle win rate vs the SFT model",
+          note="PPO stage not built yet"),
     Claim("The arena ranks models by preference", "Elo / Bradley-Terry with the oracle as judge", note="arena not built yet"),
 ]
 
