@@ -51,6 +51,12 @@ def device_name(device: str) -> str:
 def result_line(benchmark: str, ours: float, peer: float, unit: str, device: str) -> str:
     """The one JSON line per measurement that tools read from a benchmark's output."""
     return json.dumps(
-        {"benchmark": benchmark, "ours": round(ours, 2), "peer": round(peer, 2), "ratio": round(ours / peer, 3),
-         "unit": unit, "device": device_name(device)}
+        {
+            "benchmark": benchmark,
+            "ours": round(ours, 2),
+            "peer": round(peer, 2),
+            "ratio": round(ours / peer, 3),
+            "unit": unit,
+            "device": device_name(device),
+        }
     )

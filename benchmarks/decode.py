@@ -32,22 +32,37 @@ SHAPES = {
     "tiny": (  # the scale TinyWorld models are trained at on a laptop
         transformers.LlamaForCausalLM,
         transformers.LlamaConfig(
-            vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-            max_position_embeddings=512, rms_norm_eps=1e-5,
+            vocab_size=2048,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
         ),
     ),
     "small": (
         transformers.LlamaForCausalLM,
         transformers.LlamaConfig(
-            vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-            max_position_embeddings=1024, rms_norm_eps=1e-5,
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-5,
         ),
     ),
     "llama-124m": (  # the GPU shape: GPT-2 small's widths in the llama family
         transformers.LlamaForCausalLM,
         transformers.LlamaConfig(
-            vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=1024, rms_norm_eps=1e-5,
+            vocab_size=50304,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-5,
         ),
     ),
     "gpt2-124m": (
@@ -84,7 +99,8 @@ def main() -> None:
     )
     parser.add_argument("--eager-too", action="store_true", help="on CUDA, also time gptlab without CUDA graphs")
     parser.add_argument(
-        "--peer-caches", default="dynamic",
+        "--peer-caches",
+        default="dynamic",
         help="comma-separated transformers KV caches, each timed as a peer: dynamic (its default) and/or "
         "static (which transformers compiles on CUDA: the GPU target's peer)",
     )
@@ -113,11 +129,15 @@ def main() -> None:
         cache_options["static"]["compile_config"] = transformers.CompileConfig(dynamic=False)
     n = args.new_tokens
 
-    print(f"shape {args.shape}: {ours.num_params() / 1e6:.1f}M parameters, {args.dtype} on {device_name(args.device)}, "
-          f"prompt {args.prompt_len} tokens, {n} new tokens, {args.repeats} interleaved repeats (medians), "
-          f"transformers {transformers.__version__}, torch {torch.__version__}")
+    print(
+        f"shape {args.shape}: {ours.num_params() / 1e6:.1f}M parameters, {args.dtype} on {device_name(args.device)}, "
+        f"prompt {args.prompt_len} tokens, {n} new tokens, {args.repeats} interleaved repeats (medians), "
+        f"transformers {transformers.__version__}, torch {torch.__version__}"
+    )
     for batch in map(int, args.batch_sizes.split(",")):
-        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+        prompts = torch.randint(
+            0, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)
+        )
         input_ids = prompts.to(args.device)
         attention_mask = torch.ones_like(input_ids)
         contenders = {
@@ -128,10 +148,15 @@ def main() -> None:
         def run_peer(options: dict, input_ids=input_ids, attention_mask=attention_mask) -> list[list[int]]:
             with torch.inference_mode():
                 out = peer.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=n,
-                    min_new_tokens=n, pad_token_id=0, **options,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    do_sample=False,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    pad_token_id=0,
+                    **options,
                 )
-            return out[:, args.prompt_len:].tolist()
+            return out[:, args.prompt_len :].tolist()
 
         for cache in peer_caches:
             contenders[f"hf {cache}"] = lambda options=cache_options[cache]: run_peer(options)

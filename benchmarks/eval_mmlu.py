@@ -59,9 +59,26 @@ def make_checkpoint(work: Path, n_layer: int, n_embd: int, block_size: int) -> t
 
 def gptlab_command(model: Path, data: Path, out: Path, args) -> list[str]:
     return [
-        sys.executable, "-m", "gptlab", "eval", "--model", str(model), "--tasks", "mmlu", "--data", str(data),
-        "--shots", str(args.shots), "--batch-size", str(args.batch_size), "--device", args.device,
-        "--out", str(out / "results.json"), "--samples", str(out / "samples.jsonl"),
+        sys.executable,
+        "-m",
+        "gptlab",
+        "eval",
+        "--model",
+        str(model),
+        "--tasks",
+        "mmlu",
+        "--data",
+        str(data),
+        "--shots",
+        str(args.shots),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--out",
+        str(out / "results.json"),
+        "--samples",
+        str(out / "samples.jsonl"),
     ]
 
 
@@ -82,9 +99,13 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of both commands (OMP_NUM_THREADS); on a shared machine 1 suffers least "
-                             "from other jobs' load")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of both commands (OMP_NUM_THREADS); on a shared machine 1 suffers least "
+        "from other jobs' load",
+    )
     args = parser.parse_args()
     threads = {}
     if args.threads is not None:
@@ -108,8 +129,9 @@ def main() -> None:
         ours_env = {**os.environ, **threads}
 
         def peer() -> None:
-            done = run_lm_eval_hf(model, work / "tasks", group, peer_out, args.shots, args.batch_size,
-                                  device=args.device, env=threads)
+            done = run_lm_eval_hf(
+                model, work / "tasks", group, peer_out, args.shots, args.batch_size, device=args.device, env=threads
+            )
             if done.returncode != 0:
                 sys.exit(f"lm_eval failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -128,10 +150,16 @@ def main() -> None:
         print(f"data: {data} ({questions} questions, {args.shots}-shot, {results['truncated']} prompts cut)")
         print(f"gptlab eval:        {seconds['ours']:.2f} s  {questions / seconds['ours']:.1f} questions/s")
         print(f"lm_eval --model hf: {seconds['peer']:.2f} s  {questions / seconds['peer']:.1f} questions/s")
-        print(f"identical predictions: {questions}/{questions}; largest log-likelihood difference {largest:.2e}; "
-              f"accuracy {results['acc']:.4f}; wall {time.perf_counter() - started:.0f} s for "
-              f"{args.repeats + 1} runs each")
-        print(result_line("eval_mmlu", questions / seconds["ours"], questions / seconds["peer"], "questions/s", args.device))
+        print(
+            f"identical predictions: {questions}/{questions}; largest log-likelihood difference {largest:.2e}; "
+            f"accuracy {results['acc']:.4f}; wall {time.perf_counter() - started:.0f} s for "
+            f"{args.repeats + 1} runs each"
+        )
+        print(
+            result_line(
+                "eval_mmlu", questions / seconds["ours"], questions / seconds["peer"], "questions/s", args.device
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _word_list(rng: random.Random, size: int) -> list[str]:
     """Pseudo-words of 1 to 4 syllables: a vocabulary much larger than the tokenizer's."""
-    onsets = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st", "tr",
-              "ch", "sh", "th", "br", "pl", "gr"]
+    onsets = [
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "st",
+        "tr",
+        "ch",
+        "sh",
+        "th",
+        "br",
+        "pl",
+        "gr",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ea", "ou", "ai", "io"]
     codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "st", "ck"]
     words: set[str] = set()
@@ -234,7 +260,9 @@ def child_peer(tokenizer: str, corpus: str) -> dict:
         cpu, start = time.process_time(), time.perf_counter()
         tokens = sum(len(e.ids) for chunk in chunks for e in encode(chunk, add_special_tokens=False))
         result[name] = {
-            "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "tokens": tokens,
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu,
+            "tokens": tokens,
         }
     return result
 
@@ -242,7 +270,9 @@ def child_peer(tokenizer: str, corpus: str) -> dict:
 def run_child(args: list[str], env: dict | None = None) -> dict:
     """Run this script as a child and return the JSON dict it prints last."""
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
     if proc.returncode != 0:
@@ -291,13 +321,27 @@ def main() -> None:
         print(f"tokenizer (vocab {args.vocab}) trained in {time.perf_counter() - start:.1f} s")
 
         def ours(name: str, monitor: bool = False) -> dict:
-            return run_child(["--child", "ours", "--tokenizer", str(tmp / "tok"), "--input",
-                              str(tmp / name / "corpus.txt"), "--out", str(tmp / name / "shards"),
-                              "--workers", str(args.workers)] + ["--monitor"] * monitor)
+            return run_child(
+                [
+                    "--child",
+                    "ours",
+                    "--tokenizer",
+                    str(tmp / "tok"),
+                    "--input",
+                    str(tmp / name / "corpus.txt"),
+                    "--out",
+                    str(tmp / name / "shards"),
+                    "--workers",
+                    str(args.workers),
+                ]
+                + ["--monitor"] * monitor
+            )
 
         def peer(name: str) -> dict:
-            return run_child(["--child", "peer", "--tokenizer", str(tmp / "tok"), "--input",
-                              str(tmp / name / "corpus.txt")], env={"RAYON_NUM_THREADS": "1"})
+            return run_child(
+                ["--child", "peer", "--tokenizer", str(tmp / "tok"), "--input", str(tmp / name / "corpus.txt")],
+                env={"RAYON_NUM_THREADS": "1"},
+            )
 
         runs: dict[str, list[dict]] = {"ours": [], "peer": []}
         for _ in range(args.repeats):
@@ -322,38 +366,64 @@ def main() -> None:
         }
         tps = {name: tokens_peer / s for name, s in seconds.items()}  # same tokens; BOS ids not counted
         mb = sizes["throughput"]
-        print(f"\nthroughput: {mb:g} MB, {documents:,} documents, {tokens_peer:,} tokens (+{documents:,} BOS), "
-              f"median of {args.repeats}")
+        print(
+            f"\nthroughput: {mb:g} MB, {documents:,} documents, {tokens_peer:,} tokens (+{documents:,} BOS), "
+            f"median of {args.repeats}"
+        )
         print(f"{'':44}{'seconds':>9}{'tok/s':>12}{'MB/s':>8}{'CPU s':>8}{'tok/CPU s':>12}")
-        rows = [(f"gptlab prepare, {args.workers} workers (whole job)", "ours"),
-                ("tokenizers encode_batch, 1 thread", "encode_batch"),
-                ("tokenizers encode_batch_fast, 1 thread", "encode_batch_fast")]
+        rows = [
+            (f"gptlab prepare, {args.workers} workers (whole job)", "ours"),
+            ("tokenizers encode_batch, 1 thread", "encode_batch"),
+            ("tokenizers encode_batch_fast, 1 thread", "encode_batch_fast"),
+        ]
         for label, key in rows:
-            print(f"{label:44}{seconds[key]:9.2f}{tps[key]:12,.0f}{mb / seconds[key]:8.2f}{cpu[key]:8.2f}"
-                  f"{tokens_peer / cpu[key]:12,.0f}")
-        print(f"peer CPU time / wall time: {cpu['encode_batch'] / seconds['encode_batch']:.2f} "
-              f"(below 1.00: the core was shared with other work)")
-        print(f"speed-up over one thread: {tps['ours'] / tps['encode_batch']:.2f}x (encode_batch), "
-              f"{tps['ours'] / tps['encode_batch_fast']:.2f}x (encode_batch_fast); ideal {args.workers}x")
-        print(f"CPU efficiency (tokens per CPU second, ours / encode_batch_fast): "
-              f"{cpu['encode_batch_fast'] / cpu['ours']:.2f}")
+            print(
+                f"{label:44}{seconds[key]:9.2f}{tps[key]:12,.0f}{mb / seconds[key]:8.2f}{cpu[key]:8.2f}"
+                f"{tokens_peer / cpu[key]:12,.0f}"
+            )
+        print(
+            f"peer CPU time / wall time: {cpu['encode_batch'] / seconds['encode_batch']:.2f} "
+            f"(below 1.00: the core was shared with other work)"
+        )
+        print(
+            f"speed-up over one thread: {tps['ours'] / tps['encode_batch']:.2f}x (encode_batch), "
+            f"{tps['ours'] / tps['encode_batch_fast']:.2f}x (encode_batch_fast); ideal {args.workers}x"
+        )
+        print(
+            f"CPU efficiency (tokens per CPU second, ours / encode_batch_fast): "
+            f"{cpu['encode_batch_fast'] / cpu['ours']:.2f}"
+        )
 
         memory = {name: ours(name, monitor=True) for name in ("small", "large")}
         print(f"\npeak memory of prepare ({args.workers} workers), MB (VmHWM; the tree: sampled sum of VmRSS):")
         print(f"{'corpus':>10}{'tokens':>14}{'prepare process':>17}{'largest worker':>16}{'whole tree':>12}")
         for name in ("small", "large"):
             m = memory[name]
-            print(f"{sizes[name]:8g}MB{m['tokens']:14,}{m['rss_self_mb']:17.1f}{m['rss_worker_mb']:16.1f}"
-                  f"{m['rss_tree_mb']:12.1f}  ({m['processes']} processes)")
+            print(
+                f"{sizes[name]:8g}MB{m['tokens']:14,}{m['rss_self_mb']:17.1f}{m['rss_worker_mb']:16.1f}"
+                f"{m['rss_tree_mb']:12.1f}  ({m['processes']} processes)"
+            )
         keys = ("rss_self_mb", "rss_worker_mb", "rss_tree_mb")
         ratios = {key: memory["large"][key] / memory["small"][key] for key in keys}
-        print(f"ratio {args.memory_scale:g}x corpus / 1x: prepare process {ratios['rss_self_mb']:.3f}, "
-              f"largest worker {ratios['rss_worker_mb']:.3f}, whole tree {ratios['rss_tree_mb']:.3f}")
+        print(
+            f"ratio {args.memory_scale:g}x corpus / 1x: prepare process {ratios['rss_self_mb']:.3f}, "
+            f"largest worker {ratios['rss_worker_mb']:.3f}, whole tree {ratios['rss_tree_mb']:.3f}"
+        )
 
-        print(result_line(f"prepare_{mb:g}mb_{args.workers}workers_vs_1thread", tps["ours"], tps["encode_batch"],
-                          "tok/s", "cpu"))
-        print(result_line(f"prepare_peak_rss_{sizes['large']:g}mb_vs_{sizes['small']:g}mb",
-                          memory["large"]["rss_tree_mb"], memory["small"]["rss_tree_mb"], "MB", "cpu"))
+        print(
+            result_line(
+                f"prepare_{mb:g}mb_{args.workers}workers_vs_1thread", tps["ours"], tps["encode_batch"], "tok/s", "cpu"
+            )
+        )
+        print(
+            result_line(
+                f"prepare_peak_rss_{sizes['large']:g}mb_vs_{sizes['small']:g}mb",
+                memory["large"]["rss_tree_mb"],
+                memory["small"]["rss_tree_mb"],
+                "MB",
+                "cpu",
+            )
+        )
 
 
 if __name__ == "__main__":

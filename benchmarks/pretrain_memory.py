@@ -109,15 +109,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (float32 = none)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: the shape's)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed steps of each variant, interleaved (0: skip timing)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed steps of each variant, interleaved (0: skip timing)"
+    )
     args = parser.parse_args()
 
     n_embd, n_layer, n_head, vocab, seq_len, batch = SHAPES[args.shape]
     batch = args.batch or batch
     device = torch.device(args.device)
-    cfg = ModelConfig(family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layer, n_head=n_head,
-                      n_embd=n_embd)
+    cfg = ModelConfig(
+        family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd
+    )
 
     def autocast():
         if args.dtype == "float32":
@@ -129,18 +131,31 @@ def main() -> None:
     seconds = {}
     if args.repeats:  # what the memory costs in time: the recomputation
         seconds, _ = interleaved_medians({"off": off["step"], "on": on["step"]}, args.repeats, args.device)
-    print(f"shape {args.shape}: {off['num_params']:,} params ({off['params'] / MIB:.1f} MiB), "
-          f"batch {batch} x {seq_len}, {args.dtype}, {device_name(args.device)}")
+    print(
+        f"shape {args.shape}: {off['num_params']:,} params ({off['params'] / MIB:.1f} MiB), "
+        f"batch {batch} x {seq_len}, {args.dtype}, {device_name(args.device)}"
+    )
     print(f"MiB above weights and optimizer state{'checkpointing off':>20}{'on':>8}{'on/off':>9}")
     for key, label in (("held", "held after forward (activations)"), ("peak", "step peak (fwd + bwd + AdamW)")):
         print(f"{label:37}{off[key] / MIB:20.1f}{on[key] / MIB:8.1f}{on[key] / off[key]:9.3f}")
     if seconds:
-        print(f"{'step time, s (median of ' + str(args.repeats) + ', interleaved)':37}{seconds['off']:20.3f}"
-              f"{seconds['on']:8.3f}{seconds['on'] / seconds['off']:9.3f}")
-    print(f"activation checkpointing cuts the step peak by {100 * (1 - on['peak'] / off['peak']):.0f}% "
-          f"and the activations held by {100 * (1 - on['held'] / off['held']):.0f}% (target: at least 50%)")
-    print(result_line(f"pretrain_step_peak_memory_checkpointing_{args.shape}", on["peak"] / MIB, off["peak"] / MIB,
-                      "MiB", args.device))
+        print(
+            f"{'step time, s (median of ' + str(args.repeats) + ', interleaved)':37}{seconds['off']:20.3f}"
+            f"{seconds['on']:8.3f}{seconds['on'] / seconds['off']:9.3f}"
+        )
+    print(
+        f"activation checkpointing cuts the step peak by {100 * (1 - on['peak'] / off['peak']):.0f}% "
+        f"and the activations held by {100 * (1 - on['held'] / off['held']):.0f}% (target: at least 50%)"
+    )
+    print(
+        result_line(
+            f"pretrain_step_peak_memory_checkpointing_{args.shape}",
+            on["peak"] / MIB,
+            off["peak"] / MIB,
+            "MiB",
+            args.device,
+        )
+    )
 
 
 if __name__ == "__main__":

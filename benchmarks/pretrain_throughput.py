@@ -121,13 +121,21 @@ def main() -> None:
     n_embd, n_layer, n_head, vocab, seq_len, batch = SHAPES[args.shape]
     total_steps = args.warmup + args.repeats * args.steps + 1  # the last step closes the last repeat
     cfg = TrainConfig(
-        max_steps=total_steps, batch_size=batch, seq_len=seq_len, lr=3e-4, warmup_steps=10,
-        eval_every=0, save_every=0, log_every=args.log_every, device=args.device,
+        max_steps=total_steps,
+        batch_size=batch,
+        seq_len=seq_len,
+        lr=3e-4,
+        warmup_steps=10,
+        eval_every=0,
+        save_every=0,
+        log_every=args.log_every,
+        device=args.device,
     )
     runtime = setup_runtime(cfg)
     device = str(runtime.device)
-    model_cfg = ModelConfig(family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layer, n_head=n_head,
-                            n_embd=n_embd)
+    model_cfg = ModelConfig(
+        family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd
+    )
 
     with tempfile.TemporaryDirectory(prefix="gptlab-pretrain-bench-") as tmp:
         tmp = Path(tmp)
@@ -135,15 +143,20 @@ def main() -> None:
         write_corpus(tmp / "corpus" / "corpus.txt", args.corpus_mb)
         train_tokenizer(tmp / "corpus" / "corpus.txt", tmp / "tok", min(vocab, MAX_TOKENIZER_VOCAB))
         meta = prepare(tmp / "tok", [tmp / "corpus"], tmp / "shards", workers=1)
-        print(f"corpus {args.corpus_mb:g} MB -> {meta['splits']['train']['tokens']:,} training tokens "
-              f"({time.perf_counter() - start:.1f} s)")
+        print(
+            f"corpus {args.corpus_mb:g} MB -> {meta['splits']['train']['tokens']:,} training tokens "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
 
         torch.manual_seed(0)
         model = GPT(model_cfg)
         torch.manual_seed(0)
         bare = GPT(model_cfg).to(runtime.device).train()
         bare_optimizer = torch.optim.AdamW(
-            bare.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+            bare.parameters(),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
             fused=runtime.device.type == "cuda",
         )
         x = torch.randint(0, vocab, (batch, seq_len), device=runtime.device)
@@ -198,7 +211,8 @@ def main() -> None:
             ),
             f"metrics record / log_every={cfg.log_every}": median_ms(
                 lambda: trainer._log({"step": 0, "peak_mem_mb": peak_memory_mb(runtime.device)}), 20, device
-            ) / cfg.log_every,
+            )
+            / cfg.log_every,
         }
         trainer.model.zero_grad(set_to_none=True)
 
@@ -207,32 +221,40 @@ def main() -> None:
     loop_tps, bare_tps = tokens / loop_s, tokens / bare_s
     overhead = 1 - loop_tps / bare_tps
     step_ms = 1000 * bare_s / args.steps
-    print(f"shape {args.shape}: {model.num_params():,} params, batch {batch} x {seq_len}, "
-          f"{'bf16 autocast' if runtime.autocast_dtype else 'fp32'}, {device_name(device)}")
+    print(
+        f"shape {args.shape}: {model.num_params():,} params, batch {batch} x {seq_len}, "
+        f"{'bf16 autocast' if runtime.autocast_dtype else 'fp32'}, {device_name(device)}"
+    )
     print(f"{args.repeats} interleaved repeats of {args.steps} steps, medians:")
     print(f"{'':34}{'s/step':>9}{'tok/s':>11}")
     print(f"{'Trainer.fit (whole loop)':34}{loop_s / args.steps:9.3f}{loop_tps:11,.0f}")
     print(f"{'bare forward+backward+AdamW':34}{bare_s / args.steps:9.3f}{bare_tps:11,.0f}")
     bare_around = [(a + b) / 2 for a, b in zip(batches.bare_times, batches.bare_times[1:])]
     paired = statistics.median(bare / loop for loop, bare in zip(batches.loop_times, bare_around))
-    print(f"overhead 1 - loop/bare: {100 * overhead:+.1f}% (target < 5%); paired: {100 * (1 - paired):+.1f}% "
-          f"(median over loop repeats of 1 - loop / mean of the bare repeats before and after it)")
+    print(
+        f"overhead 1 - loop/bare: {100 * overhead:+.1f}% (target < 5%); paired: {100 * (1 - paired):+.1f}% "
+        f"(median over loop repeats of 1 - loop / mean of the bare repeats before and after it)"
+    )
     loop_list, bare_list = (
         " ".join(f"{t / args.steps:.3f}" for t in times) for times in (batches.loop_times, batches.bare_times)
     )
     print(f"  per-repeat s/step, loop: {loop_list}; bare: {bare_list}")
     swing = max(batches.bare_times) / min(batches.bare_times)
     if swing > 1.3:
-        print(f"  warning: the bare repeats vary {swing:.1f}x, so other work shared the cores; the medians can be "
-              f"far off, the paired figure less so: rerun on an idle machine")
+        print(
+            f"  warning: the bare repeats vary {swing:.1f}x, so other work shared the cores; the medians can be "
+            f"far off, the paired figure less so: rerun on an idle machine"
+        )
     print(f"per-step extras of the loop, each timed alone (median ms; % of a bare step of {step_ms:.0f} ms):")
     for name, ms in extras.items():
         print(f"  {name:44}{ms:9.3f} ms{100 * ms / step_ms:8.2f}%")
     total_extra = sum(extras.values())
     print(f"  {'sum':44}{total_extra:9.3f} ms{100 * total_extra / step_ms:8.2f}%")
-    print(f"one-off costs of the run: start-up before the first batch {batches.first_call - fit_start:.2f} s "
-          f"(on a CPU it includes the matmul-peak measurement for MFU), final checkpoint {sum(save_seconds):.2f} s; "
-          f"fit() took {fit_seconds:.1f} s for {total_steps} steps")
+    print(
+        f"one-off costs of the run: start-up before the first batch {batches.first_call - fit_start:.2f} s "
+        f"(on a CPU it includes the matmul-peak measurement for MFU), final checkpoint {sum(save_seconds):.2f} s; "
+        f"fit() took {fit_seconds:.1f} s for {total_steps} steps"
+    )
     print(result_line(f"pretrain_loop_vs_bare_step_{args.shape}", loop_tps, bare_tps, "tok/s", device))
 
 

@@ -34,9 +34,15 @@ def hf_llama(cfg: ModelConfig):
 
     return LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-            max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.n_embd,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_kv_head,
+            max_position_embeddings=cfg.block_size,
+            rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=False,
             attn_implementation="sdpa",
         )
     )
@@ -52,7 +58,9 @@ def main() -> None:
     args = parser.parse_args()
 
     n_embd, n_layer, n_head, vocab, seq_len, batch = SHAPES[args.shape]
-    cfg = ModelConfig(family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    cfg = ModelConfig(
+        family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd
+    )
     torch.manual_seed(0)
     ours = GPT(cfg).to(args.device).train()
     peer = hf_llama(cfg).to(args.device).train()
@@ -89,8 +97,10 @@ def main() -> None:
     ours_tps, peer_tps = tokens / seconds["ours"], tokens / seconds["peer"]
     peak = peak_flops(torch.device(args.device))
     flops = ours.flops_per_token(seq_len)
-    print(f"shape {args.shape}: {ours.num_params():,} params, batch {batch} x {seq_len}, "
-          f"{args.dtype}, {device_name(args.device)}")
+    print(
+        f"shape {args.shape}: {ours.num_params():,} params, batch {batch} x {seq_len}, "
+        f"{args.dtype}, {device_name(args.device)}"
+    )
     print(f"{'':8}{'tok/s':>12}{'MFU':>8}")
     for name, tps in (("gptlab", ours_tps), ("hf", peer_tps)):
         mfu = f"{100 * tps * flops / peak:.1f}%" if peak else "n/a"

@@ -50,7 +50,9 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Add a user message and stream the assistant's reply, which joins the history when done."""
-        messages, dropped = fit_history(self.tokenizer, self.messages + [{"role": "user", "content": text}], self.budget)
+        messages, dropped = fit_history(
+            self.tokenizer, self.messages + [{"role": "user", "content": text}], self.budget
+        )
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         if len(prompt) > self.budget:
             self.notify(

@@ -257,8 +257,12 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer
         }
     out.update(_special_ids(tokenizer))
     if reward:
-        out.update(architectures=[REWARD_MODEL_CLASSES[c.family]], num_labels=1, id2label={"0": "LABEL_0"},
-                   label2id={"LABEL_0": 0})
+        out.update(
+            architectures=[REWARD_MODEL_CLASSES[c.family]],
+            num_labels=1,
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        )
     name = str(dtype).removeprefix("torch.")
     out["torch_dtype"] = name  # transformers v4
     out["dtype"] = name  # v5
@@ -493,8 +497,13 @@ def check_kind(folder: Path, hf: dict, reward: bool) -> None:
 
 
 def read_weights(
-    folder: Path, hf: dict, config: ModelConfig, our_shapes: dict[str, tuple[int, ...]], device="cpu",
-    dtype: torch.dtype | str | None = None, reward: bool = False,
+    folder: Path,
+    hf: dict,
+    config: ModelConfig,
+    our_shapes: dict[str, tuple[int, ...]],
+    device="cpu",
+    dtype: torch.dtype | str | None = None,
+    reward: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The folder's weights as a gptlab state dict (a RewardModel's with ``reward``), checked
     against ``our_shapes`` (the model's state-dict shapes). dtype: None keeps the dtype config.json

@@ -33,7 +33,12 @@ def cmd_prepare(args) -> None:
     from gptlab.data import prepare
 
     meta = prepare(
-        args.tokenizer, args.input, args.out, val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite
+        args.tokenizer,
+        args.input,
+        args.out,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        overwrite=args.overwrite,
     )
     for split, info in meta["splits"].items():
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens")
@@ -60,8 +65,13 @@ def cmd_sample(args) -> None:
 
     engine = Engine.from_pretrained(args.model)
     for piece in engine.stream_text(
-        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
         stop=args.stop,
     ):
         print(piece, end="", flush=True)
@@ -92,8 +102,11 @@ def cmd_chat(args) -> None:
 
     engine = Engine.from_pretrained(args.model)
     session = ChatSession(
-        engine, system=args.system,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+        engine,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
         notify=lambda message: print(f"gptlab: {message}", file=sys.stderr, flush=True),
     )
     if sys.stdin.isatty():
@@ -125,8 +138,16 @@ def cmd_eval(args) -> None:
     backend = load_backend(args.backend, args.model, device=args.device, base_url=args.base_url)
     with warnings_as_lines():
         results = evaluate(
-            backend, args.tasks.split(","), args.data, shots=shots, cot=args.cot, batch_size=args.batch_size,
-            limit=args.limit, seed=args.seed, return_samples=args.samples is not None, chat=args.chat,
+            backend,
+            args.tasks.split(","),
+            args.data,
+            shots=shots,
+            cot=args.cot,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            seed=args.seed,
+            return_samples=args.samples is not None,
+            chat=args.chat,
         )
     results["config"]["model"] = args.model
     if args.out:
@@ -162,9 +183,13 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     add_config_options(p)
     p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
     fresh_or_not = p.add_mutually_exclusive_group()
-    fresh_or_not.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     fresh_or_not.add_argument(
-        "--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting its checkpoints and model"
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in --out"
+    )
+    fresh_or_not.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds a run, deleting its checkpoints and model",
     )
 
 
@@ -180,14 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_world)
 
     p = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text files")
-    p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders, or hf:PATH[:CONFIG[:SPLIT]]")
+    p.add_argument(
+        "--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders, or hf:PATH[:CONFIG[:SPLIT]]"
+    )
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     p.set_defaults(func=cmd_tokenizer)
 
     p = commands.add_parser("prepare", help="tokenize a corpus into binary token shards")
     p.add_argument("--tokenizer", required=True, help="a tokenizer folder")
-    p.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders, or hf:PATH[:CONFIG[:SPLIT]]")
+    p.add_argument(
+        "--input", nargs="+", required=True, help=".txt/.jsonl/.parquet files or folders, or hf:PATH[:CONFIG[:SPLIT]]"
+    )
     p.add_argument("--out", required=True, help="folder for the shards and meta.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -208,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' (CTRL's); 1 = none")
     p.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT",
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
         help="end at this text, left out (repeatable; in bash, $'\\n' is a newline)",
     )
     p.set_defaults(func=cmd_sample)
@@ -228,8 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("chat", help="talk to a model in the terminal (one message per line from a pipe)")
     p.add_argument("--model", required=True, help="a model folder with its tokenizer (e.g. runs/sft/model)")
     p.add_argument("--system", default=None, help="a system message that starts the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest reply in tokens (default: half the model's block size, at most 256)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest reply in tokens (default: half the model's block size, at most 256)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
@@ -242,14 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="few-shot / CoT / multiple-choice evaluation (lm-eval's contract and prompts)")
     p.add_argument("--model", required=True, help="a model folder (or, with --backend openai, the served model's name)")
-    p.add_argument("--tasks", required=True,
-                   help="comma-separated: mmlu, gsm8k, world_mmlu, arith_{op}_{digits} (arith_3, arith: groups), "
-                        "words_{task} (words: all), world_instruct, ppl, or a .toml task file")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated: mmlu, gsm8k, world_mmlu, arith_{op}_{digits} (arith_3, arith: groups), "
+        "words_{task} (words: all), world_instruct, ppl, or a .toml task file",
+    )
     p.add_argument("--data", help="what the tasks read: a TinyWorld folder, an MMLU folder, a GSM8K JSONL, a text file")
-    p.add_argument("--shots", default="0", help="comma-separated shot counts, e.g. 0,1,5 (with several, results are keyed by '5-shot')")
+    p.add_argument(
+        "--shots",
+        default="0",
+        help="comma-separated shot counts, e.g. 0,1,5 (with several, results are keyed by '5-shot')",
+    )
     p.add_argument("--cot", action="store_true", help="chain-of-thought exemplars and answer regex (arith tasks)")
-    p.add_argument("--chat", action="store_true",
-                   help="ask generation tasks through the model's chat template, shots as earlier turns")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="ask generation tasks through the model's chat template, shots as earlier turns",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="first N test documents per task (per subject for MMLU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random few-shot picks")
@@ -262,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("report", help="write a run folder's report.md and plots (no training)")
     p.add_argument(
-        "folder", help="a folder written by `gptlab ladder`, `pretrain` or `sft`, or one holding such folders (a demo's)"
+        "folder",
+        help="a folder written by `gptlab ladder`, `pretrain` or `sft`, or one holding such folders (a demo's)",
     )
     p.set_defaults(func=cmd_report)
 

@@ -59,7 +59,9 @@ class DemoPreset:
 
 PRESETS = {
     "quick": DemoPreset(
-        world="quick", vocab_size=263, ladder="quick",
+        world="quick",
+        vocab_size=263,
+        ladder="quick",
         ladder_sets=("sizes.depths=[1, 2, 3]", "sizes.tokens_per_param=4", "eval.limit=20"),
         sft_sets=("train.max_steps=60", "train.eval_every=0", "train.save_every=0"),
         reward_sets=("train.max_steps=40", "train.eval_every=0", "train.save_every=0"),
@@ -67,7 +69,10 @@ PRESETS = {
         instruct_limit=10,
     ),
     "default": DemoPreset(
-        world="default", vocab_size=263, ladder="default", ladder_sets=(),
+        world="default",
+        vocab_size=263,
+        ladder="default",
+        ladder_sets=(),
         sft_sets=("train.max_steps=300", "train.eval_every=100", "train.save_every=0"),
         reward_sets=("train.max_steps=150", "train.eval_every=50", "train.save_every=0"),
         dpo_sets=("train.max_steps=150", "train.eval_every=50", "train.save_every=0", "precompute_ref=false"),
@@ -143,21 +148,26 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
         for prompt, expected in sample_prompts(world, truth)
     ]
     conversations = chat_samples(world, held_out, tuned_engine)
-    preferences = preference_results(world, reward_run.model_dir, tuned_engine, Engine.from_pretrained(dpo_run.model_dir))
+    preferences = preference_results(
+        world, reward_run.model_dir, tuned_engine, Engine.from_pretrained(dpo_run.model_dir)
+    )
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
-    report = concatenate([
-        Section(f"# gptlab demo report\n\nPreset `{preset}`, seed {seed}. Machine: {machine()}."),
-        data_section(json.loads((out / "shards" / "meta.json").read_text())),
-        pretraining_section(base, base_engine.model, out / "loss.png"),
-        ladder_section(out / "ladder", extra=alignment_claims(instruct, preferences), heading="##",
-                       link_prefix="ladder/"),
-        instruction_tuning_section(instruct, conversations),
-        preferences_section(preferences),
-        samples_section(samples),
-        timings_section(timings),
-    ])
+    report = concatenate(
+        [
+            Section(f"# gptlab demo report\n\nPreset `{preset}`, seed {seed}. Machine: {machine()}."),
+            data_section(json.loads((out / "shards" / "meta.json").read_text())),
+            pretraining_section(base, base_engine.model, out / "loss.png"),
+            ladder_section(
+                out / "ladder", extra=alignment_claims(instruct, preferences), heading="##", link_prefix="ladder/"
+            ),
+            instruction_tuning_section(instruct, conversations),
+            preferences_section(preferences),
+            samples_section(samples),
+            timings_section(timings),
+        ]
+    )
     write_text_atomic(demo.report_path, report)
     print(report)
     return demo.report_path
@@ -167,20 +177,68 @@ def run_stages(gptlab: Command, out: Path, spec: DemoPreset, seed: int, timings:
     """The pipeline's commands, as a user would type them, up to SFT; returns the base model's
     run (the ladder's largest) and the SFT run."""
     world = out / "world"
-    stage(gptlab, "world", ["world", "--out", str(world), "--seed", str(seed), "--preset", spec.world, "--force"], timings)
-    stage(gptlab, "tokenizer", ["tokenizer", "--input", str(world / "corpus"), "--vocab-size", str(spec.vocab_size),
-                                "--out", str(out / "tokenizer")], timings)
-    stage(gptlab, "prepare", ["prepare", "--tokenizer", str(out / "tokenizer"), "--input", str(world / "corpus"),
-                              "--out", str(out / "shards"), "--val-fraction", "0.02", "--overwrite"], timings)
+    stage(
+        gptlab, "world", ["world", "--out", str(world), "--seed", str(seed), "--preset", spec.world, "--force"], timings
+    )
+    stage(
+        gptlab,
+        "tokenizer",
+        [
+            "tokenizer",
+            "--input",
+            str(world / "corpus"),
+            "--vocab-size",
+            str(spec.vocab_size),
+            "--out",
+            str(out / "tokenizer"),
+        ],
+        timings,
+    )
+    stage(
+        gptlab,
+        "prepare",
+        [
+            "prepare",
+            "--tokenizer",
+            str(out / "tokenizer"),
+            "--input",
+            str(world / "corpus"),
+            "--out",
+            str(out / "shards"),
+            "--val-fraction",
+            "0.02",
+            "--overwrite",
+        ],
+        timings,
+    )
     ladder_sets = [f"data.world={world}", f"data.shards={out / 'shards'}", f"train.seed={seed}", *spec.ladder_sets]
-    stage(gptlab, "ladder", ["ladder", "--preset", spec.ladder, "--out", str(out / "ladder"),
-                             *sum((["--set", s] for s in ladder_sets), [])], timings)
+    stage(
+        gptlab,
+        "ladder",
+        [
+            "ladder",
+            "--preset",
+            spec.ladder,
+            "--out",
+            str(out / "ladder"),
+            *sum((["--set", s] for s in ladder_sets), []),
+        ],
+        timings,
+    )
     ladder = json.loads((out / "ladder" / "ladder.json").read_text())
     base, tuned = run_folder(out / "ladder", ladder["runs"][-1]["name"]), RunFolder(out / "sft")
-    sft_sets = [f"init={base.model_dir}", f"data.train={world / 'sft' / 'train.jsonl'}", f"train.seed={seed}",
-                *spec.sft_sets]
-    stage(gptlab, "sft", ["sft", "--out", str(tuned.path), "--overwrite", *sum((["--set", s] for s in sft_sets), [])],
-          timings)
+    sft_sets = [
+        f"init={base.model_dir}",
+        f"data.train={world / 'sft' / 'train.jsonl'}",
+        f"train.seed={seed}",
+        *spec.sft_sets,
+    ]
+    stage(
+        gptlab,
+        "sft",
+        ["sft", "--out", str(tuned.path), "--overwrite", *sum((["--set", s] for s in sft_sets), [])],
+        timings,
+    )
     return base, tuned
 
 
@@ -189,8 +247,12 @@ def preference_stages(
 ) -> tuple[RunFolder, RunFolder]:
     """A reward model and DPO, both from the SFT model on the world's preference pairs."""
     prefs = out / "world" / "prefs"
-    common = [f"init={tuned.model_dir}", f"data.train={prefs / 'train.jsonl'}", f"data.val={prefs / 'test.jsonl'}",
-              f"train.seed={seed}"]
+    common = [
+        f"init={tuned.model_dir}",
+        f"data.train={prefs / 'train.jsonl'}",
+        f"data.val={prefs / 'test.jsonl'}",
+        f"train.seed={seed}",
+    ]
     runs = RunFolder(out / "reward"), RunFolder(out / "dpo")
     for name, run, sets in (("reward", runs[0], spec.reward_sets), ("dpo", runs[1], spec.dpo_sets)):
         overrides = sum((["--set", s] for s in (*common, *sets)), [])
@@ -203,19 +265,35 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
     held-out test conversations of every instruction family, scored by the oracle."""
     held_out = set(held_out)
     runs = {
-        "base": evaluate(GptlabBackend.from_engine(base), ["world_instruct"], world,
-                         shots=[INSTRUCT_SHOTS], limit=limit, return_samples=True),
-        "sft": evaluate(GptlabBackend.from_engine(tuned), ["world_instruct"], world, shots=[0],
-                        chat=True, limit=limit, return_samples=True),
+        "base": evaluate(
+            GptlabBackend.from_engine(base),
+            ["world_instruct"],
+            world,
+            shots=[INSTRUCT_SHOTS],
+            limit=limit,
+            return_samples=True,
+        ),
+        "sft": evaluate(
+            GptlabBackend.from_engine(tuned),
+            ["world_instruct"],
+            world,
+            shots=[0],
+            chat=True,
+            limit=limit,
+            return_samples=True,
+        ),
     }
-    scores = {name: {(s["subject"], s["doc_id"]): float(s["correct"]) for s in r["samples"]} for name, r in runs.items()}
+    scores = {
+        name: {(s["subject"], s["doc_id"]): float(s["correct"]) for s in r["samples"]} for name, r in runs.items()
+    }
     items = sorted(scores["base"])
     families = sorted({family for family, _ in items})
     result: dict = {"families": {}, "groups": {}}
     for family in families:
         keys = [i for i in items if i[0] == family]
         result["families"][family] = {
-            "held_out": family in held_out, "n": len(keys),
+            "held_out": family in held_out,
+            "n": len(keys),
             **{name: sum(scores[name][k] for k in keys) / len(keys) for name in scores},
         }
     for group, members in (("held-out families", held_out), ("seen families", set(families) - held_out)):
@@ -224,7 +302,9 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
             base_values = [scores["base"][k] for k in keys]
             sft_values = [scores["sft"][k] for k in keys]
             result["groups"][group] = {
-                "n": len(keys), "base": sum(base_values) / len(keys), "sft": sum(sft_values) / len(keys),
+                "n": len(keys),
+                "base": sum(base_values) / len(keys),
+                "sft": sum(sft_values) / len(keys),
                 "effect": stats.difference_interval(base_values, sft_values, paired=True),
             }
     return result
@@ -236,8 +316,9 @@ def replies(engine: Engine, prompts: list[list[dict]]) -> list[str]:
     rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
     out = []
     for start in range(0, len(rendered), 32):
-        tokens = engine.generate(rendered[start:start + 32], REPLY_TOKENS, temperature=0.0,
-                                 stop_ids=[tokenizer.end_id])
+        tokens = engine.generate(
+            rendered[start : start + 32], REPLY_TOKENS, temperature=0.0, stop_ids=[tokenizer.end_id]
+        )
         out += [tokenizer.decode([t for t in row if t != tokenizer.end_id], skip_special_tokens=True) for row in tokens]
     return out
 
@@ -275,7 +356,6 @@ def preference_results(world: Path, reward_dir: Path, sft: Engine, dpo: Engine) 
     }
 
 
-
 def chat_samples(world: Path, held_out: list[str], tuned: Engine) -> list[tuple[str, str, str]]:
     """(family, question, reply) for the first test conversation of each held-out family."""
     samples = []
@@ -302,15 +382,22 @@ def cell(text: str) -> str:
 
 def data_section(meta: dict) -> Section:
     """The corpus the shards hold (``meta``: their meta.json) and the tokenizer."""
-    return Section("\n".join([
-        "## Data",
-        "",
-        "| split | documents | tokens |",
-        "|---|---|---|",
-        *(f"| {split} | {info['documents']:,} | {info['tokens']:,} |" for split, info in meta["splits"].items()),
-        "",
-        f"Tokenizer: byte-level BPE, {meta['vocab_size']:,} tokens.",
-    ]))
+    return Section(
+        "\n".join(
+            [
+                "## Data",
+                "",
+                "| split | documents | tokens |",
+                "|---|---|---|",
+                *(
+                    f"| {split} | {info['documents']:,} | {info['tokens']:,} |"
+                    for split, info in meta["splits"].items()
+                ),
+                "",
+                f"Tokenizer: byte-level BPE, {meta['vocab_size']:,} tokens.",
+            ]
+        )
+    )
 
 
 def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
@@ -320,23 +407,30 @@ def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
     train_losses = [m for m in metrics if "loss" in m]
     first, last = train_losses[0], train_losses[-1]
     val = [m for m in metrics if "val_loss" in m]
-    return Section("\n".join([
-        "## Pretraining (the ladder's largest model, the base of SFT)",
-        "",
-        (f"llama, {model.num_params():,} parameters "
-         f"({model.config.n_layer} layers, width {model.config.n_embd}), "
-         f"{last['step']} steps, {last['tokens']:,} tokens."),
-        "",
-        "| measure | value |",
-        "|---|---|",
-        f"| train loss at step {first['step']} | {first['loss']:.3f} |",
-        f"| train loss at step {last['step']} | {last['loss']:.3f} |",
-        *([f"| val loss at step {val[-1]['step']} | {val[-1]['val_loss']:.3f} |"] if val else []),
-        f"| throughput (last log window) | {last['tok_per_s']:,.0f} tokens/s |",
-        f"| peak memory | {last['peak_mem_mb']:,.0f} MB |",
-        "",
-        f"![loss curve]({plot.name})",
-    ]), [plot])
+    return Section(
+        "\n".join(
+            [
+                "## Pretraining (the ladder's largest model, the base of SFT)",
+                "",
+                (
+                    f"llama, {model.num_params():,} parameters "
+                    f"({model.config.n_layer} layers, width {model.config.n_embd}), "
+                    f"{last['step']} steps, {last['tokens']:,} tokens."
+                ),
+                "",
+                "| measure | value |",
+                "|---|---|",
+                f"| train loss at step {first['step']} | {first['loss']:.3f} |",
+                f"| train loss at step {last['step']} | {last['loss']:.3f} |",
+                *([f"| val loss at step {val[-1]['step']} | {val[-1]['val_loss']:.3f} |"] if val else []),
+                f"| throughput (last log window) | {last['tok_per_s']:,.0f} tokens/s |",
+                f"| peak memory | {last['peak_mem_mb']:,.0f} MB |",
+                "",
+                f"![loss curve]({plot.name})",
+            ]
+        ),
+        [plot],
+    )
 
 
 def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
@@ -355,7 +449,9 @@ def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
     dpo = Claim(
         "DPO moves a model toward human preferences",
         "DPO's win rate against the SFT model minus 50%, held-out prompts (oracle-judged, ties half)",
-        win - 0.5, lo - 0.5, hi - 0.5,
+        win - 0.5,
+        lo - 0.5,
+        hi - 0.5,
     )
     if lo <= 0.5:
         dpo.note = "if no: more DPO steps or a larger beta"
@@ -365,32 +461,42 @@ def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
 def instruction_tuning_section(instruct: dict, conversations: list[tuple[str, str, str]]) -> Section:
     """The base model few-shot vs the SFT model zero-shot (``instruction_following``), and the SFT
     model's replies on held-out families (``chat_samples``)."""
-    return Section("\n".join([
-        "## Instruction tuning",
-        "",
-        (f"The base model is prompted with {INSTRUCT_SHOTS} solved examples of the same family "
-         "(`Q: ... A: ...`); the SFT model gets the question alone through its chat template. "
-         "The oracle scores correctness. "
-         "Effects in points with paired 95% bootstrap intervals."),
-        "",
-        f"| families | questions | base {INSTRUCT_SHOTS}-shot | SFT zero-shot | SFT - base [95% CI] |",
-        "|---|---|---|---|---|",
-        *(f"| {group} | {g['n']} | {g['base'] * 100:.1f} | {g['sft'] * 100:.1f} "
-          f"| {format_points(g['effect'])} |"
-          for group, g in instruct["groups"].items()),
-        "",
-        "| family | held out | questions | base | SFT |",
-        "|---|---|---|---|---|",
-        *(f"| {family} | {'yes' if f['held_out'] else ''} | {f['n']} "
-          f"| {f['base'] * 100:.0f} | {f['sft'] * 100:.0f} |"
-          for family, f in instruct["families"].items()),
-        "",
-        "Conversations with the SFT model on held-out families (greedy):",
-        "",
-        "| family | user | assistant |",
-        "|---|---|---|",
-        *(f"| {family} | {cell(question)} | {cell(reply)} |" for family, question, reply in conversations),
-    ]))
+    return Section(
+        "\n".join(
+            [
+                "## Instruction tuning",
+                "",
+                (
+                    f"The base model is prompted with {INSTRUCT_SHOTS} solved examples of the same family "
+                    "(`Q: ... A: ...`); the SFT model gets the question alone through its chat template. "
+                    "The oracle scores correctness. "
+                    "Effects in points with paired 95% bootstrap intervals."
+                ),
+                "",
+                f"| families | questions | base {INSTRUCT_SHOTS}-shot | SFT zero-shot | SFT - base [95% CI] |",
+                "|---|---|---|---|---|",
+                *(
+                    f"| {group} | {g['n']} | {g['base'] * 100:.1f} | {g['sft'] * 100:.1f} "
+                    f"| {format_points(g['effect'])} |"
+                    for group, g in instruct["groups"].items()
+                ),
+                "",
+                "| family | held out | questions | base | SFT |",
+                "|---|---|---|---|---|",
+                *(
+                    f"| {family} | {'yes' if f['held_out'] else ''} | {f['n']} "
+                    f"| {f['base'] * 100:.0f} | {f['sft'] * 100:.0f} |"
+                    for family, f in instruct["families"].items()
+                ),
+                "",
+                "Conversations with the SFT model on held-out families (greedy):",
+                "",
+                "| family | user | assistant |",
+                "|---|---|---|",
+                *(f"| {family} | {cell(question)} | {cell(reply)} |" for family, question, reply in conversations),
+            ]
+        )
+    )
 
 
 def preferences_section(result: dict) -> Section:
@@ -398,56 +504,75 @@ def preferences_section(result: dict) -> Section:
     mean, lo, hi = result["win_rate"]
     sft, dpo = result["models"]["sft"], result["models"]["dpo"]
     prompt, sft_reply, dpo_reply = result["example"]
-    return Section("\n".join([
-        "## Learning from preferences",
-        "",
-        "The reward model and DPO both start from the SFT model and learn from `prefs/train.jsonl` (pairs whose "
-        "rejected answer is wrong, or right but breaking one style rule). Held-out: `prefs/test.jsonl`.",
-        "",
-        "Reward model: held-out accuracy (chosen scored above rejected), 95% bootstrap intervals.",
-        "",
-        "| rejected answer | pairs | accuracy [95% CI] |",
-        "|---|---|---|",
-        *(f"| {kind} | {result['reward_n'][kind]} | {a * 100:.1f} [{l * 100:.1f}, {h * 100:.1f}] |"
-          for kind, (a, l, h) in result["reward_accuracy"].items()),
-        "",
-        (f"DPO against SFT on {result['prompts']} held-out prompts (greedy replies, judged by the oracle; ties count "
-         f"half): DPO wins **{mean * 100:.1f}%** [{lo * 100:.1f}, {hi * 100:.1f}]."),
-        "",
-        "| DPO better | tie | SFT better | both wrong (tie) |",
-        "|---|---|---|---|",
-        "| {model_a} | {tie} | {model_b} | {tie (bothbad)} |".format_map(result["verdicts"]),
-        "",
-        "| model | oracle score | mean reply length (words) |",
-        "|---|---|---|",
-        f"| SFT | {sft['score']:.3f} | {sft['words']:.1f} |",
-        f"| DPO | {dpo['score']:.3f} | {dpo['words']:.1f} |",
-        "",
-        "A longer DPO reply at an equal or lower score is DPO's known length exploitation.",
-        "",
-        "| user | SFT | DPO |",
-        "|---|---|---|",
-        f"| {cell(prompt[-1]['content'])} | {cell(sft_reply)} | {cell(dpo_reply)} |",
-    ]))
+    return Section(
+        "\n".join(
+            [
+                "## Learning from preferences",
+                "",
+                "The reward model and DPO both start from the SFT model and learn from `prefs/train.jsonl` "
+                "(pairs whose rejected answer is wrong, or right but breaking one style rule). "
+                "Held-out: `prefs/test.jsonl`.",
+                "",
+                "Reward model: held-out accuracy (chosen scored above rejected), 95% bootstrap intervals.",
+                "",
+                "| rejected answer | pairs | accuracy [95% CI] |",
+                "|---|---|---|",
+                *(
+                    f"| {kind} | {result['reward_n'][kind]} | {acc * 100:.1f} [{low * 100:.1f}, {high * 100:.1f}] |"
+                    for kind, (acc, low, high) in result["reward_accuracy"].items()
+                ),
+                "",
+                (
+                    f"DPO against SFT on {result['prompts']} held-out prompts (greedy replies, judged by the "
+                    f"oracle; ties count half): DPO wins **{mean * 100:.1f}%** [{lo * 100:.1f}, {hi * 100:.1f}]."
+                ),
+                "",
+                "| DPO better | tie | SFT better | both wrong (tie) |",
+                "|---|---|---|---|",
+                "| {model_a} | {tie} | {model_b} | {tie (bothbad)} |".format_map(result["verdicts"]),
+                "",
+                "| model | oracle score | mean reply length (words) |",
+                "|---|---|---|",
+                f"| SFT | {sft['score']:.3f} | {sft['words']:.1f} |",
+                f"| DPO | {dpo['score']:.3f} | {dpo['words']:.1f} |",
+                "",
+                "A longer DPO reply at an equal or lower score is DPO's known length exploitation.",
+                "",
+                "| user | SFT | DPO |",
+                "|---|---|---|",
+                f"| {cell(prompt[-1]['content'])} | {cell(sft_reply)} | {cell(dpo_reply)} |",
+            ]
+        )
+    )
 
 
 def samples_section(samples: list[tuple[str, str, str]]) -> Section:
     """The base model's greedy completions of ``sample_prompts``: (prompt, expected, completion)."""
-    return Section("\n".join([
-        "## Base-model samples on held-out items (greedy, first line)",
-        "",
-        "| prompt | expected | model |",
-        "|---|---|---|",
-        *(f"| `{cell(prompt)}` | `{cell(expected)}` | `{cell(completion)}` |"
-          for prompt, expected, completion in samples),
-    ]))
+    return Section(
+        "\n".join(
+            [
+                "## Base-model samples on held-out items (greedy, first line)",
+                "",
+                "| prompt | expected | model |",
+                "|---|---|---|",
+                *(
+                    f"| `{cell(prompt)}` | `{cell(expected)}` | `{cell(completion)}` |"
+                    for prompt, expected, completion in samples
+                ),
+            ]
+        )
+    )
 
 
 def timings_section(timings: dict[str, float]) -> Section:
-    return Section("\n".join([
-        "## Timings",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-        *(f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()),
-    ]))
+    return Section(
+        "\n".join(
+            [
+                "## Timings",
+                "",
+                "| stage | seconds |",
+                "|---|---|",
+                *(f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()),
+            ]
+        )
+    )

@@ -99,9 +99,7 @@ class PackedLinears:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.linears = [
-            m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.numel() >= self.MIN_WEIGHTS
-        ]
+        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.numel() >= self.MIN_WEIGHTS]
         self.packs: dict[nn.Linear, tuple[tuple, torch.Tensor]] = {}
 
     def _usable(self) -> bool:
@@ -161,8 +159,8 @@ class StaticDecodeStep:
 
     On CUDA the step is captured once as a CUDA graph and replayed: small-batch decode on a GPU
     is bound by the launch cost of its hundreds of small kernels (issue [model] quotes 86 new
-    tokens/s for transformers' eager cache on a 124M model on an H200), which a replay pays once. Elsewhere it runs eagerly,
-    which is how the tests check it against the dynamic path.
+    tokens/s for transformers' eager cache on a 124M model on an H200), which a replay pays once.
+    Elsewhere it runs eagerly, which is how the tests check it against the dynamic path.
 
     A replay reads nothing but its buffers (token ids, positions, the cache's slot index, the
     rows' real-key mask) and the model's weights in place, so one step serves every generation
@@ -284,7 +282,7 @@ class Engine:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, device: str = "cpu", dtype=None, cuda_graphs: bool = False
-    ) -> "Engine":
+    ) -> Engine:
         """The model of a folder, in eval mode, with the tokenizer that text needs."""
         from gptlab.tokenizer import Tokenizer
 
@@ -402,7 +400,7 @@ class Engine:
                 emitted = tok.decode(ids[start:done])
                 current = tok.decode(ids[start:])
                 if len(current) > len(emitted) and not current.endswith(REPLACEMENT_CHAR):
-                    held += current[len(emitted):]
+                    held += current[len(emitted) :]
                     start, done = done, len(ids)
                     ready, held, stopped = _split_at_stops(held, stop_strings)
                     if ready:
@@ -412,7 +410,7 @@ class Engine:
         finally:
             steps.close()  # a stop string ends the model's stream too
         # Bytes that never completed a character: render them as the full decode would.
-        held += tok.decode(ids[start:])[len(tok.decode(ids[start:done])):]
+        held += tok.decode(ids[start:])[len(tok.decode(ids[start:done])) :]
         ready, held, _ = _split_at_stops(held, stop_strings)
         if ready + held:
             yield ready + held
@@ -475,7 +473,11 @@ class Engine:
         prompt_cache = KVCache(self.model.config, batch, longest, device, param.dtype) if n > 1 else None
         static_step = None
         # Autocast's cached weight casts would be freed under a captured graph, so it runs eagerly.
-        if self.cuda_graphs and device.type in self.STATIC_DECODE_DEVICES and not torch.is_autocast_enabled(device.type):
+        if (
+            self.cuda_graphs
+            and device.type in self.STATIC_DECODE_DEVICES
+            and not torch.is_autocast_enabled(device.type)
+        ):
             static_step = self._static_step(rows, length)
             cache = static_step.start(real_key)  # claims the step: nothing that can fail comes before the try
         else:
@@ -483,7 +485,9 @@ class Engine:
         running = [True] * rows
         try:
             with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
-                logits = self._logits(ids, prompt_positions, prefill_mask, prompt_cache if prompt_cache is not None else cache)
+                logits = self._logits(
+                    ids, prompt_positions, prefill_mask, prompt_cache if prompt_cache is not None else cache
+                )
                 if prompt_cache is not None:
                     cache.copy_rows_from(prompt_cache, n)
                     prompt_cache = None  # not held while the rows decode
@@ -501,7 +505,7 @@ class Engine:
                         return
                     end = cache.pos + 1
                     mask = real_key[..., :end] if real_key is not None else None
-                    logits = self._logits(token[:, None], positions[:, end - 1:end], mask, cache, static_step)
+                    logits = self._logits(token[:, None], positions[:, end - 1 : end], mask, cache, static_step)
                     token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
         finally:  # also when the caller stops consuming the stream early
             if static_step is not None:
@@ -598,4 +602,4 @@ def _split_at_stops(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
     if found:
         return text[: min(found)], "", True
     held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - held], text[len(text) - held:], False
+    return text[: len(text) - held], text[len(text) - held :], False

@@ -90,8 +90,13 @@ PRESETS: dict[str, dict] = {
     },
     "default": {},
     "gpu": {
-        "sizes": {"depths": [4, 6, 8, 10, 12], "aspect": 64, "head_dim": 64, "block_size": 1024,
-                  "tokens_per_param": 20.0},
+        "sizes": {
+            "depths": [4, 6, 8, 10, 12],
+            "aspect": 64,
+            "head_dim": 64,
+            "block_size": 1024,
+            "tokens_per_param": 20.0,
+        },
         "data": {"world_preset": "large"},
         "train": {"batch_size": 64, "seq_len": 512, "lr": 2e-3, "save_every": 500, "compile": True},
         "eval": {"limit": 200, "arith_tasks": []},
@@ -125,7 +130,9 @@ def ensure_data(cfg: DataConfig, out: Path) -> tuple[Path, Path]:
     world = Path(cfg.world) if cfg.world else out / "world"
     if not (world / "world.json").is_file():
         if cfg.world:
-            raise UserError(f"{world} is not a TinyWorld folder (no world.json); write one with `gptlab world --out {world}`")
+            raise UserError(
+                f"{world} is not a TinyWorld folder (no world.json); write one with `gptlab world --out {world}`"
+            )
         print(f"== ladder: writing TinyWorld ({cfg.world_preset}) -> {world}", flush=True)
         write_world(world, seed=cfg.world_seed, preset=cfg.world_preset)
     shards = Path(cfg.shards) if cfg.shards else out / "shards"
@@ -161,7 +168,11 @@ def plan(cfg: LadderConfig, vocab_size: int) -> list[dict]:
     for depth in sorted(s.depths):
         try:
             model = scaling.ladder_config(
-                depth, vocab_size=vocab_size, block_size=s.block_size, aspect=s.aspect, head_dim=s.head_dim,
+                depth,
+                vocab_size=vocab_size,
+                block_size=s.block_size,
+                aspect=s.aspect,
+                head_dim=s.head_dim,
                 family=s.family,
             )
             tokens = scaling.tokens_for_budget(model, seq_len=t.seq_len, **budget)
@@ -169,10 +180,17 @@ def plan(cfg: LadderConfig, vocab_size: int) -> list[dict]:
             raise UserError(f"ladder sizes: {e}; fix the sizes.* settings") from None
         steps = max(s.min_steps, round(tokens / (t.batch_size * t.seq_len)))
         tokens = steps * t.batch_size * t.seq_len
-        runs.append({
-            "name": f"d{depth}", "depth": depth, "model": model, "steps": steps, "tokens": tokens,
-            "params": scaling.num_params(model), "flops": scaling.training_flops(model, tokens, t.seq_len),
-        })
+        runs.append(
+            {
+                "name": f"d{depth}",
+                "depth": depth,
+                "model": model,
+                "steps": steps,
+                "tokens": tokens,
+                "params": scaling.num_params(model),
+                "flops": scaling.training_flops(model, tokens, t.seq_len),
+            }
+        )
     return runs
 
 
@@ -182,8 +200,12 @@ def run_folder(ladder_out: Path, name: str) -> RunFolder:
 
 
 def train_run(cfg: LadderConfig, run: dict, shards: Path, folder: RunFolder):
-    train = dict(to_dict(cfg.train), max_steps=run["steps"], warmup_steps=min(cfg.train.warmup_steps, run["steps"] // 5))
-    pretrain_cfg = build(PretrainConfig, {"model": to_dict(run["model"]), "data": {"shards": str(shards)}, "train": train})
+    train = dict(
+        to_dict(cfg.train), max_steps=run["steps"], warmup_steps=min(cfg.train.warmup_steps, run["steps"] // 5)
+    )
+    pretrain_cfg = build(
+        PretrainConfig, {"model": to_dict(run["model"]), "data": {"shards": str(shards)}, "train": train}
+    )
     return pretrain(pretrain_cfg, folder.path, resume=folder.checkpoints_dir.is_dir())
 
 
@@ -195,7 +217,13 @@ def evaluate_run(cfg: EvalConfig, model, tokenizer, world: Path) -> tuple[dict, 
 
     def run(tasks: list[str], shots: list[int], cot: bool, label) -> None:
         out = evaluate(
-            backend, tasks, world, shots=shots, cot=cot, batch_size=cfg.batch_size, limit=cfg.limit,
+            backend,
+            tasks,
+            world,
+            shots=shots,
+            cot=cot,
+            batch_size=cfg.batch_size,
+            limit=cfg.limit,
             return_samples=True,
         )
         for task, by_shots in out["results"].items():
@@ -220,7 +248,8 @@ def _shot_result(by_shots: dict, k: int, n_shot_counts: int) -> dict:
 def check_tasks(cfg: EvalConfig, world: Path) -> None:
     """Load every task and check every shot count before any model trains."""
     for names, shots, cot in (
-        (["world_mmlu"], cfg.mmlu_shots, False), ([f"words_{t}" for t in cfg.word_tasks], cfg.word_shots, False),
+        (["world_mmlu"], cfg.mmlu_shots, False),
+        ([f"words_{t}" for t in cfg.word_tasks], cfg.word_shots, False),
         ([f"arith_{t}" for t in arith_tasks(cfg, world)], [0], True),
     ):
         if len(set(shots)) != len(shots):
@@ -249,8 +278,10 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
                     "use a new --out, or delete that run to redo it"
                 )
     RunFolder(out).write_record("ladder", to_dict(cfg), preset=preset, seed=cfg.train.seed)
-    print("== ladder: " + ", ".join(f"{r['name']} {r['params']:,} params x {r['tokens']:,} tokens" for r in runs),
-          flush=True)
+    print(
+        "== ladder: " + ", ".join(f"{r['name']} {r['params']:,} params x {r['tokens']:,} tokens" for r in runs),
+        flush=True,
+    )
     results = []
     for run in runs:
         if run["name"] in kept:
@@ -276,12 +307,19 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
                 f"train.seq_len; prepare the shards with a larger --val-fraction"
             )
         result = {
-            "name": run["name"], "depth": run["depth"], "params": run["params"],
+            "name": run["name"],
+            "depth": run["depth"],
+            "params": run["params"],
             "non_embedding_params": scaling.num_params(run["model"], non_embedding=True),
-            "flops": run["flops"], "tokens": run["tokens"], "steps": run["steps"],
+            "flops": run["flops"],
+            "tokens": run["tokens"],
+            "steps": run["steps"],
             "val_loss": val_loss,
-            "train_seconds": round(trained, 1), "eval_seconds": round(time.perf_counter() - started - trained, 1),
-            "model": to_dict(run["model"]), "metrics": metrics, "plan": _signature(cfg, run),
+            "train_seconds": round(trained, 1),
+            "eval_seconds": round(time.perf_counter() - started - trained, 1),
+            "model": to_dict(run["model"]),
+            "metrics": metrics,
+            "plan": _signature(cfg, run),
         }
         write_json_atomic(folder.path / "result.json", result)
         results.append(result)
@@ -301,9 +339,17 @@ def fits(runs: list[dict]) -> dict:
     loss = [r["val_loss"] for r in runs]
     result: dict = {"monotone": scaling.monotone_decreasing(loss)}
     power = scaling.fit_power_law(compute, loss)
-    result["power_law"] = power.as_dict() if power else {"unsupported": scaling.power_law_unsupported_reason(compute, loss)}
+    result["power_law"] = (
+        power.as_dict() if power else {"unsupported": scaling.power_law_unsupported_reason(compute, loss)}
+    )
     chinchilla = scaling.fit_chinchilla([r["params"] for r in runs], [r["tokens"] for r in runs], loss)
-    result["chinchilla"] = chinchilla.as_dict() if chinchilla else {
-        "unsupported": scaling.chinchilla_unsupported_reason([r["params"] for r in runs], [r["tokens"] for r in runs])
-    }
+    result["chinchilla"] = (
+        chinchilla.as_dict()
+        if chinchilla
+        else {
+            "unsupported": scaling.chinchilla_unsupported_reason(
+                [r["params"] for r in runs], [r["tokens"] for r in runs]
+            )
+        }
+    )
     return result

@@ -85,7 +85,7 @@ class ModelConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
+    def from_hf(cls, hf: dict) -> ModelConfig:
         """The config of a Hugging Face Llama or GPT-2 ``config.json`` (see ``gptlab.checkpoint``)."""
         try:
             return cls(**checkpoint.model_config_fields(hf))
@@ -151,11 +151,11 @@ class KVCache:
         """Write this step's keys/values for one layer and return all of them so far."""
         end = self.pos + k.size(2)
         keys, values = self.k[layer], self.v[layer]
-        keys[:, :, self.pos:end] = k
-        values[:, :, self.pos:end] = v
+        keys[:, :, self.pos : end] = k
+        values[:, :, self.pos : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
-    def copy_rows_from(self, source: "KVCache", repeats: int) -> None:
+    def copy_rows_from(self, source: KVCache, repeats: int) -> None:
         """Take over ``source``'s filled slots, each of its rows repeated ``repeats`` times, so rows
         that continue one prompt (samples, answer candidates) share that prompt's single prefill."""
         filled = source.pos
@@ -189,12 +189,17 @@ class Attention(nn.Module):
             # kernel, masked or not, reads each K/V head once and needs no GQA support.
             group = self.n_head // self.n_kv_head
             y = F.scaled_dot_product_attention(
-                q.reshape(B, self.n_kv_head, group, self.head_dim), k, v,
-                attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                q.reshape(B, self.n_kv_head, group, self.head_dim),
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
             )
             return self.proj(y.reshape(B, 1, self.n_head * self.head_dim))
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attn_mask,
             is_causal=attn_mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
@@ -321,7 +326,7 @@ class GPT(nn.Module):
         checkpoint.save_pretrained(self, path, tokenizer=tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=None) -> "GPT":
+    def from_pretrained(cls, path, device="cpu", dtype=None) -> GPT:
         """Load a gptlab or Hugging Face Llama / GPT-2 folder in eval mode (see ``gptlab.checkpoint``).
         dtype: None keeps the dtype config.json declares (float32 when it declares none)."""
         model = _load(cls, path, device, dtype, reward=False)
@@ -340,7 +345,7 @@ class GPT(nn.Module):
         """The state dict that ``write_files`` wrote into ``folder``, on the CPU."""
         return type(self).from_pretrained(folder).state_dict()
 
-    def with_state(self, state: dict[str, torch.Tensor]) -> "GPT":
+    def with_state(self, state: dict[str, torch.Tensor]) -> GPT:
         """A plain, unsharded model of this config holding ``state`` (to write a sharded model's files)."""
         with torch.device("meta"):
             copy = type(self)(self.config)
@@ -355,7 +360,9 @@ class GPT(nn.Module):
     def matrix_parameters(self) -> list[nn.Parameter]:
         """The hidden layers' weight matrices: what Muon may optimise (not embeddings, head, norms, biases)."""
         return [
-            module.weight for block in self.blocks for module in block.modules()
+            module.weight
+            for block in self.blocks
+            for module in block.modules()
             if isinstance(module, nn.Linear) and module.weight.requires_grad
         ]
 

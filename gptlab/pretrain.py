@@ -80,8 +80,12 @@ def validation(cfg: PretrainConfig, runtime: Runtime):
     """The mean next-token loss over the first eval_batches windows of the val split, in order."""
     micro, _ = runtime.micro_batching(cfg.train)
     loader = TokenLoader(
-        cfg.data.shards, split="val", seq_len=cfg.train.seq_len, batch_size=micro,
-        rank=runtime.rank, world_size=runtime.world_size,
+        cfg.data.shards,
+        split="val",
+        seq_len=cfg.train.seq_len,
+        batch_size=micro,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
     )
 
     def evaluate(model: torch.nn.Module) -> dict:
@@ -121,12 +125,22 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, ove
         torch.manual_seed(cfg.train.seed)
         model = GPT(cfg.model)
         loader = TokenLoader(
-            cfg.data.shards, split="train", seq_len=cfg.train.seq_len, batch_size=micro,
-            seed=cfg.train.seed, rank=runtime.rank, world_size=runtime.world_size,
+            cfg.data.shards,
+            split="train",
+            seq_len=cfg.train.seq_len,
+            batch_size=micro,
+            seed=cfg.train.seed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
         )
         has_val = meta["splits"]["val"]["tokens"] >= (cfg.train.seq_len + 1) * micro * runtime.world_size
         trainer = Trainer(
-            model, cfg.train, runtime, out_dir, next_token_loss, DeviceBatches(loader, runtime.device),
+            model,
+            cfg.train,
+            runtime,
+            out_dir,
+            next_token_loss,
+            DeviceBatches(loader, runtime.device),
             evaluate=validation(cfg, runtime) if has_val and cfg.train.eval_batches > 0 else None,
             tokenizer=tokenizer,
         )

@@ -104,7 +104,6 @@ class Samples:
         return [np.asarray([v[item] for item in common]) for v in vectors]
 
 
-
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float] | None:
     return stats.difference_interval(a, b, paired=True) if a.size else None
 
@@ -144,12 +143,14 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
     if words:
         claims += _word_scale_claims(samples, runs, words, word_settings[-1])
     if arith:
-        claims.append(_claim(
-            "Arithmetic appears with scale (exact match)",
-            f"arithmetic exact match, {large} minus {small}, standard prompting",
-            samples.paired((small, "standard"), (large, "standard"), tasks=arith),
-            "if no: arithmetic needs more compute per model than this ladder spends (docs/tinyworld.md)",
-        ))
+        claims.append(
+            _claim(
+                "Arithmetic appears with scale (exact match)",
+                f"arithmetic exact match, {large} minus {small}, standard prompting",
+                samples.paired((small, "standard"), (large, "standard"), tasks=arith),
+                "if no: arithmetic needs more compute per model than this ladder spends (docs/tinyworld.md)",
+            )
+        )
     if words and _shots(word_settings[-1]) > 0:
         claims += _few_shot_claims(samples, small, large, words, word_settings[-1])
     if arith:
@@ -161,9 +162,7 @@ def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> li
 
 def _loss_claim(fit: dict) -> Claim:
     power = fit["power_law"]
-    claim = Claim(
-        "Loss falls smoothly with compute (power law)", "exponent α of L(C) = a·C^-α + L∞", unit="exponent"
-    )
+    claim = Claim("Loss falls smoothly with compute (power law)", "exponent α of L(C) = a·C^-α + L∞", unit="exponent")
     if "alpha" in power and power.get("intervals"):
         claim.effect = power["alpha"]
         claim.lo, claim.hi = power["intervals"]["alpha"]
@@ -177,11 +176,14 @@ def _loss_claim(fit: dict) -> Claim:
 
 def _word_scale_claims(samples: Samples, runs: list[dict], words: list[str], k: str) -> list[Claim]:
     small, large = runs[0]["name"], runs[-1]["name"]
-    claims = [_claim(
-        "An ability appears with scale (exact match)", f"word tasks {k}, exact match, {large} minus {small}",
-        samples.paired((small, k), (large, k), tasks=words),
-        "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
-    )]
+    claims = [
+        _claim(
+            "An ability appears with scale (exact match)",
+            f"word tasks {k}, exact match, {large} minus {small}",
+            samples.paired((small, k), (large, k), tasks=words),
+            "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
+        )
+    ]
     if len(runs) >= 2:
         claims.append(_metric_claim(samples, runs, words, k))
     return claims
@@ -215,13 +217,16 @@ def _metric_claim(samples: Samples, runs: list[dict], words: list[str], k: str) 
 def _few_shot_claims(samples: Samples, small: str, large: str, words: list[str], k: str) -> list[Claim]:
     return [
         _claim(
-            "Few-shot beats zero-shot", f"word tasks, {k} minus 0-shot accuracy, {large}",
+            "Few-shot beats zero-shot",
+            f"word tasks, {k} minus 0-shot accuracy, {large}",
             samples.paired((large, "0-shot"), (large, k), tasks=words),
             "if no: more word-task episodes (mixture.words)",
         ),
         _claim(
-            "The few-shot gain grows with size", f"({k} - 0-shot) of {large} minus that of {small}",
-            _gain_growth(samples, small, large, words, "0-shot", k), "if no: a wider ladder",
+            "The few-shot gain grows with size",
+            f"({k} - 0-shot) of {large} minus that of {small}",
+            _gain_growth(samples, small, large, words, "0-shot", k),
+            "if no: a wider ladder",
         ),
     ]
 
@@ -229,21 +234,26 @@ def _few_shot_claims(samples: Samples, small: str, large: str, words: list[str],
 def _cot_claims(samples: Samples, small: str, large: str, arith: list[str]) -> list[Claim]:
     return [
         _claim(
-            "Chain of thought beats standard prompting", f"arithmetic exact match, CoT minus standard, {large}",
+            "Chain of thought beats standard prompting",
+            f"arithmetic exact match, CoT minus standard, {large}",
             samples.paired((large, "standard"), (large, "cot"), tasks=arith),
             "if no: CoT needs models trained past the worked-solution format; more compute per model",
         ),
         _claim(
-            "The CoT gain grows with size", f"(CoT - standard) of {large} minus that of {small}",
-            _gain_growth(samples, small, large, arith, "standard", "cot"), "if no: a wider ladder",
+            "The CoT gain grows with size",
+            f"(CoT - standard) of {large} minus that of {small}",
+            _gain_growth(samples, small, large, arith, "standard", "cot"),
+            "if no: a wider ladder",
         ),
     ]
 
 
 def _mmlu_claim(samples: Samples, large: str, five_shot: dict) -> Claim:
     claim = _claim(
-        "Few-shot helps multiple choice (MMLU format)", f"world_mmlu 5-shot minus 0-shot, {large}",
-        samples.paired((large, "0-shot"), (large, "5-shot"), tasks=["world_mmlu"]), "",
+        "Few-shot helps multiple choice (MMLU format)",
+        f"world_mmlu 5-shot minus 0-shot, {large}",
+        samples.paired((large, "0-shot"), (large, "5-shot"), tasks=["world_mmlu"]),
+        "",
     )
     cut = five_shot.get("truncated", 0)
     if cut:
@@ -268,13 +278,26 @@ def _claim(claim: str, measure: str, pair, if_not: str) -> Claim:
 
 
 NOT_YET = [
-    Claim("Instruction tuning gives zero-shot gains on unseen tasks", "SFT zero-shot minus base few-shot, held-out families",
-          note="measured by `gptlab demo` (SFT stage)"),
-    Claim("DPO moves a model toward human preferences", "DPO's oracle win rate vs the SFT model",
-          note="measured by `gptlab demo` (DPO stage)"),
-    Claim("RLHF (reward model + PPO) moves a model toward human preferences", "PPO's oracle win rate vs the SFT model",
-          note="PPO stage not built yet"),
-    Claim("The arena ranks models by preference", "Elo / Bradley-Terry with the oracle as judge", note="arena not built yet"),
+    Claim(
+        "Instruction tuning gives zero-shot gains on unseen tasks",
+        "SFT zero-shot minus base few-shot, held-out families",
+        note="measured by `gptlab demo` (SFT stage)",
+    ),
+    Claim(
+        "DPO moves a model toward human preferences",
+        "DPO's oracle win rate vs the SFT model",
+        note="measured by `gptlab demo` (DPO stage)",
+    ),
+    Claim(
+        "RLHF (reward model + PPO) moves a model toward human preferences",
+        "PPO's oracle win rate vs the SFT model",
+        note="PPO stage not built yet",
+    ),
+    Claim(
+        "The arena ranks models by preference",
+        "Elo / Bradley-Terry with the oracle as judge",
+        note="arena not built yet",
+    ),
 ]
 
 
@@ -343,13 +366,22 @@ def plot_loss(ladder: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(compute, [r["val_loss"] for r in runs], "o", label="val loss")
     for r in runs:
-        ax.annotate(f"{r['name']} ({r['params'] / 1e6:.2f}M)", (r["flops"], r["val_loss"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            f"{r['name']} ({r['params'] / 1e6:.2f}M)",
+            (r["flops"], r["val_loss"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     fit = ladder["fit"]["power_law"]
     if "alpha" in fit:
         grid = np.geomspace(compute.min() / 1.5, compute.max() * 1.5, 100)
-        ax.plot(grid, fit["a"] * grid ** (-fit["alpha"]) + fit["l_inf"], "--",
-                label=f"fit: {fit['a']:.3g}·C^-{fit['alpha']:.3f} + {fit['l_inf']:.2f}")
+        ax.plot(
+            grid,
+            fit["a"] * grid ** (-fit["alpha"]) + fit["l_inf"],
+            "--",
+            label=f"fit: {fit['a']:.3g}·C^-{fit['alpha']:.3f} + {fit['l_inf']:.2f}",
+        )
     ax.set_xscale("log")
     _save_line_plot(plt, fig, ax, path, "training compute (FLOPs)", "val loss (nats/token)", "Loss vs compute", 8)
 
@@ -385,13 +417,23 @@ def plot_fewshot(ladder: dict, samples: Samples, path: Path) -> None:
     ks = sorted(int(s.split("-")[0]) for s in runs[-1]["metrics"][words[0]])
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
-        ax.plot(ks, [samples.vector(r["name"], words, f"{k}-shot")[1].mean() for k in ks], "o-",
-                label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
+        ax.plot(
+            ks,
+            [samples.vector(r["name"], words, f"{k}-shot")[1].mean() for k in ks],
+            "o-",
+            label=f"{r['name']} ({r['params'] / 1e6:.2f}M)",
+        )
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(ks, [str(k) for k in ks])
     _save_line_plot(
-        plt, fig, ax, path, "examples in the prompt (k)", "accuracy, word tasks pooled",
-        "In-context learning vs model size", 8,
+        plt,
+        fig,
+        ax,
+        path,
+        "examples in the prompt (k)",
+        "accuracy, word tasks pooled",
+        "In-context learning vs model size",
+        8,
     )
 
 
@@ -399,8 +441,10 @@ def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
     plt = _plt()
     runs = ladder["runs"]
     tasks = sorted(t for t in runs[-1]["metrics"] if t.startswith("arith_"))
-    effects = [_difference(*samples.paired((r["name"], "standard"), (r["name"], "cot"), tasks=tasks)) or (np.nan,) * 3
-               for r in runs]
+    effects = [
+        _difference(*samples.paired((r["name"], "standard"), (r["name"], "cot"), tasks=tasks)) or (np.nan,) * 3
+        for r in runs
+    ]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(len(runs))
     mean = np.array([e[0] for e in effects]) * 100
@@ -455,8 +499,11 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
         "",
         "| run | parameters | tokens | FLOPs | val loss | train s |",
         "|---|---|---|---|---|---|",
-        *(f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['flops']:.2e} | {r['val_loss']:.3f} | "
-          f"{r['train_seconds']:.0f} |" for r in runs),
+        *(
+            f"| {r['name']} | {r['params']:,} | {r['tokens']:,} | {r['flops']:.2e} | {r['val_loss']:.3f} | "
+            f"{r['train_seconds']:.0f} |"
+            for r in runs
+        ),
         "",
         _power_law_line(ladder["fit"]["power_law"]),
         "",
@@ -464,8 +511,10 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
         "",
         f"{h}# Phenomena",
         "",
-        ("Effects with seeded 95% bootstrap intervals over the evaluated items (paired where the items are the "
-         "same); accuracy effects in points. Reproduced = the interval excludes zero in the claimed direction."),
+        (
+            "Effects with seeded 95% bootstrap intervals over the evaluated items (paired where the items are the "
+            "same); accuracy effects in points. Reproduced = the interval excludes zero in the claimed direction."
+        ),
         "",
         "| claim | measure | effect [95% CI] | reproduced | note |",
         "|---|---|---|---|---|",
@@ -529,8 +578,11 @@ def _abilities_table(runs: list[dict], samples: Samples) -> list[str]:
 def _in_context_table(run: dict, samples: Samples) -> list[str]:
     """One run's accuracy in every setting, pooled by ability, with a bootstrap interval."""
     arith, words, word_settings = _abilities(run["metrics"])
-    groups = [("world_mmlu", ["world_mmlu"], list(run["metrics"].get("world_mmlu", {}))),
-              ("word tasks, pooled", words, word_settings), ("arithmetic, pooled", arith, ["standard", "cot"])]
+    groups = [
+        ("world_mmlu", ["world_mmlu"], list(run["metrics"].get("world_mmlu", {}))),
+        ("word tasks, pooled", words, word_settings),
+        ("arithmetic, pooled", arith, ["standard", "cot"]),
+    ]
     lines = ["| ability | setting | accuracy [95% CI] | items |", "|---|---|---|---|"]
     for label, tasks, settings in groups:
         for setting in settings if tasks else []:
@@ -627,7 +679,8 @@ def _resource_rows(record: dict, metrics: list[dict]) -> list[str]:
         windows = f"{len(speeds)} logged window{'s' if len(speeds) > 1 else ''}"
         rows.append(
             f"| throughput, median of {windows} | {float(np.median(speeds)):,.0f} tokens/s"
-            + (f", MFU {float(np.median(mfus)):.1%}" if mfus else "") + " |"
+            + (f", MFU {float(np.median(mfus)):.1%}" if mfus else "")
+            + " |"
         )
     memory = [m["peak_mem_mb"] for m in logged if "peak_mem_mb" in m]
     if memory:
@@ -676,7 +729,8 @@ def write_dpo_report(run_dir: Path) -> Path:
     rewards = Section(
         "## Implicit rewards\n\nA reward is β·(log π − log π_ref) of an answer; rewards/accuracies is the share of "
         "pairs whose chosen answer has the higher one, rewards/margins their mean difference.\n\n"
-        f"![rewards]({plot.name})", [plot],
+        f"![rewards]({plot.name})",
+        [plot],
     )
     write_text_atomic(run.report_path, concatenate([card, rewards]))
     return run.report_path
@@ -688,8 +742,14 @@ def _dpo_rows(metrics: list[dict]) -> list[str]:
     rows = []
     if logged:
         first, last = logged[0], logged[-1]
-        for name, form in (("rewards/accuracies", ".1%"), ("rewards/margins", ".3f"), ("rewards/chosen", "+.3f"),
-                           ("rewards/rejected", "+.3f"), ("logps/chosen", ".2f"), ("logps/rejected", ".2f")):
+        for name, form in (
+            ("rewards/accuracies", ".1%"),
+            ("rewards/margins", ".3f"),
+            ("rewards/chosen", "+.3f"),
+            ("rewards/rejected", "+.3f"),
+            ("logps/chosen", ".2f"),
+            ("logps/rejected", ".2f"),
+        ):
             rows.append(
                 f"| {name}, first → last logged | {first[name]:{form}} (step {first['step']:,}) → "
                 f"{last[name]:{form}} (step {last['step']:,}) |"
@@ -710,7 +770,10 @@ def _dpo_rows(metrics: list[dict]) -> list[str]:
 
 # The report of each kind of run (runs.KINDS) that has one; a new stage adds its line.
 REPORTS = {
-    "pretrain": write_run_report, "sft": write_run_report, "reward": write_reward_report, "dpo": write_dpo_report,
+    "pretrain": write_run_report,
+    "sft": write_run_report,
+    "reward": write_reward_report,
+    "dpo": write_dpo_report,
     "ladder": write_ladder_report,
 }
 

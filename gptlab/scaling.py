@@ -51,8 +51,13 @@ def ladder_config(
     n_embd = math.ceil(depth * aspect / head_dim) * head_dim
     n_head = n_embd // head_dim
     return ModelConfig(
-        family=family, vocab_size=vocab_size, block_size=block_size,
-        n_layer=depth, n_head=n_head, n_kv_head=n_head, n_embd=n_embd,
+        family=family,
+        vocab_size=vocab_size,
+        block_size=block_size,
+        n_layer=depth,
+        n_head=n_head,
+        n_kv_head=n_head,
+        n_embd=n_embd,
     )
 
 
@@ -150,8 +155,12 @@ class PowerLawFit:
     def as_dict(self) -> dict:
         return {
             "form": "L(C) = a * C^(-alpha) + L_inf",
-            "a": self.a, "alpha": self.alpha, "l_inf": self.l_inf,
-            "n": self.n, "dof": self.dof, "rmse_log": self.rmse_log,
+            "a": self.a,
+            "alpha": self.alpha,
+            "l_inf": self.l_inf,
+            "n": self.n,
+            "dof": self.dof,
+            "rmse_log": self.rmse_log,
             "confidence": self.confidence,
             "intervals": None if self.intervals is None else {k: list(v) for k, v in self.intervals.items()},
             "bootstrap": {"requested": self.bootstrap_requested, "used": self.bootstrap_used},
@@ -278,8 +287,14 @@ def fit_power_law(
         if used:
             intervals = _intervals(samples, confidence)
     return PowerLawFit(
-        **to_original(theta), n=n, dof=n - 3, rmse_log=float(np.sqrt(np.mean(residuals**2))),
-        intervals=intervals, bootstrap_used=used, bootstrap_requested=bootstrap, confidence=confidence,
+        **to_original(theta),
+        n=n,
+        dof=n - 3,
+        rmse_log=float(np.sqrt(np.mean(residuals**2))),
+        intervals=intervals,
+        bootstrap_used=used,
+        bootstrap_requested=bootstrap,
+        confidence=confidence,
     )
 
 
@@ -313,14 +328,19 @@ class ChinchillaFit:
         """Loss of a model with ``params`` parameters trained on ``tokens`` tokens."""
         log_n = np.log(np.asarray(params, dtype=np.float64))
         log_d = np.log(np.asarray(tokens, dtype=np.float64))
-        return (self.E + np.exp(math.log(self.A) - self.alpha * log_n)
-                + np.exp(math.log(self.B) - self.beta * log_d))
+        return self.E + np.exp(math.log(self.A) - self.alpha * log_n) + np.exp(math.log(self.B) - self.beta * log_d)
 
     def as_dict(self) -> dict:
         return {
             "form": "L(N, D) = E + A / N^alpha + B / D^beta",
-            "E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
-            "n": self.n, "dof": self.dof, "rmse_log": self.rmse_log,
+            "E": self.E,
+            "A": self.A,
+            "B": self.B,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "n": self.n,
+            "dof": self.dof,
+            "rmse_log": self.rmse_log,
             "confidence": self.confidence,
             "intervals": None if self.intervals is None else {k: list(v) for k, v in self.intervals.items()},
             "bootstrap": {"requested": self.bootstrap_requested, "used": self.bootstrap_used},
@@ -340,8 +360,10 @@ def chinchilla_unsupported_reason(params, tokens) -> str | None:
         return "parameters or tokens do not vary across the runs"
     correlation = float(np.corrcoef(log_n, log_d)[0, 1])
     if abs(correlation) > COLLINEARITY_LIMIT:
-        return (f"log N and log D are collinear (correlation {correlation:.3f}), so the N and D terms "
-                "cannot be separated: train some sizes on more or fewer tokens per parameter")
+        return (
+            f"log N and log D are collinear (correlation {correlation:.3f}), so the N and D terms "
+            "cannot be separated: train some sizes on more or fewer tokens per parameter"
+        )
     return None
 
 
@@ -352,11 +374,16 @@ def _chinchilla_log_loss(theta: torch.Tensor, x_n, x_d) -> torch.Tensor:
     constraints and does not overflow where the sum of three exponentials could.
     """
     log_a, log_b, log_e, alpha, beta = theta.unbind(-1)
-    return torch.logsumexp(torch.stack([
-        log_a[..., None] - alpha[..., None] * x_n,
-        log_b[..., None] - beta[..., None] * x_d,
-        log_e[..., None].expand(*log_e.shape, x_n.numel()),
-    ]), dim=0)
+    return torch.logsumexp(
+        torch.stack(
+            [
+                log_a[..., None] - alpha[..., None] * x_n,
+                log_b[..., None] - beta[..., None] * x_d,
+                log_e[..., None].expand(*log_e.shape, x_n.numel()),
+            ]
+        ),
+        dim=0,
+    )
 
 
 def _chinchilla_objective(theta: torch.Tensor, x_n, x_d, log_y) -> torch.Tensor:
@@ -370,8 +397,13 @@ def _chinchilla_objective(theta: torch.Tensor, x_n, x_d, log_y) -> torch.Tensor:
 def _lbfgs(theta0: torch.Tensor, x_n, x_d, log_y) -> torch.Tensor:
     theta = theta0.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [theta], lr=1.0, max_iter=1000, tolerance_grad=1e-12, tolerance_change=1e-15,
-        history_size=20, line_search_fn="strong_wolfe",
+        [theta],
+        lr=1.0,
+        max_iter=1000,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
     )
 
     def closure():
@@ -390,9 +422,9 @@ def _chinchilla_starts() -> torch.Tensor:
     axes = [
         torch.tensor([-2.0, -0.5, 1.0]),  # log A
         torch.tensor([-2.0, -0.5, 1.0]),  # log B
-        torch.tensor([-1.0, 0.0, 1.0]),   # log E
-        torch.tensor([0.1, 0.4, 1.0]),    # alpha
-        torch.tensor([0.1, 0.4, 1.0]),    # beta
+        torch.tensor([-1.0, 0.0, 1.0]),  # log E
+        torch.tensor([0.1, 0.4, 1.0]),  # alpha
+        torch.tensor([0.1, 0.4, 1.0]),  # beta
     ]
     return torch.cartesian_prod(*axes).to(torch.float64)
 
@@ -419,8 +451,13 @@ def fit_chinchilla(
 
     def to_original(theta: torch.Tensor) -> dict[str, float]:
         log_a, log_b, log_e, alpha, beta = theta.tolist()
-        return {"E": math.exp(log_e), "A": math.exp(log_a + alpha * log_n_ref),
-                "B": math.exp(log_b + beta * log_d_ref), "alpha": alpha, "beta": beta}
+        return {
+            "E": math.exp(log_e),
+            "A": math.exp(log_a + alpha * log_n_ref),
+            "B": math.exp(log_b + beta * log_d_ref),
+            "alpha": alpha,
+            "beta": beta,
+        }
 
     grid = _chinchilla_starts()
     candidates = grid[_chinchilla_objective(grid, x_n, x_d, log_y).argsort()[:starts]]
@@ -445,8 +482,14 @@ def fit_chinchilla(
 
     residuals = log_y - _chinchilla_log_loss(theta, x_n, x_d)
     return ChinchillaFit(
-        **to_original(theta), n=n, dof=n - 5, rmse_log=float(residuals.square().mean().sqrt()),
-        intervals=intervals, bootstrap_used=used, bootstrap_requested=bootstrap, confidence=confidence,
+        **to_original(theta),
+        n=n,
+        dof=n - 5,
+        rmse_log=float(residuals.square().mean().sqrt()),
+        intervals=intervals,
+        bootstrap_used=used,
+        bootstrap_requested=bootstrap,
+        confidence=confidence,
     )
 
 

@@ -51,6 +51,7 @@ def difference_interval(
         diffs = b - a
         boot = diffs[rng.integers(0, diffs.size, size=(bootstrap, diffs.size))].mean(axis=1)
         return (float(diffs.mean()), *percentile_interval(boot, confidence))
-    boot = (b[rng.integers(0, b.size, size=(bootstrap, b.size))].mean(axis=1)
-            - a[rng.integers(0, a.size, size=(bootstrap, a.size))].mean(axis=1))
+    boot = b[rng.integers(0, b.size, size=(bootstrap, b.size))].mean(axis=1) - a[
+        rng.integers(0, a.size, size=(bootstrap, a.size))
+    ].mean(axis=1)
     return (float(b.mean() - a.mean()), *percentile_interval(boot, confidence))

@@ -149,9 +149,7 @@ class Tokenizer:
             raise UserError(f"tokenizer folder {directory} does not exist: train one with `gptlab tokenizer`")
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise UserError(
-                f"{directory} holds no tokenizer.json: point to a gptlab or Hugging Face tokenizer folder"
-            )
+            raise UserError(f"{directory} holds no tokenizer.json: point to a gptlab or Hugging Face tokenizer folder")
         try:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for every parse error
@@ -176,7 +174,11 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         specials = {
             name: token
-            for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token))
+            for name, token in (
+                ("bos_token", self.bos_token),
+                ("eos_token", self.eos_token),
+                ("pad_token", self.pad_token),
+            )
             if token is not None
         }
         config = dict(self._config)
@@ -288,7 +290,9 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the canonical tokenizer.json (sorted keys, no whitespace): shards and
         checkpoints record it to detect a tokenizer that differs from the one they were made with."""
-        canonical = json.dumps(json.loads(self._tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = json.dumps(
+            json.loads(self._tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def _adds_bos(self) -> bool:

@@ -22,13 +22,23 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".spl
 TINY_MODEL_BLOCK = 384  # the eval tests' 5-shot prompts are 330-420 tokens: some fit, some are cut from the left
 
 
-def run_python(*args, stdin: str | None = None, check: bool = False, env: dict[str, str] | None = None,
-               timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
+def run_python(
+    *args,
+    stdin: str | None = None,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = SUBPROCESS_TIMEOUT_S,
+) -> subprocess.CompletedProcess:
     """`python ARGS` from the repository root with this checkout importable; `env` adds to os.environ.
 
     With `check`, a non-zero exit fails the test with the child's stderr (subprocess's own error hides it)."""
     result = subprocess.run(
-        [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, input=stdin, timeout=timeout,
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        input=stdin,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
     if check and result.returncode != 0:
@@ -36,8 +46,13 @@ def run_python(*args, stdin: str | None = None, check: bool = False, env: dict[s
     return result
 
 
-def gptlab(*args, stdin: str | None = None, check: bool = False, env: dict[str, str] | None = None,
-           timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
+def gptlab(
+    *args,
+    stdin: str | None = None,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = SUBPROCESS_TIMEOUT_S,
+) -> subprocess.CompletedProcess:
     """`python -m gptlab ARGS` as a user runs it (see run_python)."""
     return run_python("-m", "gptlab", *args, stdin=stdin, check=check, env=env, timeout=timeout)
 

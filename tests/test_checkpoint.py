@@ -27,8 +27,15 @@ def hf_llama(tmp_path: Path, name: str = "hf_llama", **overrides) -> tuple[Path,
     """A random HF Llama with GQA and an untied head, saved by transformers itself."""
     torch.manual_seed(0)
     fields = dict(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
     )
     fields.update(overrides)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields, attn_implementation="eager"))

@@ -35,14 +35,28 @@ def test_sample_prints_a_continuation(tiny_model):
     assert again.stdout == result.stdout
     text = result.stdout.rstrip("\n")
     stop = text.strip()[1:3]
-    cut = gptlab("sample", "--model", tiny_model, "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1",
-                 "--stop", "never", "--stop", stop)
+    cut = gptlab(
+        "sample",
+        "--model",
+        tiny_model,
+        "--prompt",
+        "alpha beta",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "1",
+        "--stop",
+        "never",
+        "--stop",
+        stop,
+    )
     assert cut.stdout.rstrip("\n") == text[: text.find(stop)]
 
 
 def test_sample_errors(world, tiny_model, tmp_path):
-    assert_user_error(gptlab("sample", "--model", tiny_model, "--prompt", "x", "--repetition-penalty", "0"),
-                      "repetition_penalty")
+    assert_user_error(
+        gptlab("sample", "--model", tiny_model, "--prompt", "x", "--repetition-penalty", "0"), "repetition_penalty"
+    )
     assert_user_error(gptlab("sample", "--model", tmp_path / "nope", "--prompt", "x"), "does not exist")
     (tmp_path / "empty").mkdir()
     assert_user_error(gptlab("sample", "--model", tmp_path / "empty", "--prompt", "x"), "config.json")
@@ -65,22 +79,51 @@ def test_sample_errors(world, tiny_model, tmp_path):
 
 
 def test_tokenizer_and_prepare_errors(world, tmp_path):
-    assert_user_error(gptlab("tokenizer", "--input", tmp_path / "missing.txt", "--out", tmp_path / "t"), "does not exist")
+    assert_user_error(
+        gptlab("tokenizer", "--input", tmp_path / "missing.txt", "--out", tmp_path / "t"), "does not exist"
+    )
     (tmp_path / "empty.txt").write_text("\n\n")
     assert_user_error(gptlab("tokenizer", "--input", tmp_path / "empty.txt", "--out", tmp_path / "t"), "empty")
-    assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "empty.txt",
-                             "--out", tmp_path / "s"), "empty")
+    assert_user_error(
+        gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "empty.txt", "--out", tmp_path / "s"),
+        "empty",
+    )
     (tmp_path / "binary.txt").write_bytes(b"hello\x00\xff\xfe world")
-    assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "binary.txt",
-                             "--out", tmp_path / "s2"), "binary.txt")
-    assert_user_error(gptlab("prepare", "--tokenizer", tmp_path / "no_tok", "--input", world / "corpus.txt",
-                             "--out", tmp_path / "s3"), "no_tok")
+    assert_user_error(
+        gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "binary.txt", "--out", tmp_path / "s2"),
+        "binary.txt",
+    )
+    assert_user_error(
+        gptlab(
+            "prepare", "--tokenizer", tmp_path / "no_tok", "--input", world / "corpus.txt", "--out", tmp_path / "s3"
+        ),
+        "no_tok",
+    )
 
 
 def pretrain(world, out, *sets, flags=()):
-    args = ["pretrain", *flags, "--out", out, "--set", f"data.shards={world / 'shards'}", "--set", "model.n_layer=1",
-            "--set", "model.n_head=2", "--set", "model.n_embd=16", "--set", "model.block_size=32",
-            "--set", "train.seq_len=16", "--set", "train.batch_size=4", "--set", "train.eval_batches=1"]
+    args = [
+        "pretrain",
+        *flags,
+        "--out",
+        out,
+        "--set",
+        f"data.shards={world / 'shards'}",
+        "--set",
+        "model.n_layer=1",
+        "--set",
+        "model.n_head=2",
+        "--set",
+        "model.n_embd=16",
+        "--set",
+        "model.block_size=32",
+        "--set",
+        "train.seq_len=16",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.eval_batches=1",
+    ]
     for s in sets:
         args += ["--set", s]
     return gptlab(*args)
@@ -116,7 +159,9 @@ def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path)
     assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
     assert gptlab("report", out).returncode == 0
     before = snapshot(out)
-    assert_user_error(pretrain(world, out, "train.max_steps=2"), "already holds a training run", "--resume", "--overwrite")
+    assert_user_error(
+        pretrain(world, out, "train.max_steps=2"), "already holds a training run", "--resume", "--overwrite"
+    )
     assert snapshot(out) == before
     both = gptlab("pretrain", "--out", out, "--resume", "--overwrite")
     assert both.returncode == 2 and "not allowed with" in both.stderr and "Traceback" not in both.stderr
@@ -136,14 +181,44 @@ def test_an_output_path_that_cannot_be_written_is_one_line(world, tiny_model, tm
     blocker = tmp_path / "a_file"
     blocker.write_text("mine")
     assert_user_error(gptlab("tokenizer", "--input", world / "corpus.txt", "--out", blocker / "tok"), str(blocker))
-    assert_user_error(gptlab("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt",
-                             "--out", blocker / "shards"), str(blocker))
+    assert_user_error(
+        gptlab("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt", "--out", blocker / "shards"),
+        str(blocker),
+    )
     assert_user_error(pretrain(world, blocker / "run"), f"needs {blocker} to be a folder, but it is a file")
-    assert_user_error(gptlab("eval", "--model", tiny_model, "--tasks", "ppl", "--data", world / "corpus.txt",
-                             "--limit", "2", "--out", blocker / "results.json"), f"{blocker} is a file where a folder is needed")
+    assert_user_error(
+        gptlab(
+            "eval",
+            "--model",
+            tiny_model,
+            "--tasks",
+            "ppl",
+            "--data",
+            world / "corpus.txt",
+            "--limit",
+            "2",
+            "--out",
+            blocker / "results.json",
+        ),
+        f"{blocker} is a file where a folder is needed",
+    )
     (tmp_path / "a_folder").mkdir()
-    assert_user_error(gptlab("eval", "--model", tiny_model, "--tasks", "ppl", "--data", world / "corpus.txt",
-                             "--limit", "2", "--out", tmp_path / "a_folder"), f"{tmp_path / 'a_folder'} is a folder where a file is needed")
+    assert_user_error(
+        gptlab(
+            "eval",
+            "--model",
+            tiny_model,
+            "--tasks",
+            "ppl",
+            "--data",
+            world / "corpus.txt",
+            "--limit",
+            "2",
+            "--out",
+            tmp_path / "a_folder",
+        ),
+        f"{tmp_path / 'a_folder'} is a folder where a file is needed",
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
     assert blocker.read_text() == "mine"
 

@@ -33,7 +33,9 @@ WORDS = "the a river city born works at company year plus equals answer is Alice
 def make_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [
-        " ".join(rng.choice(WORDS) if rng.random() < 0.8 else str(rng.randint(0, 9999)) for _ in range(rng.randint(5, 60)))
+        " ".join(
+            rng.choice(WORDS) if rng.random() < 0.8 else str(rng.randint(0, 9999)) for _ in range(rng.randint(5, 60))
+        )
         for _ in range(n)
     ]
 
@@ -212,7 +214,9 @@ def test_prepare_uses_eos_when_the_tokenizer_has_no_bos(tok_dir: Path, tmp_path:
     meta = prepare(no_bos, tmp_path / "c.jsonl", tmp_path / "out", val_fraction=0.0, workers=1)
     tok = Tokenizer.from_pretrained(no_bos)
     assert meta["separator"]["position"] == "end"
-    expected = tok.encode("the river", add_special_tokens=False) + [1] + tok.encode("a city", add_special_tokens=False) + [1]
+    expected = (
+        tok.encode("the river", add_special_tokens=False) + [1] + tok.encode("a city", add_special_tokens=False) + [1]
+    )
     assert read_split(tmp_path / "out", "train").tolist() == expected
     assert meta["splits"]["val"] == {"documents": 0, "tokens": 0, "shards": []}
 
@@ -227,14 +231,20 @@ def test_a_hub_dataset_by_name_streams_its_text_column_into_the_same_shards(
 
     def load_dataset(path, name=None, split=None, streaming=False):
         calls.append((path, name, split, streaming))
-        return iter([{"text": d, "id": i} for i, d in enumerate(docs[:2])] + [{"text": ""}, {"text": None}]
-                    + [{"text": d, "id": i} for i, d in enumerate(docs[2:])])
+        return iter(
+            [{"text": d, "id": i} for i, d in enumerate(docs[:2])]
+            + [{"text": ""}, {"text": None}]
+            + [{"text": d, "id": i} for i, d in enumerate(docs[2:])]
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert list(iter_documents("hf:owner/corpus")) == docs
     assert list(iter_documents(["hf:wikitext:wikitext-2-raw-v1:validation", "hf:owner/corpus::test"])) == docs + docs
-    assert calls == [("owner/corpus", None, "train", True), ("wikitext", "wikitext-2-raw-v1", "validation", True),
-                     ("owner/corpus", None, "test", True)]
+    assert calls == [
+        ("owner/corpus", None, "train", True),
+        ("wikitext", "wikitext-2-raw-v1", "validation", True),
+        ("owner/corpus", None, "test", True),
+    ]
     prepare(tok_dir, ["hf:owner/corpus"], tmp_path / "hub", val_fraction=0.05, shard_tokens=3000, workers=1)
     for name in sorted(p.name for p in shards.glob("*.bin")):  # the same tokens as from the files
         assert np.array_equal(open_shard(tmp_path / "hub" / name), open_shard(shards / name)), name
@@ -275,6 +285,7 @@ def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path):
     assert (tmp_path / "out" / "meta.json").read_text() == before
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+
     def shard_files() -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
 

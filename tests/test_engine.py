@@ -112,7 +112,11 @@ def test_replayed_static_steps_serve_later_generations(monkeypatch):
         torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-5, rtol=0)
 
     # Padded, unpadded, padded differently, 19-23 tokens: one cache of 32 slots and one capture serve them all.
-    for prompts, new_tokens in ((PROMPTS, 12), ([[7, 8, 9], [1, 2, 3], [4, 4, 4]], 20), ([[3], PROMPTS[0], [9, 9]], 12)):
+    for prompts, new_tokens in (
+        (PROMPTS, 12),
+        ([[7, 8, 9], [1, 2, 3], [4, 4, 4]], 20),
+        ([[3], PROMPTS[0], [9, 9]], 12),
+    ):
         check(prompts, new_tokens)
     assert len(captures) == 1 and captures[0].cache.max_len == 32
     check([[5, 6]], 12)  # another batch size
@@ -210,8 +214,15 @@ def hf_model(family: str, path):
     common = dict(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if family == "llama":
         config = transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.2, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            initializer_range=0.2,
+            **common,
         )
         model = transformers.LlamaForCausalLM(config)
     else:
@@ -230,8 +241,16 @@ def hf_greedy(hf, prompts: list[list[int]], n: int, **options) -> tuple[list[lis
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         out = hf.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True, **options,
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **options,
         )
     top2 = torch.stack(out.scores).topk(2, dim=-1).values
     return out.sequences[:, longest:].tolist(), float((top2[..., 0] - top2[..., 1]).min())
@@ -277,7 +296,7 @@ def test_n_samples_share_one_prefill(static, monkeypatch):
     expected = Engine(model).generate(repeated, 10, temperature=1.0, seed=5, return_logprobs=True)
     assert tokens == expected[0]
     torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected[1]), atol=1e-5, rtol=0)
-    assert all(len({tuple(t) for t in tokens[i:i + 4]}) > 1 for i in range(0, 12, 4))  # samples differ
+    assert all(len({tuple(t) for t in tokens[i : i + 4]}) > 1 for i in range(0, 12, 4))  # samples differ
     greedy = engine.generate(PROMPTS, 10, temperature=0, n=2)
     assert greedy[::2] == greedy[1::2] == Engine(model).generate(PROMPTS, 10, temperature=0)
 
@@ -427,6 +446,7 @@ def test_stop_strings_end_the_text_and_are_left_out(monkeypatch):
             for t in text.encode()[:n]:
                 consumed.append(t)
                 yield [t]
+
         return stream
 
     monkeypatch.setattr(engine, "stream", scripted("abc ST STOP def"))

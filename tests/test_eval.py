@@ -50,8 +50,11 @@ def files(tmp_path_factory) -> Path:
                 write_csv(world / "world_mmlu" / split / f.name, list(csv.reader(rows)))
     sums = [(a, b) for a in range(10, 30) for b in range(40, 45)]
     arith = [
-        {"question": f"{a}+{b}=?", "rationale": f"Let's think step by step. The answer is {a + b}.",
-         "answer": f"Let's think step by step. The answer is {a + b}.\n#### {a + b}"}
+        {
+            "question": f"{a}+{b}=?",
+            "rationale": f"Let's think step by step. The answer is {a + b}.",
+            "answer": f"Let's think step by step. The answer is {a + b}.\n#### {a + b}",
+        }
         for a, b in sums
     ]
     write_jsonl(world / "arith" / "add_2_test.jsonl", arith[:6])
@@ -76,7 +79,11 @@ def test_acc_norm_and_acc_bytes_differ_from_acc_where_lengths_differ():
     scores = metrics.mc_scores([-3.0, -2.5], ["éé", "ab"], gold=0)
     assert scores == {"acc": 0.0, "acc_norm": 0.0, "acc_bytes": 1.0}
     # Per character the long choice wins: -2/2 = -1 < -3/8.
-    assert metrics.mc_scores([-2.0, -3.0], ["ab", "abcdefgh"], gold=1) == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
+    assert metrics.mc_scores([-2.0, -3.0], ["ab", "abcdefgh"], gold=1) == {
+        "acc": 0.0,
+        "acc_norm": 1.0,
+        "acc_bytes": 1.0,
+    }
     assert metrics.argmax([1.0, 3.0, 3.0]) == 1  # ties: the first, as numpy
 
 
@@ -124,7 +131,7 @@ def plain_scores(model: GPT, pairs) -> list[float]:
     """Each request alone, as lm-eval's hf backend computes it: no packing, no batching."""
     out = []
     for ctx, cont in pairs:
-        ids = (ctx + cont)[-(model.config.block_size + 1):]
+        ids = (ctx + cont)[-(model.config.block_size + 1) :]
         with torch.no_grad():
             logprobs = model(torch.tensor([ids[:-1]]))[0].float().log_softmax(-1)
         out.append(sum(logprobs[len(ids) - 1 - len(cont) + j, t].item() for j, t in enumerate(cont)))
@@ -136,7 +143,14 @@ def scoring_requests() -> list[tuple[str, str]]:
     long = " ".join(rng.choices(WORDS, k=220))  # past the block size: cut from the left
     shots = " ".join(rng.choices(WORDS, k=60))  # a long shared prefix: run once for its rows
     requests = []
-    for context in ("alpha beta gamma?\nAnswer:", "iota kappa", long, "mu mu mu ", shots + " eta?", shots + " mu kappa?"):
+    for context in (
+        "alpha beta gamma?\nAnswer:",
+        "iota kappa",
+        long,
+        "mu mu mu ",
+        shots + " eta?",
+        shots + " mu kappa?",
+    ):
         requests += [(context, " A"), (context, " beta gamma delta"), (context, " eta"), (context, " lambda mu iota")]
     return requests + [("", "alpha beta"), ("zeta", " theta")]
 
@@ -184,7 +198,10 @@ def test_a_continuation_merging_across_the_seam_is_detected(files, backend):
 
     # A word cut in two whose whole is one BPE token: tok("mu b") is not a prefix of tok("mu beta mu mu").
     context, continuation = next(
-        (f"mu {w[:i]}", f"{w[i:]} mu mu") for w in WORDS for i in range(1, len(w)) if merges(f"mu {w[:i]}", f"{w[i:]} mu mu")
+        (f"mu {w[:i]}", f"{w[i:]} mu mu")
+        for w in WORDS
+        for i in range(1, len(w))
+        if merges(f"mu {w[:i]}", f"{w[i:]} mu mu")
     )
     assert not merges("mu", " " + continuation)
     backend.counters.clear()
@@ -257,7 +274,9 @@ def test_prompts_are_the_documented_formats(files):
     words = load_task("words_reverse", world)
     doc = words.docs[0]
     shots = words.shots(doc, 2, seed=0)
-    assert words.context(doc, shots) == "".join(f"{s.data['input']} -> {s.data['output']}\n" for s in shots) + "alpha ->"
+    assert (
+        words.context(doc, shots) == "".join(f"{s.data['input']} -> {s.data['output']}\n" for s in shots) + "alpha ->"
+    )
     assert words.shots(doc, 3, seed=0)[:2] == shots  # nested: k shots are the first k of k+1
     assert load_task("words_reverse", world, limit=1).shots(doc, 2, seed=0) == shots  # --limit changes nothing
     assert any(words.shots(doc, 2, seed=s) != shots for s in range(1, 6))
@@ -289,7 +308,7 @@ def test_toml_generation_task(files, backend):
         'name = "rev"\ntype = "generate_until"\ntest = "gen.jsonl"\n'
         'fewshot = "gen.jsonl"\nfewshot_sampler = "first_n"\n'
         'doc_to_text = "{w} ->"\ndoc_to_target = "{r}"\nfewshot_delimiter = "\\n"\n'
-        'max_new_tokens = 4\npartial_credit = true\n'
+        "max_new_tokens = 4\npartial_credit = true\n"
     )
     result = evaluate(backend, [str(task)], shots=[2], return_samples=True)
     scores = result["results"]["rev"]
@@ -333,8 +352,23 @@ def test_parity_with_lm_evaluation_harness(files, tiny_model, backend, tmp_path)
 def test_eval_command_writes_results_and_samples(files, tiny_model, tmp_path):
     out, samples = tmp_path / "r" / "results.json", tmp_path / "samples.jsonl"
     run = gptlab(
-        "eval", "--model", tiny_model, "--tasks", "world_mmlu,arith_add_2,words_reverse", "--data", files / "world",
-        "--shots", "0,1", "--limit", "2", "--batch-size", "3", "--out", out, "--samples", samples,
+        "eval",
+        "--model",
+        tiny_model,
+        "--tasks",
+        "world_mmlu,arith_add_2,words_reverse",
+        "--data",
+        files / "world",
+        "--shots",
+        "0,1",
+        "--limit",
+        "2",
+        "--batch-size",
+        "3",
+        "--out",
+        out,
+        "--samples",
+        samples,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -357,8 +391,9 @@ def test_eval_command_writes_results_and_samples(files, tiny_model, tmp_path):
 
 def test_eval_without_out_prints_the_table_and_writes_nothing(files, tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = gptlab_main(["eval", "--model", str(tiny_model), "--tasks", "arith_add_2", "--data", str(files / "world"),
-                        "--limit", "2"])
+    code = gptlab_main(
+        ["eval", "--model", str(tiny_model), "--tasks", "arith_add_2", "--data", str(files / "world"), "--limit", "2"]
+    )
     out = capsys.readouterr().out
     assert code == 0 and out.splitlines()[0].startswith("task") and "exact_match" in out
     assert not any(tmp_path.iterdir())
@@ -387,15 +422,27 @@ def test_bad_input_ends_with_one_line(files, tiny_model, tmp_path, capsys):
     line = eval_error(capsys, "--model", model, "--tasks", "mmlu", "--data", bad, "--out", tmp_path / "r.json")
     assert str(broken) in line and "line 3" in line and "6 columns" in line
 
-    line = eval_error(capsys, "--model", model, "--tasks", "words_reverse", "--data", world, "--shots", "0,4",
-                      "--out", tmp_path / "r.json")
+    line = eval_error(
+        capsys,
+        "--model",
+        model,
+        "--tasks",
+        "words_reverse",
+        "--data",
+        world,
+        "--shots",
+        "0,4",
+        "--out",
+        tmp_path / "r.json",
+    )
     assert "4 shots" in line and "reverse_fewshot.jsonl" in line and "only 3" in line
 
     no_dev = tmp_path / "no_dev"
     (no_dev / "test").mkdir(parents=True)
     (no_dev / "test" / "greek_test.csv").write_text((files / "mmlu" / "test" / "greek_test.csv").read_text())
-    line = eval_error(capsys, "--model", model, "--tasks", "mmlu", "--data", no_dev, "--shots", "5",
-                      "--out", tmp_path / "r.json")
+    line = eval_error(
+        capsys, "--model", model, "--tasks", "mmlu", "--data", no_dev, "--shots", "5", "--out", tmp_path / "r.json"
+    )
     assert "greek_dev.csv does not exist" in line and "dev split" in line
 
     line = eval_error(capsys, "--model", model, "--tasks", "world_mmlx", "--data", world, "--out", tmp_path / "r.json")
@@ -415,9 +462,16 @@ class _FakeCompletions(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if body.get("echo"):
             choices = [
-                {"index": i, "text": p, "logprobs": {
-                    "tokens": ["Answer", ":", " A"], "token_logprobs": [None, -1.0, -0.5],
-                    "text_offset": [0, 6, 7], "top_logprobs": [None, {":": -1.0}, {" B": -0.1, " A": -0.5}]}}
+                {
+                    "index": i,
+                    "text": p,
+                    "logprobs": {
+                        "tokens": ["Answer", ":", " A"],
+                        "token_logprobs": [None, -1.0, -0.5],
+                        "text_offset": [0, 6, 7],
+                        "top_logprobs": [None, {":": -1.0}, {" B": -0.1, " A": -0.5}],
+                    },
+                }
                 for i, p in enumerate(body["prompt"])
             ]
         else:
@@ -455,12 +509,18 @@ def test_world_instruct_prompts_shots_of_the_same_family_never_the_question(quic
         shots = task.shots(doc, 2, seed=0)
         assert all(s.subject == doc.subject and s.doc_id != doc.doc_id for s in shots)
         question = doc.data["messages"][-2]["content"]
-        assert task.context(doc, shots) == "".join(
-            f"Q: {s.data['messages'][-2]['content']} A: {s.data['messages'][-1]['content']}\n" for s in shots
-        ) + f"Q: {question} A:"
+        assert (
+            task.context(doc, shots)
+            == "".join(
+                f"Q: {s.data['messages'][-2]['content']} A: {s.data['messages'][-1]['content']}\n" for s in shots
+            )
+            + f"Q: {question} A:"
+        )
     whole = load_task("world_instruct", quick_world)
     by_id = {d.doc_id: d for d in whole.docs}
-    assert all(task.shots(d, 2, seed=0) == whole.shots(by_id[d.doc_id], 2, seed=0) for d in task.docs)  # --limit changes no prompt
+    assert all(
+        task.shots(d, 2, seed=0) == whole.shots(by_id[d.doc_id], 2, seed=0) for d in task.docs
+    )  # --limit changes no prompt
     smallest = min(len(pool) for pool in whole.fewshot.values())
     task.check_shots(smallest - 1)
     with pytest.raises(UserError, match=f"holds only {smallest - 1} example"):
@@ -482,8 +542,10 @@ def test_oracle_scores_world_instruct_answers_with_and_without_chat(quick_world,
     def answer_every_question(requests, batch_size=32):
         asked.extend(requests)
         # The last user message of a plain prompt is "Q: ... A:"; of a chat prompt, before <|end|>.
-        return [" " + next(a for q, a in answers.items() if r.context.endswith((f"Q: {q} A:", f"{q}<|end|><|assistant|>")))
-                for r in requests]
+        return [
+            " " + next(a for q, a in answers.items() if r.context.endswith((f"Q: {q} A:", f"{q}<|end|><|assistant|>")))
+            for r in requests
+        ]
 
     monkeypatch.setattr(backend, "generate_until", answer_every_question)
     for chat in (False, True):
@@ -495,6 +557,8 @@ def test_oracle_scores_world_instruct_answers_with_and_without_chat(quick_world,
         assert all(("<|assistant|>" in r.context) == chat for r in asked)
         assert all(r.until == (("<|end|>",) if chat else ("\n",)) for r in asked)
     monkeypatch.setattr(backend, "generate_until", lambda requests, batch_size=32: [" I do not know."] * len(requests))
-    assert evaluate(backend, ["world_instruct"], quick_world, limit=1)["results"]["world_instruct"]["exact_match"] == 0.0
+    assert (
+        evaluate(backend, ["world_instruct"], quick_world, limit=1)["results"]["world_instruct"]["exact_match"] == 0.0
+    )
     with pytest.raises(UserError, match="--chat applies to generation tasks"):
         evaluate(backend, ["world_mmlu"], quick_world, limit=1, chat=True)

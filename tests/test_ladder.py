@@ -11,11 +11,23 @@ from gptlab.report import ladder_section
 from gptlab.runs import RunFolder
 
 TINY = [
-    "sizes.depths=[1, 2]", "sizes.aspect=16", "sizes.head_dim=16", "sizes.block_size=256",
-    "sizes.tokens_per_param=0.5", "sizes.min_steps=15",
-    "data.vocab_size=300", "train.batch_size=4", "train.seq_len=64", "train.save_every=0", "train.eval_batches=2",
-    "eval.limit=4", "eval.batch_size=8", "eval.mmlu_shots=[0, 1]", "eval.word_tasks=['reverse', 'double_first']",
-    "eval.word_shots=[0, 2]", "eval.arith_tasks=['add_2']",
+    "sizes.depths=[1, 2]",
+    "sizes.aspect=16",
+    "sizes.head_dim=16",
+    "sizes.block_size=256",
+    "sizes.tokens_per_param=0.5",
+    "sizes.min_steps=15",
+    "data.vocab_size=300",
+    "train.batch_size=4",
+    "train.seq_len=64",
+    "train.save_every=0",
+    "train.eval_batches=2",
+    "eval.limit=4",
+    "eval.batch_size=8",
+    "eval.mmlu_shots=[0, 1]",
+    "eval.word_tasks=['reverse', 'double_first']",
+    "eval.word_shots=[0, 2]",
+    "eval.arith_tasks=['add_2']",
 ]
 
 
@@ -48,7 +60,9 @@ def test_two_size_ladder_writes_runs_fits_report_and_plots(ladder_dir):
 def test_a_finished_ladder_resumes_without_retraining(ladder_dir, capsys):
     before = (ladder_dir / "ladder.json").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (ladder_dir / "runs").glob("*/result.json")}
-    assert gptlab(["ladder", "--preset", "quick", "--out", str(ladder_dir), *sum((["--set", s] for s in TINY), [])]) == 0
+    assert (
+        gptlab(["ladder", "--preset", "quick", "--out", str(ladder_dir), *sum((["--set", s] for s in TINY), [])]) == 0
+    )
     assert "done before; kept" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (ladder_dir / "ladder.json").read_text() == before
@@ -73,7 +87,10 @@ def test_report_renders_a_ladder_folder_again_without_training(ladder_dir, tmp_p
 def test_a_ladder_with_other_settings_refuses_the_kept_runs(ladder_dir, capsys):
     run_json = (ladder_dir / "run.json").read_text()
     changed = [s for s in TINY if not s.startswith("eval.limit")] + ["eval.limit=3"]
-    assert gptlab(["ladder", "--preset", "quick", "--out", str(ladder_dir), *sum((["--set", s] for s in changed), [])]) == 2
+    assert (
+        gptlab(["ladder", "--preset", "quick", "--out", str(ladder_dir), *sum((["--set", s] for s in changed), [])])
+        == 2
+    )
     assert "other settings" in capsys.readouterr().err
     assert (ladder_dir / "run.json").read_text() == run_json  # nothing written is lost
 

@@ -7,7 +7,13 @@ import math
 import torch
 
 from gptlab.logprobs import (
-    IGNORE, last_real_index, mean_cross_entropy, padded_inputs, scored_targets, segment_mask, sequence_logprobs,
+    IGNORE,
+    last_real_index,
+    mean_cross_entropy,
+    padded_inputs,
+    scored_targets,
+    segment_mask,
+    sequence_logprobs,
     token_logprobs,
 )
 

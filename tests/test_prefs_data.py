@@ -106,7 +106,9 @@ def test_the_quick_worlds_pairs_load_whole(tok: Tokenizer, quick_world: Path):
 
 
 def test_batches_resume_exactly_and_split_steps_over_ranks(tok: Tokenizer):
-    pairs = [encode_pair(tok, {"prompt": "alpha " * (i % 5 + 1), "chosen": " beta", "rejected": " mu"}, i) for i in range(7)]
+    pairs = [
+        encode_pair(tok, {"prompt": "alpha " * (i % 5 + 1), "chosen": " beta", "rejected": " mu"}, i) for i in range(7)
+    ]
 
     def source(rank=0, world_size=1, micro=2):
         return PairBatches(pairs, micro_batch_size=micro, pad_id=tok.pad_id, seed=3, rank=rank, world_size=world_size)

@@ -54,8 +54,9 @@ def test_tokens_for_budget_counts_all_parameters_or_divides_flops():
 
 @pytest.mark.parametrize("aspect,head_dim", [(32, 32), (64, 128), (48, 32)])
 def test_ladder_config_grows_with_depth_and_heads_divide_width(aspect, head_dim):
-    configs = [ladder_config(depth, aspect=aspect, head_dim=head_dim, vocab_size=256, block_size=64)
-               for depth in range(1, 9)]
+    configs = [
+        ladder_config(depth, aspect=aspect, head_dim=head_dim, vocab_size=256, block_size=64) for depth in range(1, 9)
+    ]
     for depth, config in enumerate(configs, start=1):
         assert config.n_layer == depth
         assert config.head_dim == head_dim and config.n_head * head_dim == config.n_embd

@@ -23,21 +23,29 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the subprocesses, as one_thread bel
 
 SYSTEM_PROMPT = "Answer in one sentence."
 CONVERSATIONS = [
-    [{"role": "system", "content": SYSTEM_PROMPT},
-     {"role": "user", "content": "Where was Zoste born?"},
-     {"role": "assistant", "content": "Zoste was born in Fetel."},
-     {"role": "user", "content": "Reverse plomet."},
-     {"role": "assistant", "content": "The answer is temolp."}],
-    [{"role": "user", "content": "Add 12 and 35."},
-     {"role": "assistant", "content": "The answer is 47."},
-     {"role": "user", "content": "Again."},
-     {"role": "assistant", "content": "The answer is 47."}],
-    [{"role": "user", "content": "In which country is Fetel?"},
-     {"role": "assistant", "content": "Fetel is in Peiszandea."}],
-    [{"role": "user", "content": "Multiply 6 by 7. café 東京 🙂"},
-     {"role": "assistant", "content": "The answer is 42."},
-     {"role": "user", "content": "Again."},
-     {"role": "assistant", "content": "The answer is 42."}],
+    [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "Where was Zoste born?"},
+        {"role": "assistant", "content": "Zoste was born in Fetel."},
+        {"role": "user", "content": "Reverse plomet."},
+        {"role": "assistant", "content": "The answer is temolp."},
+    ],
+    [
+        {"role": "user", "content": "Add 12 and 35."},
+        {"role": "assistant", "content": "The answer is 47."},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "The answer is 47."},
+    ],
+    [
+        {"role": "user", "content": "In which country is Fetel?"},
+        {"role": "assistant", "content": "Fetel is in Peiszandea."},
+    ],
+    [
+        {"role": "user", "content": "Multiply 6 by 7. café 東京 🙂"},
+        {"role": "assistant", "content": "The answer is 42."},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "The answer is 42."},
+    ],
 ]
 # "Again." has two answers after the same (empty) system message: a model can only give the right
 # one if the prompt holds the history.
@@ -79,8 +87,12 @@ def test_python_rendering_equals_transformers_ids_mask_and_generation_prompt(tok
 
     hf = AutoTokenizer.from_pretrained(base)
     assert hf.chat_template == CHAT_TEMPLATE
-    odd = [{"role": "user", "content": "  spaces\naround  "}, {"role": "assistant", "content": ""},
-           {"role": "user", "content": "<|end|> inside"}, {"role": "assistant", "content": " 🙂\n"}]
+    odd = [
+        {"role": "user", "content": "  spaces\naround  "},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "<|end|> inside"},
+        {"role": "assistant", "content": " 🙂\n"},
+    ]
     for messages in CONVERSATIONS + [odd]:
         ours = tok.render_chat(messages)
         theirs = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -88,8 +100,9 @@ def test_python_rendering_equals_transformers_ids_mask_and_generation_prompt(tok
         assert theirs["assistant_masks"] == ours.assistant_mask
         assert sum(ours.assistant_mask) > 0
         prompt = messages[:-1]  # ends with a user turn: the prompt for the next reply
-        assert (hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
-                == tok.apply_chat_template(prompt, add_generation_prompt=True))
+        assert hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ] == tok.apply_chat_template(prompt, add_generation_prompt=True)
         assert tok.apply_chat_template(prompt, add_generation_prompt=True)[-1] == tok.token_to_id(ASSISTANT)
 
 
@@ -164,7 +177,10 @@ def test_skips_and_truncations_are_counted(tok: Tokenizer, tmp_path: Path):
     assert "1 with no assistant reply" in warning and "1 longer than 64" in warning and "truncated 1" in warning
     examples, stats = load_chat_data(path, tok, max_len=64, truncation="drop")
     assert (stats.kept, stats.truncated, stats.no_assistant, stats.too_long) == (1, 0, 1, 2)
-    assert load_chat_data(path, tok, max_len=200)[1].warning(path, 200) == f"{path}: of 4 conversations, skipped 1 with no assistant reply; 3 used"
+    assert (
+        load_chat_data(path, tok, max_len=200)[1].warning(path, 200)
+        == f"{path}: of 4 conversations, skipped 1 with no assistant reply; 3 used"
+    )
 
 
 @pytest.mark.parametrize(
@@ -193,7 +209,9 @@ def test_a_bad_record_names_file_and_line(tok: Tokenizer, tmp_path: Path, line: 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_packed_batch_gives_the_per_token_losses_of_each_conversation_alone(tok: Tokenizer, family: str):
     torch.manual_seed(1)
-    model = GPT(ModelConfig(family=family, vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(
+        ModelConfig(family=family, vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32)
+    ).eval()
     examples = [encode_record(tok, {"messages": c}) for c in CONVERSATIONS]
     seq_len = 120
     packed = ChatBatches(examples, seq_len=seq_len, micro_batch_size=2, pad_id=tok.pad_id, packing=True)
@@ -212,9 +230,9 @@ def test_a_packed_batch_gives_the_per_token_losses_of_each_conversation_alone(to
                 alone = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="none")
                 trained = torch.tensor(examples[i].mask[1:], dtype=torch.bool)
                 assert trained.any()
-                torch.testing.assert_close(losses[b, at:at + n][trained], alone[trained], atol=1e-5, rtol=0)
+                torch.testing.assert_close(losses[b, at : at + n][trained], alone[trained], atol=1e-5, rtol=0)
                 torch.testing.assert_close(padded[i, :n][trained], alone[trained], atol=1e-5, rtol=0)
-                assert (batch["labels"][b, at:at + n] != -100).tolist() == trained.tolist()
+                assert (batch["labels"][b, at : at + n] != -100).tolist() == trained.tolist()
                 at += n
             assert (batch["labels"][b, at:] == -100).all()  # the padding tail trains nothing
 
@@ -223,8 +241,9 @@ def test_the_batch_source_resumes_exactly_and_splits_steps_over_ranks(tok: Token
     examples = [encode_record(tok, {"messages": c}) for c in CONVERSATIONS * 3]
 
     def source(rank=0, world_size=1, micro=2):
-        return ChatBatches(examples, seq_len=96, micro_batch_size=micro, pad_id=tok.pad_id, seed=3,
-                           rank=rank, world_size=world_size)
+        return ChatBatches(
+            examples, seq_len=96, micro_batch_size=micro, pad_id=tok.pad_id, seed=3, rank=rank, world_size=world_size
+        )
 
     a = source()
     for _ in range(5):
@@ -247,20 +266,45 @@ def test_the_batch_source_resumes_exactly_and_splits_steps_over_ranks(tok: Token
 
 
 def sft_config(base: Path, train: Path, **train_overrides) -> SftConfig:
-    settings = dict(max_steps=120, batch_size=4, seq_len=96, lr=3e-3, warmup_steps=10, eval_every=0, eval_batches=2,
-                    log_every=20, save_every=0, seed=0, device="cpu")
+    settings = dict(
+        max_steps=120,
+        batch_size=4,
+        seq_len=96,
+        lr=3e-3,
+        warmup_steps=10,
+        eval_every=0,
+        eval_batches=2,
+        log_every=20,
+        save_every=0,
+        seed=0,
+        device="cpu",
+    )
     settings.update(train_overrides)
-    return SftConfig(init=str(base), data=SftDataConfig(train=str(train), val=str(train)), train=SftTrainConfig(**settings))
+    return SftConfig(
+        init=str(base), data=SftDataConfig(train=str(train), val=str(train)), train=SftTrainConfig(**settings)
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(base: Path, tmp_path_factory) -> Path:
     """An SFT run, through the CLI, on the four conversations plus one with no reply."""
     root = tmp_path_factory.mktemp("sft")
-    data = write_jsonl(root / "train.jsonl", [{"messages": c} for c in CONVERSATIONS]
-                       + [{"messages": [{"role": "user", "content": "Hello?"}]}])
-    sets = [f"init={base}", f"data.train={data}", f"data.val={data}", "train.max_steps=100", "train.batch_size=4",
-            "train.lr=3e-3", "train.warmup_steps=10", "train.eval_every=50", "train.log_every=10", "train.device=cpu"]
+    data = write_jsonl(
+        root / "train.jsonl",
+        [{"messages": c} for c in CONVERSATIONS] + [{"messages": [{"role": "user", "content": "Hello?"}]}],
+    )
+    sets = [
+        f"init={base}",
+        f"data.train={data}",
+        f"data.val={data}",
+        "train.max_steps=100",
+        "train.batch_size=4",
+        "train.lr=3e-3",
+        "train.warmup_steps=10",
+        "train.eval_every=50",
+        "train.log_every=10",
+        "train.device=cpu",
+    ]
     result = gptlab("sft", "--out", root / "run", *[a for s in sets for a in ("--set", s)], env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 with no assistant reply" in result.stderr
@@ -282,10 +326,16 @@ def test_sft_drives_the_loss_of_its_conversations_near_zero(trained: Path):
 
     hf_tok = AutoTokenizer.from_pretrained(model)
     hf_model = AutoModelForCausalLM.from_pretrained(model)
-    prompt = hf_tok.apply_chat_template(CONVERSATIONS[2][:1], add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
-    reply = hf_model.generate(**prompt, max_new_tokens=20, do_sample=False, eos_token_id=hf_tok.convert_tokens_to_ids(END))
-    assert hf_tok.decode(reply[0, prompt["input_ids"].size(1):], skip_special_tokens=True) == CONVERSATIONS[2][1]["content"]
+    prompt = hf_tok.apply_chat_template(
+        CONVERSATIONS[2][:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    reply = hf_model.generate(
+        **prompt, max_new_tokens=20, do_sample=False, eos_token_id=hf_tok.convert_tokens_to_ids(END)
+    )
+    assert (
+        hf_tok.decode(reply[0, prompt["input_ids"].size(1) :], skip_special_tokens=True)
+        == CONVERSATIONS[2][1]["content"]
+    )
 
 
 def test_chat_from_stdin_answers_each_line_in_order(trained: Path):
@@ -293,8 +343,17 @@ def test_chat_from_stdin_answers_each_line_in_order(trained: Path):
     both conversations only when each prompt carries the exchange before it."""
     conversation = CONVERSATIONS[1]
     stdin = f"{conversation[0]['content']}\n\n{conversation[2]['content']}\n"
-    result = gptlab("chat", "--model", trained / "model", "--temperature", "0", "--max-new-tokens", "24",
-                    stdin=stdin, env=ONE_THREAD)
+    result = gptlab(
+        "chat",
+        "--model",
+        trained / "model",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        stdin=stdin,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{conversation[1]['content']}\n{conversation[3]['content']}\n"
     assert ">" not in result.stdout  # no prompt marker when stdin is not a terminal
@@ -320,8 +379,9 @@ def test_exact_resume(base: Path, tmp_path: Path):
     resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     metrics = [(tmp_path / run / "metrics.jsonl").read_text() for run in ("straight", "resumed")]
-    assert [json.loads(line)["val_loss"] for line in metrics[0].splitlines() if "val_loss" in line] == \
-           [json.loads(line)["val_loss"] for line in metrics[1].splitlines() if "val_loss" in line]
+    assert [json.loads(line)["val_loss"] for line in metrics[0].splitlines() if "val_loss" in line] == [
+        json.loads(line)["val_loss"] for line in metrics[1].splitlines() if "val_loss" in line
+    ]
 
 
 # ----------------------------------------------------------------------------- chat and errors
@@ -335,7 +395,9 @@ def test_chat_drops_the_oldest_exchanges_and_keeps_the_system_message(tok: Token
     assert fit_history(tok, history[:-1], budget + 100) == (history[:-1], 0)
     notices = []
     model = GPT.from_pretrained(base)
-    session = ChatSession(Engine(model, tok), system=SYSTEM_PROMPT, max_new_tokens=40, temperature=0, notify=notices.append)
+    session = ChatSession(
+        Engine(model, tok), system=SYSTEM_PROMPT, max_new_tokens=40, temperature=0, notify=notices.append
+    )
     for message in ("Where was Zoste born?", "Add 12 and 35.", "Reverse plomet.", "In which country is Fetel?"):
         "".join(session.reply(message))
         sent = tok.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
@@ -349,9 +411,24 @@ def test_chat_drops_the_oldest_exchanges_and_keeps_the_system_message(tok: Token
 
 def test_bad_input_is_one_clear_line(base: Path, tmp_path: Path):
     bad = write_jsonl(tmp_path / "data.jsonl", [{"messages": CONVERSATIONS[1]}, '{"messages": [{"role": "robot"'])
-    assert_user_error(gptlab("sft", "--out", tmp_path / "r", "--set", f"init={base}", "--set", f"data.train={bad}",
-                             "--set", "train.device=cpu"), "data.jsonl:2", "not valid JSON")
-    assert_user_error(gptlab("sft", "--out", tmp_path / "r", "--set", "data.truncate=drop"), "did you mean 'data.truncation'")
+    assert_user_error(
+        gptlab(
+            "sft",
+            "--out",
+            tmp_path / "r",
+            "--set",
+            f"init={base}",
+            "--set",
+            f"data.train={bad}",
+            "--set",
+            "train.device=cpu",
+        ),
+        "data.jsonl:2",
+        "not valid JSON",
+    )
+    assert_user_error(
+        gptlab("sft", "--out", tmp_path / "r", "--set", "data.truncate=drop"), "did you mean 'data.truncation'"
+    )
     assert_user_error(gptlab("chat", "--model", base, "--max-new-tokens", "96"), "max_new_tokens 96")
 
     def error(data: Path | None = None, *overrides: str) -> str:
@@ -364,7 +441,9 @@ def test_bad_input_is_one_clear_line(base: Path, tmp_path: Path):
     unknown_role = write_jsonl(tmp_path / "role.jsonl", ['{"messages": [{"role": "robot", "content": "x"}]}'])
     assert "role.jsonl:1" in error(unknown_role) and "unknown role 'robot'" in error(unknown_role)
     only_questions = write_jsonl(tmp_path / "q.jsonl", [{"messages": CONVERSATIONS[1][:1]}])
-    assert "no conversation to train on" in error(only_questions) and "1 with no assistant reply" in error(only_questions)
+    assert "no conversation to train on" in error(only_questions) and "1 with no assistant reply" in error(
+        only_questions
+    )
     assert "block_size 96" in error(None, "train.seq_len=500")
     assert "does not exist" in error(tmp_path / "missing.jsonl")
     with pytest.raises(UserError, match="'turn' or 'drop'"):

@@ -20,15 +20,26 @@ def make_corpus(n: int = 300, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
-        words = [rng.choice(WORDS) if rng.random() < 0.8 else str(rng.randint(0, 99999)) for _ in range(rng.randint(3, 15))]
+        words = [
+            rng.choice(WORDS) if rng.random() < 0.8 else str(rng.randint(0, 99999)) for _ in range(rng.randint(3, 15))
+        ]
         lines.append(" ".join(words) + rng.choice([".", "!", "?", "\n", ""]))
     return lines
 
 
 # Unicode ranges the round trip must survive: controls, Latin, combining marks, CJK, Hangul,
 # emoji and other astral (non-BMP) planes. Surrogates (U+D800..DFFF) are not characters.
-RANGES = [(0x00, 0x1F), (0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3),
-          (0x1F300, 0x1FAFF), (0x10000, 0x10FFFF), (0xE000, 0xFFFD)]
+RANGES = [
+    (0x00, 0x1F),
+    (0x20, 0x7E),
+    (0xA0, 0x24F),
+    (0x300, 0x36F),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0x1F300, 0x1FAFF),
+    (0x10000, 0x10FFFF),
+    (0xE000, 0xFFFD),
+]
 
 
 def random_texts(count: int = 200, seed: int = 1) -> list[str]:

@@ -16,15 +16,22 @@ from safetensors.torch import load_file
 from gptlab.data import iter_documents, open_shard, prepare
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
-from gptlab.tokenizer import Tokenizer
 from gptlab.runs import RunFolder
+from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import ChainedOptimizer, Runtime, TrainConfig, Trainer, build_optimizer
 from helpers import gptlab, run_python
 
 TINY = [
-    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
-    "train.seq_len=32", "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=5",
-    "train.eval_batches=2", "train.log_every=1",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=64",
+    "train.seq_len=32",
+    "train.batch_size=8",
+    "train.lr=3e-3",
+    "train.warmup_steps=5",
+    "train.eval_batches=2",
+    "train.log_every=1",
 ]
 
 
@@ -72,8 +79,10 @@ def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
     counts = np.array(list(Counter(stream.tolist()).values()), dtype=np.float64)
     p = counts / counts.sum()
     unigram_entropy = float(-(p * np.log(p)).sum())
-    gptlab(*pretrain_args(tmp_path / "run", shards, "train.max_steps=250", "train.eval_every=250", "train.save_every=0"),
-           check=True)
+    gptlab(
+        *pretrain_args(tmp_path / "run", shards, "train.max_steps=250", "train.eval_every=250", "train.save_every=0"),
+        check=True,
+    )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
     assert final["step"] == 250 and "val_loss" in final
@@ -157,8 +166,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(family):
     name = {id(p): n for n, p in model.named_parameters()}
     on_muon = {name[id(p)] for group in muon.param_groups for p in group["params"]}
     on_adamw = [name[id(p)] for group in adamw.param_groups for p in group["params"]]
-    assert on_muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and n.endswith(".weight")
-                       and p.dim() == 2}
+    assert on_muon == {
+        n for n, p in model.named_parameters() if n.startswith("blocks.") and n.endswith(".weight") and p.dim() == 2
+    }
     assert sorted(on_adamw) == sorted(set(name.values()) - on_muon)  # every other parameter, once
     assert "wte.weight" in on_adamw and (family == "gpt2" or "lm_head.weight" in on_adamw)
     x = torch.randint(0, 64, (2, 16))
@@ -178,7 +188,9 @@ def test_muon_resume_after_sigkill_is_bitwise_equal(shards, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert losses(out) == losses(tmp_path / "full")
     record = (out / "run.json").read_text()
-    mixed = gptlab("pretrain", "--out", out, "--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=30")
+    mixed = gptlab(
+        "pretrain", "--out", out, "--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=30"
+    )
     assert mixed.returncode == 2 and "holds muon's state, but train.optimizer=adamw" in mixed.stderr.splitlines()[-1]
     assert (out / "run.json").read_text() == record  # a later plain --resume still finds the run's own config
 
@@ -227,8 +239,18 @@ def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(out, shards, *SAVED_TWICE)
     assert run_python("-c", KILL_AFTER_FIRST_SAVE, *args).returncode == -signal.SIGKILL
-    result = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", "pretrain", "--out", out, "--resume",
-                        "--set", "train.parallelism=fsdp", env=ONE_THREAD)
+    result = run_python(
+        *TORCHRUN_TWO_RANKS,
+        "-m",
+        "gptlab",
+        "pretrain",
+        "--out",
+        out,
+        "--resume",
+        "--set",
+        "train.parallelism=fsdp",
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     single, resumed = losses(uninterrupted), losses(out)
     assert single.keys() == resumed.keys()
@@ -264,7 +286,9 @@ def test_grad_norm_is_logged_before_clipping_and_the_optimizer_gets_the_clipped_
     scale = min(1.0, grad_clip / norm) if grad_clip > 0 else 1.0
 
     cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=8, eval_every=0, log_every=1, grad_clip=grad_clip)
-    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, lambda m, b: m(b, b), Batches(lambda: batch))
+    trainer = Trainer(
+        model, cfg, Runtime(torch.device("cpu"), None), tmp_path, lambda m, b: m(b, b), Batches(lambda: batch)
+    )
     stepped = []
     step = trainer.optimizer.step
     trainer.optimizer.step = lambda: (stepped.append([p.grad.clone() for p in model.parameters()]), step())

@@ -23,17 +23,38 @@ from gptlab.world.words import TASK_BY_NAME
 from helpers import assert_one_line
 
 TINY = WorldSize(
-    n_countries=4, n_cities=9, n_companies=6, n_universities=4, n_jobs=6, n_people=60, test_fraction=0.25,
-    val_fraction=0.4, bios_per_person=3, corpus_mb=0.15, max_digits=3, max_mul_digits=2, arith_test=20,
-    arith_fewshot=4, n_words=200, word_test=20, word_fewshot=8, sft_train=300, sft_test_per_family=6,
-    prefs_train=150, prefs_test_per_family=4,
+    n_countries=4,
+    n_cities=9,
+    n_companies=6,
+    n_universities=4,
+    n_jobs=6,
+    n_people=60,
+    test_fraction=0.25,
+    val_fraction=0.4,
+    bios_per_person=3,
+    corpus_mb=0.15,
+    max_digits=3,
+    max_mul_digits=2,
+    arith_test=20,
+    arith_fewshot=4,
+    n_words=200,
+    word_test=20,
+    word_fewshot=8,
+    sft_train=300,
+    sft_test_per_family=6,
+    prefs_train=150,
+    prefs_test_per_family=4,
 )
 ARITH = re.compile(r"(\d+)([+*-])(\d+)=")
 OPS = {"+": "add", "-": "sub", "*": "mul"}
 
 
 def hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -83,7 +104,14 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(world: Pa
     first, again, other = hashes(world), hashes(tmp_path / "again"), hashes(tmp_path / "other")
     assert first == again
     assert set(first) == set(other)
-    for name in ("world.json", "corpus/bios.txt", "corpus/words.txt", "bench/arith/add_3_test.jsonl", "sft/train.jsonl", "prefs/test.jsonl"):
+    for name in (
+        "world.json",
+        "corpus/bios.txt",
+        "corpus/words.txt",
+        "bench/arith/add_3_test.jsonl",
+        "sft/train.jsonl",
+        "prefs/test.jsonl",
+    ):
         assert first[name] != other[name], name
 
 
@@ -115,8 +143,12 @@ def test_world_json_has_people_with_facts_and_splits(meta: dict):
 
 
 def test_names_are_invented_pronounceable_and_unique(meta: dict):
-    names = (meta["countries"] + [c["name"] for c in meta["cities"]] + [c["name"].split()[0] for c in meta["companies"]]
-             + [u["name"].split()[0] for u in meta["universities"]])
+    names = (
+        meta["countries"]
+        + [c["name"] for c in meta["cities"]]
+        + [c["name"].split()[0] for c in meta["companies"]]
+        + [u["name"].split()[0] for u in meta["universities"]]
+    )
     assert len(set(names)) == len(names)
     for name in names + [w for p in meta["people"] for w in p["name"].split()]:
         assert re.fullmatch(r"[A-Z][a-z]{3,}", name), name
@@ -135,7 +167,11 @@ def test_every_person_has_several_biographies(world: Path, meta: dict):
 
 
 def test_held_out_people_are_only_in_biographies(world: Path, meta: dict, train_chat_text: str):
-    other = "\n".join(iter_documents([world / "corpus" / n for n in ("qa.jsonl", "prose.txt", "arith.txt", "arith_worked.txt", "words.txt")]))
+    other = "\n".join(
+        iter_documents(
+            [world / "corpus" / n for n in ("qa.jsonl", "prose.txt", "arith.txt", "arith_worked.txt", "words.txt")]
+        )
+    )
     for person in meta["people"]:
         if person["split"] == "test":
             assert person["name"] not in other and person["name"] not in train_chat_text
@@ -161,9 +197,13 @@ def test_arithmetic_test_pairs_never_occur_in_training_data(world: Path, corpus_
     for name in ("sft/test.jsonl", "prefs/test.jsonl"):
         for record in read_jsonl(world / name):
             if record["family"] in ("add", "subtract", "multiply"):
-                question = record["messages"][-2]["content"] if "messages" in record else record["prompt"][-1]["content"]
+                question = (
+                    record["messages"][-2]["content"] if "messages" in record else record["prompt"][-1]["content"]
+                )
                 a, b = re.findall(r"\d+", question)
-                held_out.add(Problem({"add": "add", "subtract": "sub", "multiply": "mul"}[record["family"]], int(a), int(b)).key)
+                held_out.add(
+                    Problem({"add": "add", "subtract": "sub", "multiply": "mul"}[record["family"]], int(a), int(b)).key
+                )
     assert len(held_out) >= 5 * TINY.arith_test
     assert not trained & held_out
 
@@ -183,10 +223,18 @@ def test_word_task_test_words_never_occur_in_training_data(world: Path, corpus_t
 def test_world_mmlu_csvs_have_the_mmlu_layout(world: Path, meta: dict):
     people = {p["name"]: p for p in meta["people"]}
     subjects = meta["benchmarks"]["world_mmlu"]
-    key = {"birthplaces": "birth_city", "birth_years": "birth_year", "universities": "university",
-           "occupations": "job", "employers": "employer", "home_countries": "birth_country"}
+    key = {
+        "birthplaces": "birth_city",
+        "birth_years": "birth_year",
+        "universities": "university",
+        "occupations": "job",
+        "employers": "employer",
+        "home_countries": "birth_country",
+    }
     for split in ("dev", "val", "test"):
-        assert sorted(p.name for p in (world / "bench/world_mmlu" / split).iterdir()) == sorted(f"{s}_{split}.csv" for s in subjects)
+        assert sorted(p.name for p in (world / "bench/world_mmlu" / split).iterdir()) == sorted(
+            f"{s}_{split}.csv" for s in subjects
+        )
         for subject in subjects:
             rows = list(csv.reader((world / f"bench/world_mmlu/{split}/{subject}_{split}.csv").open(newline="")))
             assert len(rows) == (5 if split == "dev" else meta["summary"]["people"][split])
@@ -217,10 +265,23 @@ def test_arithmetic_records_are_gsm8k_style_and_correct(world: Path):
                 assert OPS[sym] == op and len(a) == len(b) == int(digits)
                 n = Problem(op, int(a), int(b)).answer
                 assert r["answer"] == f"{r['rationale']}\n#### {n}"
-                assert r["rationale"].startswith("Let's think step by step.") and r["rationale"].endswith(f"The answer is {n}.")
+                assert r["rationale"].startswith("Let's think step by step.") and r["rationale"].endswith(
+                    f"The answer is {n}."
+                )
 
 
-@pytest.mark.parametrize("a,op,b", [(347, "add", 285), (999, "add", 1), (432, "sub", 185), (1000, "sub", 999), (23, "mul", 45), (305, "mul", 107), (7, "mul", 8)])
+@pytest.mark.parametrize(
+    "a,op,b",
+    [
+        (347, "add", 285),
+        (999, "add", 1),
+        (432, "sub", 185),
+        (1000, "sub", 999),
+        (23, "mul", 45),
+        (305, "mul", 107),
+        (7, "mul", 8),
+    ],
+)
 def test_worked_solutions_compute_each_step_correctly(a: int, op: str, b: int):
     rationale, inner = worked(Problem(op, a, b))
     steps = re.findall(r"(?<![\d+*-])((?:\d+[+*-])+\d+)=(-?\d+)", rationale)
@@ -238,7 +299,9 @@ def test_word_records_apply_their_task(world: Path):
                 if task.transform:
                     assert task.transform(r["input"]) == r["output"] != r["input"]
                 else:
-                    assert re.sub(r"[^a-z]", "", r["input"]) == r["output"] and re.fullmatch(r"([a-z][^a-z])+[a-z]", r["input"])
+                    assert re.sub(r"[^a-z]", "", r["input"]) == r["output"] and re.fullmatch(
+                        r"([a-z][^a-z])+[a-z]", r["input"]
+                    )
 
 
 def test_sft_data_follows_the_chat_schema_and_holds_families_out(world: Path, meta: dict):
@@ -308,7 +371,10 @@ def test_oracle_agrees_with_every_preference_pair(world: Path, oracle: Oracle):
 def test_oracle_puts_correctness_before_style_and_reports_ties(oracle: Oracle, meta: dict):
     person = next(p for p in meta["people"] if p["split"] == "test")
     prompt = f"In which year was {person['name']} born?"
-    right, wrong = f"{person['name']} was born in {person['birth_year']}.", f"{person['name']} was born in {person['birth_year'] + 1}."
+    right, wrong = (
+        f"{person['name']} was born in {person['birth_year']}.",
+        f"{person['name']} was born in {person['birth_year'] + 1}.",
+    )
     sloppy = f"well i think it was {person['birth_year']} {person['birth_year']}"
     assert oracle.judge(prompt, sloppy, wrong) == "model_a"
     assert oracle.judge(prompt, wrong, wrong + " " + wrong) == "tie (bothbad)"
@@ -316,7 +382,9 @@ def test_oracle_puts_correctness_before_style_and_reports_ties(oracle: Oracle, m
     assert oracle.judge(prompt, f"{person['birth_year']}.", right) == "tie"  # a bare value is as good
     assert 0.0 <= oracle.score(prompt, wrong) < 0.6 <= oracle.score(prompt, sloppy) < oracle.score(prompt, right) == 1.0
     # Messages work as well as strings; an unknown prompt is judged on style alone.
-    assert oracle.judge([{"role": "user", "content": prompt}], {"role": "assistant", "content": right}, wrong) == "model_a"
+    assert (
+        oracle.judge([{"role": "user", "content": prompt}], {"role": "assistant", "content": right}, wrong) == "model_a"
+    )
     assert oracle.reference("What is the meaning of life?") is None and oracle.correct("Hi", "Hello.") is None
     assert oracle.judge("What is the meaning of life?", "Forty-two.", "Sure! forty-two") == "model_a"
     assert oracle.parse(prompt.replace(person["name"], "Nobody Atall")) is None

@@ -147,16 +147,31 @@ def sft(cfg: SftConfig, out_dir: str | Path, resume: bool = False, overwrite: bo
                 print(f"gptlab: warning: {warning}", file=sys.stderr, flush=True)
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0  # any id: padding is never a target
         batches = ChatBatches(
-            train, seq_len=tcfg.seq_len, micro_batch_size=micro, pad_id=pad_id, packing=cfg.data.packing,
-            seed=tcfg.seed, rank=runtime.rank, world_size=runtime.world_size, device=runtime.device,
+            train,
+            seq_len=tcfg.seq_len,
+            micro_batch_size=micro,
+            pad_id=pad_id,
+            packing=cfg.data.packing,
+            seed=tcfg.seed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            device=runtime.device,
         )
         val_batches = eval_batches(
-            val, seq_len=tcfg.seq_len, micro_batch_size=micro, pad_id=pad_id, packing=cfg.data.packing,
-            max_batches=tcfg.eval_batches, rank=runtime.rank, world_size=runtime.world_size,
+            val,
+            seq_len=tcfg.seq_len,
+            micro_batch_size=micro,
+            pad_id=pad_id,
+            packing=cfg.data.packing,
+            max_batches=tcfg.eval_batches,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
         )
         evaluate = validation(val_batches, runtime) if val_batches else None
         torch.manual_seed(tcfg.seed)
         trainer = Trainer(model, tcfg, runtime, out_dir, sft_loss, batches, evaluate=evaluate, tokenizer=tokenizer)
-        return trainer.run("sft", to_dict(cfg), resume, overwrite, data={split: s.to_dict() for split, s in stats.items()})
+        return trainer.run(
+            "sft", to_dict(cfg), resume, overwrite, data={split: s.to_dict() for split, s in stats.items()}
+        )
     finally:
         cleanup_runtime(runtime)

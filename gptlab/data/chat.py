@@ -108,10 +108,7 @@ def _encode_messages(tokenizer: Tokenizer, messages: list, trained_from: int) ->
     chat = tokenizer.render_chat(messages)
     start = chat.message_ends[trained_from - 1] if trained_from else 0
     mask = [0] * start + chat.assistant_mask[start:]
-    cuts = [
-        end for k, end in enumerate(chat.message_ends)
-        if k >= trained_from and messages[k]["role"] == "assistant"
-    ]
+    cuts = [end for k, end in enumerate(chat.message_ends) if k >= trained_from and messages[k]["role"] == "assistant"]
     return Example(chat.ids, mask, cuts)
 
 
@@ -183,7 +180,9 @@ def pack(lengths: Sequence[int], order: Sequence[int], capacity: int, packing: b
     return rows
 
 
-def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len: int, pad_id: int, packing: bool) -> dict:
+def collate(
+    examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len: int, pad_id: int, packing: bool
+) -> dict:
     """Tensors for ``rows`` of examples: ``input_ids`` and ``labels`` (B, T), and, when packing,
     ``position_ids`` and ``segment_ids`` (B, T), the index of each slot's conversation in its row
     (-1 for the padding tail); otherwise those are None (default positions and causal attention
@@ -199,10 +198,10 @@ def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], seq_len:
         for s, i in enumerate(row):
             ids, trained = np.asarray(examples[i].ids), np.asarray(examples[i].mask, dtype=bool)
             n = len(ids) - 1
-            x[b, at:at + n] = ids[:-1]
-            y[b, at:at + n] = np.where(trained[1:], ids[1:], IGNORE)
-            positions[b, at:at + n] = np.arange(n)
-            segment[b, at:at + n] = s
+            x[b, at : at + n] = ids[:-1]
+            y[b, at : at + n] = np.where(trained[1:], ids[1:], IGNORE)
+            positions[b, at : at + n] = np.arange(n)
+            segment[b, at : at + n] = s
             at += n
         positions[b, at:] = np.arange(seq_len - at)
     batch = {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y), "position_ids": None, "segment_ids": None}
@@ -266,7 +265,7 @@ class ChatBatches:
             self.row += 1
             if self.row == len(rows):
                 self.epoch, self.row = self.epoch + 1, 0
-        mine = taken[self.rank * self.micro:(self.rank + 1) * self.micro]
+        mine = taken[self.rank * self.micro : (self.rank + 1) * self.micro]
         return to_device(collate(self.examples, mine, self.seq_len, self.pad_id, self.packing), self.device)
 
     def state_dict(self) -> dict:
@@ -277,8 +276,15 @@ class ChatBatches:
 
 
 def eval_batches(
-    examples: list[Example], *, seq_len: int, micro_batch_size: int, pad_id: int, packing: bool,
-    max_batches: int, rank: int = 0, world_size: int = 1,
+    examples: list[Example],
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    pad_id: int,
+    packing: bool,
+    max_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[dict]:
     """Up to ``max_batches`` batches for this rank over the examples in file order (no shuffle),
     so a validation loss compares across steps and runs. Every rank gets as many batches (a
@@ -287,6 +293,6 @@ def eval_batches(
     rows = rows[: len(rows) // world_size * world_size]
     mine = rows[rank::world_size][: max_batches * micro_batch_size]
     return [
-        collate(examples, mine[i:i + micro_batch_size], seq_len, pad_id, packing)
+        collate(examples, mine[i : i + micro_batch_size], seq_len, pad_id, packing)
         for i in range(0, len(mine), micro_batch_size)
     ]

@@ -131,8 +131,7 @@ def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[
             yield p
         else:
             raise UserError(
-                f"input {p} has unsupported extension {p.suffix!r}: "
-                f"use {', '.join(SUFFIXES)} files or a folder of them"
+                f"input {p} has unsupported extension {p.suffix!r}: use {', '.join(SUFFIXES)} files or a folder of them"
             )
 
 
@@ -140,15 +139,11 @@ def _decode_line(raw: bytes, path: Path, offset: int) -> str:
     """Decode one line strictly: a NUL byte or invalid UTF-8 means a binary or mis-encoded file."""
     nul = raw.find(b"\x00")
     if nul >= 0:
-        raise UserError(
-            f"{path} looks binary (NUL byte at byte offset {offset + nul}): give UTF-8 text files"
-        )
+        raise UserError(f"{path} looks binary (NUL byte at byte offset {offset + nul}): give UTF-8 text files")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not valid UTF-8 (byte offset {offset + e.start}): re-encode it as UTF-8"
-        ) from None
+        raise UserError(f"{path} is not valid UTF-8 (byte offset {offset + e.start}): re-encode it as UTF-8") from None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -216,9 +211,7 @@ def _read_parquet(path: Path) -> Iterator[str]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError(
-            f"reading {path} needs pyarrow, which is not installed: pip install gptlab[parquet]"
-        ) from None
+        raise UserError(f"reading {path} needs pyarrow, which is not installed: pip install gptlab[parquet]") from None
     try:
         file = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for unreadable files

@@ -51,7 +51,9 @@ def permute(index: np.ndarray, n: int, seed: int, epoch: int = 0) -> np.ndarray:
         raise ValueError(f"indices must lie in range({n})")
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << half) - 1)
-    state = mix64(np.array([seed % 2**64], dtype=np.uint64)) ^ mix64(np.array([epoch % 2**64], dtype=np.uint64) + _GOLDEN)
+    state = mix64(np.array([seed % 2**64], dtype=np.uint64)) ^ mix64(
+        np.array([epoch % 2**64], dtype=np.uint64) + _GOLDEN
+    )
     keys = mix64(mix64(state) + np.arange(1, _ROUNDS + 1, dtype=np.uint64) * _GOLDEN)
 
     def feistel(x: np.ndarray) -> np.ndarray:

@@ -135,8 +135,14 @@ def encode_pair(tokenizer: Tokenizer, record: dict, index: int) -> Pair:
         raise UserError("the two answers do not render after the same prompt: give them the same form")
     meta = {k: v for k, v in record.items() if k not in _PAIR_FIELDS and isinstance(v, (str, int, float, bool))}
     return Pair(
-        index, chosen_ids[:start], chosen_ids[start:], rejected_ids[start:], chosen_mask[start:],
-        rejected_mask[start:], float(margin), meta,
+        index,
+        chosen_ids[:start],
+        chosen_ids[start:],
+        rejected_ids[start:],
+        chosen_mask[start:],
+        rejected_mask[start:],
+        float(margin),
+        meta,
     )
 
 
@@ -183,7 +189,10 @@ def fit_pair(pair: Pair, max_length: int, max_prompt_length: int | None, truncat
 
 
 def load_pref_data(
-    path: str | os.PathLike, tokenizer: Tokenizer, max_length: int, max_prompt_length: int | None = None,
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    max_length: int,
+    max_prompt_length: int | None = None,
     truncation: str = "keep_end",
 ) -> tuple[list[Pair], PrefStats]:
     """Every usable pair of a JSONL file, rendered and fitted to ``max_length`` tokens. A malformed
@@ -263,8 +272,15 @@ class PairBatches:
     """
 
     def __init__(
-        self, pairs: list[Pair], *, micro_batch_size: int, pad_id: int, seed: int = 0, rank: int = 0,
-        world_size: int = 1, device: torch.device | str = "cpu",
+        self,
+        pairs: list[Pair],
+        *,
+        micro_batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
     ):
         if not pairs:
             raise UserError("no preference pair to train on: give at least one")

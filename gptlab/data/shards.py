@@ -143,7 +143,8 @@ class _ShardWriter:
             self._file = None
 
     def _open(self) -> None:
-        self._file = open(self.out_dir / shard_name(self.split, len(self.names)), "wb")
+        # Open across write() calls, so no with-block; close() and abort() close it.
+        self._file = open(self.out_dir / shard_name(self.split, len(self.names)), "wb")  # noqa: SIM115
         self._file.write(bytes(HEADER_BYTES))  # placeholder until the count is known
         self._count = 0
 
@@ -360,7 +361,9 @@ def _old_shards(out_dir: Path, overwrite: bool) -> list[Path]:
     old = [out_dir / "meta.json"] if (out_dir / "meta.json").exists() else []
     old += sorted(p for split in SPLITS for p in out_dir.glob(f"{split}_*.bin"))
     if old and not overwrite:
-        raise UserError(f"{out_dir} already holds shards ({old[0].name}, ...): choose another --out or pass --overwrite")
+        raise UserError(
+            f"{out_dir} already holds shards ({old[0].name}, ...): choose another --out or pass --overwrite"
+        )
     return old
 
 

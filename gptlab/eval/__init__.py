@@ -10,6 +10,15 @@ from gptlab.eval.backends import Backend, GenerationRequest, GptlabBackend, HFBa
 from gptlab.eval.harness import evaluate, format_table, warnings_as_lines, write_results, write_samples
 
 __all__ = [
-    "Backend", "GenerationRequest", "GptlabBackend", "HFBackend", "OpenAIBackend", "load_backend",
-    "evaluate", "format_table", "warnings_as_lines", "write_results", "write_samples",
+    "Backend",
+    "GenerationRequest",
+    "GptlabBackend",
+    "HFBackend",
+    "OpenAIBackend",
+    "load_backend",
+    "evaluate",
+    "format_table",
+    "warnings_as_lines",
+    "write_results",
+    "write_samples",
 ]

@@ -164,7 +164,12 @@ class TokenBackend(Backend):
 
     @abstractmethod
     def _logits_at(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (N, vocab), on the model's device, at the given (row, column) positions of one
         forward. ``mask`` is None (plain causal) or boolean (B, 1, T, T), True where a query may attend."""
@@ -201,11 +206,13 @@ class TokenBackend(Backend):
         for context, continuation in moved:
             if not context:
                 cont = bare[continuation]
-                pairs.append((cont[:1], cont[1:]) if cont[:1] == [self.prefix_token_id] else ([self.prefix_token_id], cont))
+                pairs.append(
+                    (cont[:1], cont[1:]) if cont[:1] == [self.prefix_token_id] else ([self.prefix_token_id], cont)
+                )
                 continue
             ctx, whole = tokens[context], tokens[context + continuation]
             merges += whole[: len(ctx)] != ctx
-            cont = whole[len(ctx):]
+            cont = whole[len(ctx) :]
             if not cont:
                 raise UserError(
                     f"continuation {continuation!r} disappears into the context {context[-30:]!r} when tokenized; "
@@ -242,7 +249,9 @@ class TokenBackend(Backend):
                 out[i] = text
         return out
 
-    def _generate_group(self, contexts: list[str], until: tuple[str, ...], max_new_tokens: int, batch_size: int) -> list[str]:
+    def _generate_group(
+        self, contexts: list[str], until: tuple[str, ...], max_new_tokens: int, batch_size: int
+    ) -> list[str]:
         # At least half the window stays for the prompt, however large the budget asked.
         max_new_tokens = max(1, min(max_new_tokens, self.max_length // 2))
         budget = self.max_length - max_new_tokens
@@ -268,7 +277,9 @@ class TokenBackend(Backend):
 
     # ----- scoring
 
-    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 32) -> list[tuple[float, bool]]:
+    def score_tokens(
+        self, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 32
+    ) -> list[tuple[float, bool]]:
         """(log-likelihood, is_greedy) of each continuation given its context, in input order."""
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
@@ -375,7 +386,12 @@ class TokenBackend(Backend):
             results[request] = (lp, g)
 
     def _logits_after_prefix(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, prefix: int, rows: torch.Tensor,
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        prefix: int,
+        rows: torch.Tensor,
         cols: torch.Tensor,
     ) -> torch.Tensor:
         """``_logits_at`` for rows whose first ``prefix`` tokens are equal. A backend with a KV
@@ -534,7 +550,9 @@ class HFBackend(TokenBackend):
     def _logits_at(self, ids, positions, mask, rows, cols):
         attention = None
         if mask is not None:  # an additive 4D mask: transformers passes a 4D mask through as it is
-            attention = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill(~mask, torch.finfo(self.model.dtype).min)
+            attention = torch.zeros(mask.shape, dtype=self.model.dtype).masked_fill(
+                ~mask, torch.finfo(self.model.dtype).min
+            )
             attention = attention.to(self.device)
         with torch.inference_mode():
             logits = self.model(
@@ -550,8 +568,12 @@ class HFBackend(TokenBackend):
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=stop_ids or None, pad_token_id=pad,
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids or None,
+                pad_token_id=pad,
             )
         stops = set(stop_ids)
         new = []
@@ -585,7 +607,9 @@ class OpenAIBackend(Backend):
         self.model = model
         self._errors = (openai.APIStatusError, openai.APIConnectionError)
         self.client = openai.OpenAI(
-            base_url=self.url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none", timeout=timeout,
+            base_url=self.url,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
+            timeout=timeout,
             max_retries=0,
         )
 
@@ -608,8 +632,11 @@ class OpenAIBackend(Backend):
             chunk = moved[start : start + batch_size]
             for (context, _), lp in zip(chunk, self._echo([c + x for c, x in chunk])):
                 # The first token of an echoed prompt has no log-prob (null): nothing conditions it.
-                picked = [i for i, offset in enumerate(lp["text_offset"])
-                          if offset >= len(context) and lp["token_logprobs"][i] is not None]
+                picked = [
+                    i
+                    for i, offset in enumerate(lp["text_offset"])
+                    if offset >= len(context) and lp["token_logprobs"][i] is not None
+                ]
                 total = sum(lp["token_logprobs"][i] for i in picked)
                 greedy = all(
                     max(lp["top_logprobs"][i].items(), key=lambda kv: kv[1])[0] == lp["tokens"][i] for i in picked
@@ -627,7 +654,9 @@ class OpenAIBackend(Backend):
     def generate_until(self, requests, batch_size=32):
         out = []
         for r in requests:  # stop strings and budgets may differ per request
-            choices = self._complete(prompt=r.context, max_tokens=r.max_new_tokens, temperature=0, stop=list(r.until)[:4])
+            choices = self._complete(
+                prompt=r.context, max_tokens=r.max_new_tokens, temperature=0, stop=list(r.until)[:4]
+            )
             out.append(cut_at_stops(choices[0]["text"], r.until))
         return out
 

@@ -57,8 +57,16 @@ def evaluate(
     names, loaded = _load_tasks(tasks, data, shots, cot, limit, chat)
     results, samples = _run_tasks(backend, loaded, shots, seed, batch_size, chat)
     config = {
-        "tasks": names, "shots": shots, "cot": cot, "chat": chat, "batch_size": batch_size, "limit": limit, "seed": seed,
-        "data": None if data is None else str(data), "backend": backend.name, "versions": _versions(),
+        "tasks": names,
+        "shots": shots,
+        "cot": cot,
+        "chat": chat,
+        "batch_size": batch_size,
+        "limit": limit,
+        "seed": seed,
+        "data": None if data is None else str(data),
+        "backend": backend.name,
+        "versions": _versions(),
     }
     out: dict[str, Any] = {"results": results, "config": config}
     if return_samples:
@@ -137,13 +145,15 @@ def warnings_as_lines(stream: TextIO | None = None) -> Iterator[None]:
 def _warn_encoding(name: str, k: int, scores: dict) -> None:
     if scores["truncated"]:
         warnings.warn(
-            f"task {name} ({k}-shot): {scores['truncated']} request(s) longer than the model were cut from the left"
+            f"task {name} ({k}-shot): {scores['truncated']} request(s) longer than the model were cut from the left",
+            stacklevel=2,
         )
     if scores["seam_merges"]:
         warnings.warn(
             f"task {name} ({k}-shot): {scores['seam_merges']} continuation(s) merge with the end of their context "
             "when tokenized (tok(context) is not a prefix of tok(context + continuation)), so their scores cover "
-            "other tokens than the continuation's own; lm-eval scores them the same way"
+            "other tokens than the continuation's own; lm-eval scores them the same way",
+            stacklevel=2,
         )
 
 
@@ -180,21 +190,31 @@ def _run_multiple_choice(backend, task, k, seed, batch_size):
         scores = metrics.mc_scores(logprobs, choices, gold)
         per_doc.append(scores)
         records.append(
-            _record(task, doc, k, prediction=metrics.argmax(logprobs), target=gold, correct=bool(scores["acc"]),
-                    logprobs=logprobs)
+            _record(
+                task,
+                doc,
+                k,
+                prediction=metrics.argmax(logprobs),
+                target=gold,
+                correct=bool(scores["acc"]),
+                logprobs=logprobs,
+            )
         )
     return _aggregate_task(task, per_doc, MC_METRICS), records
 
 
 def _chat_request(backend: Backend, task: Task, doc, shots) -> GenerationRequest:
     """The question as a conversation: each shot a user turn and its answer, then the question."""
+
     def ask(data: dict) -> list[dict]:
         return task.chat_messages(data) if task.chat_messages else [{"role": "user", "content": task.doc_to_text(data)}]
 
     messages = []
     for shot in shots:
-        messages += [{"role": "user", "content": ask(shot.data)[-1]["content"]},
-                     {"role": "assistant", "content": task.shot_target(shot.data)}]
+        messages += [
+            {"role": "user", "content": ask(shot.data)[-1]["content"]},
+            {"role": "assistant", "content": task.shot_target(shot.data)},
+        ]
     question = ask(doc.data)
     system = [m for m in question if m["role"] == "system"]
     rest = [m for m in question if m["role"] != "system"]
@@ -203,7 +223,8 @@ def _chat_request(backend: Backend, task: Task, doc, shots) -> GenerationRequest
 
 def _run_generation(backend, task, k, seed, batch_size, chat=False):
     requests = [
-        _chat_request(backend, task, doc, task.shots(doc, k, seed)) if chat
+        _chat_request(backend, task, doc, task.shots(doc, k, seed))
+        if chat
         else GenerationRequest(task.context(doc, task.shots(doc, k, seed)), task.until, task.max_new_tokens)
         for doc in task.docs
     ]
@@ -228,8 +249,16 @@ def _run_generation(backend, task, k, seed, batch_size, chat=False):
             scores["partial_credit"] = metrics.partial_credit(lenient, reference)
         per_doc.append(scores)
         records.append(
-            _record(task, doc, k, prediction=strict, target=reference, correct=bool(scores["exact_match"]),
-                    output=output, scores=scores)
+            _record(
+                task,
+                doc,
+                k,
+                prediction=strict,
+                target=reference,
+                correct=bool(scores["exact_match"]),
+                output=output,
+                scores=scores,
+            )
         )
     return _aggregate_task(task, per_doc, names), records
 
@@ -307,7 +336,7 @@ def format_table(results: dict[str, Any]) -> str:
     shots = results["config"]["shots"]
     for task, entry in results["results"].items():
         nested = len(shots) > 1 and all(key.endswith("-shot") for key in entry)
-        for label, scores in (entry.items() if nested else [(f"{shots[0]}-shot", entry)]):
+        for label, scores in entry.items() if nested else [(f"{shots[0]}-shot", entry)]:
             k = "-" if "word_perplexity" in scores else label[: -len("-shot")]
             lines += _table_rows(task, k, scores)
             for subject, sub in scores.get("subjects", {}).items():

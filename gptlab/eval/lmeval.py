@@ -59,21 +59,47 @@ def write_mmlu_tasks(mmlu_dir: str | os.PathLike, out_dir: str | os.PathLike, gr
 
 
 def run_lm_eval_hf(
-    model_dir: str | os.PathLike, tasks_dir: str | os.PathLike, group: str, out_dir: str | os.PathLike,
-    shots: int = 5, batch_size: int = 32, device: str = "cpu", env: dict | None = None,
+    model_dir: str | os.PathLike,
+    tasks_dir: str | os.PathLike,
+    group: str,
+    out_dir: str | os.PathLike,
+    shots: int = 5,
+    batch_size: int = 32,
+    device: str = "cpu",
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """``lm_eval --model hf`` on a local model folder and local tasks, offline, logging samples;
     ``env`` adds environment variables (e.g. thread counts)."""
     command = [
-        sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-        "--model_args", f"pretrained={Path(model_dir).resolve()},dtype=float32",
-        "--tasks", group, "--include_path", str(Path(tasks_dir).resolve()), "--num_fewshot", str(shots),
-        "--batch_size", str(batch_size), "--device", device, "--output_path", str(Path(out_dir).resolve()),
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={Path(model_dir).resolve()},dtype=float32",
+        "--tasks",
+        group,
+        "--include_path",
+        str(Path(tasks_dir).resolve()),
+        "--num_fewshot",
+        str(shots),
+        "--batch_size",
+        str(batch_size),
+        "--device",
+        device,
+        "--output_path",
+        str(Path(out_dir).resolve()),
         "--log_samples",
     ]
     env = {
-        **os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(Path(out_dir).resolve() / "datasets_cache"), **(env or {}),
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(Path(out_dir).resolve() / "datasets_cache"),
+        **(env or {}),
     }
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
@@ -82,7 +108,7 @@ def read_mmlu_samples(out_dir: str | os.PathLike, group: str) -> dict[tuple[str,
     """{(subject, doc_id): log-likelihood of each choice} from lm-eval's sample logs."""
     found: dict[tuple[str, int], list[float]] = {}
     for path in Path(out_dir).rglob(f"samples_{group}_*.jsonl"):
-        stem = path.name[len(f"samples_{group}_"):].rsplit("_", 1)[0]  # samples_{task}_{timestamp}.jsonl
+        stem = path.name[len(f"samples_{group}_") :].rsplit("_", 1)[0]  # samples_{task}_{timestamp}.jsonl
         for _, record in jsonl_records(path):
             found[(stem.replace("_", " "), record["doc_id"])] = [float(r[0]) for r in record["filtered_resps"]]
     if not found:

@@ -209,7 +209,9 @@ def mmlu_task(name: str, root: Path, limit: int | None, need_dev: bool) -> Task:
     ``question,A,B,C,D,answer``; the subject is the file stem with underscores as spaces."""
     test_dir = root / "test"
     if not test_dir.is_dir():
-        raise UserError(f"{root} has no test/ folder: {name} needs the MMLU layout dev/ and test/ with {{subject}}_test.csv")
+        raise UserError(
+            f"{root} has no test/ folder: {name} needs the MMLU layout dev/ and test/ with {{subject}}_test.csv"
+        )
     files = sorted(test_dir.glob("*_test.csv"))
     if not files:
         raise UserError(f"{test_dir} holds no *_test.csv files: {name} needs {{subject}}_test.csv files")
@@ -230,9 +232,18 @@ def mmlu_task(name: str, root: Path, limit: int | None, need_dev: bool) -> Task:
             fewshot[subject] = _docs(read_mmlu_csv(dev), None, subject)
             sources[subject] = str(dev)
     return Task(
-        name=name, kind=MC, docs=docs, doc_to_text=mmlu_question, description=subject_description,
-        shot_target=lambda d: d["answer"], choices=lambda d: list(LETTERS), gold=lambda d: LETTERS.index(d["answer"]),
-        fewshot=fewshot, fewshot_source=sources, sampler="first_n", per_subject=True,
+        name=name,
+        kind=MC,
+        docs=docs,
+        doc_to_text=mmlu_question,
+        description=subject_description,
+        shot_target=lambda d: d["answer"],
+        choices=lambda d: list(LETTERS),
+        gold=lambda d: LETTERS.index(d["answer"]),
+        fewshot=fewshot,
+        fewshot_source=sources,
+        sampler="first_n",
+        per_subject=True,
     )
 
 
@@ -246,7 +257,7 @@ def final_number(answer: str) -> str:
 
 
 def _cot_steps(rationale: str) -> str:
-    return rationale[len(COT_PREFIX):].lstrip() if rationale.startswith(COT_PREFIX) else rationale
+    return rationale[len(COT_PREFIX) :].lstrip() if rationale.startswith(COT_PREFIX) else rationale
 
 
 def _test_stems(folder: Path) -> list[str]:
@@ -288,11 +299,20 @@ def arith_task(name: str, world: Path, op_digits: str, cot: bool, limit: int | N
         target = lambda d: f"{final_number(d['answer'])}."
         strict = ARITH_DIRECT
     return Task(
-        name=name, kind=GEN, docs=_docs(read_jsonl(test), limit), doc_to_text=text, shot_target=target,
-        fewshot_delimiter="\n", fewshot={None: pool} if pool else {}, fewshot_source={None: str(shots_file)},
-        reference=lambda d: final_number(d["answer"]), until=("\n",),
+        name=name,
+        kind=GEN,
+        docs=_docs(read_jsonl(test), limit),
+        doc_to_text=text,
+        shot_target=target,
+        fewshot_delimiter="\n",
+        fewshot={None: pool} if pool else {},
+        fewshot_source={None: str(shots_file)},
+        reference=lambda d: final_number(d["answer"]),
+        until=("\n",),
         max_new_tokens=_longest_target(pool, target, 192 if cot else 12),
-        strict_regex=strict, flexible_regex=metrics.LAST_NUMBER, partial_credit=True,
+        strict_regex=strict,
+        flexible_regex=metrics.LAST_NUMBER,
+        partial_credit=True,
     )
 
 
@@ -302,10 +322,18 @@ def words_task(name: str, world: Path, word_task: str, limit: int | None) -> Tas
     shots_file, pool = _fewshot_pool(test, word_task)
     target = lambda d: d["output"]
     return Task(
-        name=name, kind=GEN, docs=_docs(read_jsonl(test), limit), doc_to_text=lambda d: f"{d['input']} ->",
-        shot_target=target, fewshot_delimiter="\n", fewshot={None: pool} if pool else {},
-        fewshot_source={None: str(shots_file)}, reference=target, until=("\n",),
-        max_new_tokens=_longest_target(pool, target, 24), partial_credit=True,
+        name=name,
+        kind=GEN,
+        docs=_docs(read_jsonl(test), limit),
+        doc_to_text=lambda d: f"{d['input']} ->",
+        shot_target=target,
+        fewshot_delimiter="\n",
+        fewshot={None: pool} if pool else {},
+        fewshot_source={None: str(shots_file)},
+        reference=target,
+        until=("\n",),
+        max_new_tokens=_longest_target(pool, target, 24),
+        partial_credit=True,
     )
 
 
@@ -329,10 +357,20 @@ def instruct_task(name: str, world: Path, limit: int | None) -> Task:
     question = lambda d: [m for m in d["messages"] if m["role"] != "assistant"]
     answer = lambda d: d["messages"][-1]["content"]
     return Task(
-        name=name, kind=GEN, docs=docs, doc_to_text=lambda d: f"Q: {question(d)[-1]['content']} A:",
-        shot_target=answer, fewshot_delimiter="\n", fewshot=pools, fewshot_source={f: str(path) for f in pools},
-        reference=answer, until=("\n",), max_new_tokens=_longest_target(everything, answer, 64), per_subject=True,
-        exclude_self=True, score=lambda d, output: float(bool(oracle.correct(question(d), output.strip()))),
+        name=name,
+        kind=GEN,
+        docs=docs,
+        doc_to_text=lambda d: f"Q: {question(d)[-1]['content']} A:",
+        shot_target=answer,
+        fewshot_delimiter="\n",
+        fewshot=pools,
+        fewshot_source={f: str(path) for f in pools},
+        reference=answer,
+        until=("\n",),
+        max_new_tokens=_longest_target(everything, answer, 64),
+        per_subject=True,
+        exclude_self=True,
+        score=lambda d, output: float(bool(oracle.correct(question(d), output.strip()))),
         chat_messages=question,
     )
 
@@ -342,15 +380,26 @@ def gsm8k_task(name: str, data: Path, limit: int | None) -> Task:
     shot target, strict ``#### N`` and flexible last-number extraction. ``data`` is the test
     JSONL, or a folder with test.jsonl; shots come from train.jsonl beside it."""
     test = data / "test.jsonl" if data.is_dir() else data
-    _require_file(test, f"{name} needs a GSM8K-format JSONL file (question, answer with '#### N') or a folder with test.jsonl")
+    _require_file(
+        test, f"{name} needs a GSM8K-format JSONL file (question, answer with '#### N') or a folder with test.jsonl"
+    )
     train = test.parent / "train.jsonl"
     pool = _docs(read_jsonl(train), None) if train.is_file() and train != test else []
     return Task(
-        name=name, kind=GEN, docs=_docs(read_jsonl(test), limit), doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:",
-        shot_target=lambda d: d["answer"], fewshot={None: pool} if pool else {}, fewshot_source={None: str(train)},
-        reference=lambda d: d["answer"], until=("Question:", "</s>", "<|im_end|>"), max_new_tokens=256,
-        strict_regex=metrics.GSM8K_STRICT, flexible_regex=metrics.GSM8K_FLEXIBLE,
-        regexes_to_ignore=metrics.GSM8K_IGNORE, ignore_case=True,
+        name=name,
+        kind=GEN,
+        docs=_docs(read_jsonl(test), limit),
+        doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:",
+        shot_target=lambda d: d["answer"],
+        fewshot={None: pool} if pool else {},
+        fewshot_source={None: str(train)},
+        reference=lambda d: d["answer"],
+        until=("Question:", "</s>", "<|im_end|>"),
+        max_new_tokens=256,
+        strict_regex=metrics.GSM8K_STRICT,
+        flexible_regex=metrics.GSM8K_FLEXIBLE,
+        regexes_to_ignore=metrics.GSM8K_IGNORE,
+        ignore_case=True,
     )
 
 
@@ -370,9 +419,25 @@ def ppl_task(name: str, data: Path, limit: int | None) -> Task:
 # --------------------------------------------------------------------------- TOML task files
 
 TOML_KEYS = {
-    "name", "type", "test", "fewshot", "fewshot_sampler", "description", "doc_to_text", "doc_to_target",
-    "choices", "choices_field", "target_delimiter", "fewshot_delimiter", "until", "max_new_tokens",
-    "answer_regex", "flexible_regex", "regexes_to_ignore", "ignore_case", "partial_credit",
+    "name",
+    "type",
+    "test",
+    "fewshot",
+    "fewshot_sampler",
+    "description",
+    "doc_to_text",
+    "doc_to_target",
+    "choices",
+    "choices_field",
+    "target_delimiter",
+    "fewshot_delimiter",
+    "until",
+    "max_new_tokens",
+    "answer_regex",
+    "flexible_regex",
+    "regexes_to_ignore",
+    "ignore_case",
+    "partial_credit",
 }
 
 
@@ -383,7 +448,9 @@ def _template(source: str, key: str, template: str) -> Callable[[dict], str]:
         except KeyError as e:
             raise UserError(f"{source}: {key} names the field {e.args[0]!r}, which a document lacks") from None
         except (ValueError, IndexError) as e:
-            raise UserError(f"{source}: {key} is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+            raise UserError(
+                f"{source}: {key} is not a valid template ({e}); write literal braces as {{{{ }}}}"
+            ) from None
 
     return render
 
@@ -415,9 +482,14 @@ def toml_task(path: Path, limit: int | None) -> Task:
         pool = _docs(read_table(path.parent / spec["fewshot"]), None)
     preamble = spec.get("description", "")
     task = Task(
-        name=name, kind=kind, docs=_docs(read_table(test), limit), doc_to_text=text, shot_target=target,
+        name=name,
+        kind=kind,
+        docs=_docs(read_table(test), limit),
+        doc_to_text=text,
+        shot_target=target,
         description=lambda doc: preamble,
-        target_delimiter=spec.get("target_delimiter", " "), fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"),
+        target_delimiter=spec.get("target_delimiter", " "),
+        fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"),
         fewshot={None: pool} if pool else {},
         fewshot_source={None: str(path.parent / spec["fewshot"])} if "fewshot" in spec else {},
         sampler=spec.get("fewshot_sampler", "random"),
@@ -459,7 +531,9 @@ def _toml_choices(path: Path, spec: dict) -> Callable[[dict], list[str]]:
     return lambda doc: [t(doc) for t in templates]
 
 
-def _toml_gold(path: Path, choices: Callable[[dict], list[str]], target: Callable[[dict], str]) -> Callable[[dict], int]:
+def _toml_gold(
+    path: Path, choices: Callable[[dict], list[str]], target: Callable[[dict], str]
+) -> Callable[[dict], int]:
     """doc_to_target names the gold choice by its text, else by its 0-based index."""
 
     def gold(doc: dict) -> int:
@@ -506,18 +580,24 @@ def expand_names(names: list[str], data: Path | None) -> list[str]:
             digits = name.partition("_")[2]
             found = [t for t in _world_arith(data) if not digits or t.endswith(f"_{digits}")]
             if not found:
-                raise UserError(f"{data} holds no arithmetic task on {digits} digits; it has {', '.join(_world_arith(data))}")
+                raise UserError(
+                    f"{data} holds no arithmetic task on {digits} digits; it has {', '.join(_world_arith(data))}"
+                )
             out += [f"arith_{t}" for t in found]
         else:
             out.append(name)
     return list(dict.fromkeys(out))
 
 
-def load_task(name: str, data: Path | None, cot: bool = False, limit: int | None = None, need_shots: bool = False) -> Task:
+def load_task(
+    name: str, data: Path | None, cot: bool = False, limit: int | None = None, need_shots: bool = False
+) -> Task:
     """One task by name (or TOML path). ``data``: the folder or file the task reads."""
     if name.endswith(".toml"):
         return toml_task(Path(name), limit)
-    needs_data = name in ("mmlu", "gsm8k", "ppl", "world_mmlu", "world_instruct") or name.startswith(("arith_", "words_"))
+    needs_data = name in ("mmlu", "gsm8k", "ppl", "world_mmlu", "world_instruct") or name.startswith(
+        ("arith_", "words_")
+    )
     if not needs_data:
         near = difflib.get_close_matches(name, known_names(data), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else "; see `gptlab eval --help` for the task names"
@@ -538,5 +618,5 @@ def load_task(name: str, data: Path | None, cot: bool = False, limit: int | None
     if name == "ppl":
         return ppl_task(name, data, limit)
     if name.startswith("arith_"):
-        return arith_task(name, data, name[len("arith_"):], cot, limit)
-    return words_task(name, data, name[len("words_"):], limit)
+        return arith_task(name, data, name[len("arith_") :], cot, limit)
+    return words_task(name, data, name[len("words_") :], limit)

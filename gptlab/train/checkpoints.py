@@ -27,8 +27,18 @@ class Checkpoints:
     """Saves and restores the model, the optimizer, the RNG and the batch source of one run."""
 
     def __init__(
-        self, run: RunFolder, model: Trainable, optimizer, batches: BatchSource, *, optimizer_kind: str, keep: int,
-        sharded: bool, is_main: bool, warn: Callable[[str], None], tokenizer=None,
+        self,
+        run: RunFolder,
+        model: Trainable,
+        optimizer,
+        batches: BatchSource,
+        *,
+        optimizer_kind: str,
+        keep: int,
+        sharded: bool,
+        is_main: bool,
+        warn: Callable[[str], None],
+        tokenizer=None,
     ):
         self.run, self.model, self.optimizer, self.batches = run, model, optimizer, batches
         self.optimizer_kind, self.keep, self.sharded, self.is_main = optimizer_kind, keep, sharded, is_main

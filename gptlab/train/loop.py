@@ -186,8 +186,14 @@ def cleanup_runtime(runtime: Runtime) -> None:
 # MFU. Matched against the device name in this order, so the PCIe and NVL boards (lower clocks)
 # are found before the SXM default of their family.
 GPU_PEAK_FLOPS = {
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-    "A100": 312e12, "L4": 121e12, "4090": 165e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "4090": 165e12,
 }
 
 
@@ -250,7 +256,9 @@ class ChainedOptimizer:
             optimizer.load_state_dict(own)
 
 
-def build_optimizer(model: Trainable, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | ChainedOptimizer:
+def build_optimizer(
+    model: Trainable, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW with weight decay on matrices only (not on norms, biases or, by nanoGPT's habit,
     embeddings counted as matrices too); fused on CUDA.
 
@@ -272,7 +280,9 @@ def build_optimizer(model: Trainable, cfg: TrainConfig, device: torch.device) ->
     if not on_muon:
         return adamw
     muon = torch.optim.Muon(
-        [p for p in params if id(p) in on_muon], lr=cfg.lr, weight_decay=cfg.weight_decay,
+        [p for p in params if id(p) in on_muon],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
         adjust_lr_fn="match_rms_adamw",
     )
     return ChainedOptimizer(adamw, muon)
@@ -304,8 +314,15 @@ class Trainer:
         self.wrapped = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, cfg, runtime.device)
         self.checkpoints = Checkpoints(
-            self.run_folder, self.model, self.optimizer, batches, optimizer_kind=cfg.optimizer,
-            keep=cfg.keep_checkpoints, sharded=self.sharded, is_main=runtime.is_main, warn=self._warn,
+            self.run_folder,
+            self.model,
+            self.optimizer,
+            batches,
+            optimizer_kind=cfg.optimizer,
+            keep=cfg.keep_checkpoints,
+            sharded=self.sharded,
+            is_main=runtime.is_main,
+            warn=self._warn,
             tokenizer=tokenizer,
         )
         self.step = 0
@@ -384,9 +401,11 @@ class Trainer:
         total, stage = averaged[0], dict(zip(stage, averaged[1:]))
         # An infinite max_norm measures without clipping: a finite norm scales the gradients by
         # exactly 1, and a non-finite one stops the run below, before any update.
-        grad_norm = _whole(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        ))
+        grad_norm = _whole(
+            torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            )
+        )
         if not torch.isfinite(total + grad_norm):  # one sync for both
             self._stop_on_non_finite(total, grad_norm)
         self.optimizer.step()
@@ -411,11 +430,19 @@ class Trainer:
         if self.runtime.is_main:
             self.run_folder.path.mkdir(parents=True, exist_ok=True)
             self.run_folder.keep_metrics_until(self.step)
-        window = _LogWindow(self.model.flops_per_token(cfg.seq_len) * self.tokens_per_step, self.tokens_per_step,
-                            peak_flops(self.runtime.device), self.runtime)
+        window = _LogWindow(
+            self.model.flops_per_token(cfg.seq_len) * self.tokens_per_step,
+            self.tokens_per_step,
+            peak_flops(self.runtime.device),
+            self.runtime,
+        )
         self.model.train()
         bar = tqdm(
-            total=cfg.max_steps, initial=self.step, disable=not self.runtime.is_main, unit="step", dynamic_ncols=True,
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not self.runtime.is_main,
+            unit="step",
+            dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
         )
         try:
@@ -450,8 +477,13 @@ class Trainer:
             self._claim_out_dir(overwrite)
         if self.runtime.is_main:
             self.run_folder.write_record(
-                kind, config, seed=self.cfg.seed, device=str(self.runtime.device),
-                world_size=self.runtime.world_size, params=self.model.num_params(), **info,
+                kind,
+                config,
+                seed=self.cfg.seed,
+                device=str(self.runtime.device),
+                world_size=self.runtime.world_size,
+                params=self.model.num_params(),
+                **info,
             )
         model = self.fit()
         if self.runtime.is_main:
@@ -487,7 +519,12 @@ class _LogWindow:
     """The steps since the last log: their mean loss and stage metrics, and their speed."""
 
     def __init__(self, flops_per_step: float, tokens_per_step: int, peak: float | None, runtime: Runtime):
-        self.flops_per_step, self.tokens_per_step, self.peak, self.runtime = flops_per_step, tokens_per_step, peak, runtime
+        self.flops_per_step, self.tokens_per_step, self.peak, self.runtime = (
+            flops_per_step,
+            tokens_per_step,
+            peak,
+            runtime,
+        )
         self._reset()
 
     def _reset(self) -> None:

@@ -53,8 +53,11 @@ class Problem:
 
 def tasks(size: WorldSize) -> list[str]:
     """Benchmark task names, in a fixed order."""
-    return ([f"add_{k}" for k in range(2, size.max_digits + 1)] + [f"sub_{k}" for k in range(2, size.max_digits + 1)]
-            + [f"mul_{k}" for k in range(2, size.max_mul_digits + 1)])
+    return (
+        [f"add_{k}" for k in range(2, size.max_digits + 1)]
+        + [f"sub_{k}" for k in range(2, size.max_digits + 1)]
+        + [f"mul_{k}" for k in range(2, size.max_mul_digits + 1)]
+    )
 
 
 def random_problem(op: str, k: int, rng: random.Random) -> Problem:
@@ -183,7 +186,10 @@ class ArithSampler:
         """Lines of "Q: 12+35=? A: 47.", three to eight per document."""
         docs, size = [], 0
         while size < budget:
-            doc = "\n".join(f"Q: {p.question} A: {p.answer}." for p in (self.problem(steps=False) for _ in range(self.rng.randint(3, 8))))
+            doc = "\n".join(
+                f"Q: {p.question} A: {p.answer}."
+                for p in (self.problem(steps=False) for _ in range(self.rng.randint(3, 8)))
+            )
             docs.append(doc)
             size += len(doc) + 2
         return docs
@@ -192,7 +198,9 @@ class ArithSampler:
         """One to three worked solutions per document, one per line."""
         docs, size = [], 0
         while size < budget:
-            doc = "\n".join(f"Q: {p.question} A: {worked(p)[0]}" for p in (self.problem() for _ in range(self.rng.randint(1, 3))))
+            doc = "\n".join(
+                f"Q: {p.question} A: {worked(p)[0]}" for p in (self.problem() for _ in range(self.rng.randint(1, 3)))
+            )
             docs.append(doc)
             size += len(doc) + 2
         return docs

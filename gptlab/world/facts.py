@@ -22,21 +22,107 @@ WORLD_FORMAT = "tinyworld/1"
 YEARS = (1900, 1999)  # birth years are drawn from this range, inclusive
 
 JOBS = (
-    "architect", "astronomer", "baker", "banker", "brewer", "butcher", "carpenter", "chemist",
-    "clerk", "cook", "dentist", "doctor", "engineer", "farmer", "fisher", "gardener", "jeweler",
-    "lawyer", "librarian", "mason", "miner", "musician", "nurse", "painter", "pilot", "potter",
-    "sailor", "shepherd", "tailor", "teacher", "translator", "weaver", "writer", "glazier",
-    "optician", "surveyor",
+    "architect",
+    "astronomer",
+    "baker",
+    "banker",
+    "brewer",
+    "butcher",
+    "carpenter",
+    "chemist",
+    "clerk",
+    "cook",
+    "dentist",
+    "doctor",
+    "engineer",
+    "farmer",
+    "fisher",
+    "gardener",
+    "jeweler",
+    "lawyer",
+    "librarian",
+    "mason",
+    "miner",
+    "musician",
+    "nurse",
+    "painter",
+    "pilot",
+    "potter",
+    "sailor",
+    "shepherd",
+    "tailor",
+    "teacher",
+    "translator",
+    "weaver",
+    "writer",
+    "glazier",
+    "optician",
+    "surveyor",
 )
-FEATURES = ("on a wide river", "by the sea", "in the hills", "beside a deep lake", "at the edge of a forest",
-            "on a windy plain", "in a green valley", "under high mountains", "on a rocky island", "near the marshes")
-PRODUCTS = ("apples", "wool", "glass", "bread", "salt", "copper", "tea", "silk", "cheese", "paper", "rope",
-            "boats", "clocks", "lamps", "honey", "pottery", "carpets", "violins", "maps", "candles", "soap",
-            "barrels", "bells", "hats")
-FIELDS = ("mathematics", "medicine", "music", "law", "astronomy", "history", "chemistry", "poetry",
-          "engineering", "botany", "painting", "philosophy")
-COMPANY_KINDS = ("Works", "Mills", "Foundry", "Traders", "Shipping", "Press", "Textiles", "Brewery",
-                 "Glassworks", "Company")
+FEATURES = (
+    "on a wide river",
+    "by the sea",
+    "in the hills",
+    "beside a deep lake",
+    "at the edge of a forest",
+    "on a windy plain",
+    "in a green valley",
+    "under high mountains",
+    "on a rocky island",
+    "near the marshes",
+)
+PRODUCTS = (
+    "apples",
+    "wool",
+    "glass",
+    "bread",
+    "salt",
+    "copper",
+    "tea",
+    "silk",
+    "cheese",
+    "paper",
+    "rope",
+    "boats",
+    "clocks",
+    "lamps",
+    "honey",
+    "pottery",
+    "carpets",
+    "violins",
+    "maps",
+    "candles",
+    "soap",
+    "barrels",
+    "bells",
+    "hats",
+)
+FIELDS = (
+    "mathematics",
+    "medicine",
+    "music",
+    "law",
+    "astronomy",
+    "history",
+    "chemistry",
+    "poetry",
+    "engineering",
+    "botany",
+    "painting",
+    "philosophy",
+)
+COMPANY_KINDS = (
+    "Works",
+    "Mills",
+    "Foundry",
+    "Traders",
+    "Shipping",
+    "Press",
+    "Textiles",
+    "Brewery",
+    "Glassworks",
+    "Company",
+)
 UNIVERSITY_KINDS = ("University", "College", "Institute", "Academy")
 
 
@@ -144,20 +230,34 @@ def build_world(size: WorldSize, rng: random.Random) -> World:
     def proper(syllables: tuple[int, int], endings: tuple[str, ...] = ("",), longest: int = 9) -> str:
         return names.make(syllables, endings, length=(4, longest)).capitalize()
 
-    countries = [proper((2, 2), ("ia", "ania", "land", "or", "ea", "mark"), longest=10) for _ in range(size.n_countries)]
+    countries = [
+        proper((2, 2), ("ia", "ania", "land", "or", "ea", "mark"), longest=10) for _ in range(size.n_countries)
+    ]
     cities = []
     for i in range(size.n_cities):
         country = countries[i % len(countries)] if i < len(countries) else rng.choice(countries)
-        cities.append(City(proper((2, 3), ("", "", "ton", "ford", "holm", "grad", "wick"), longest=10), country,
-                           rng.choice(FEATURES), rng.choice(PRODUCTS)))
-    companies = [Company(f"{proper((2, 2))} {rng.choice(COMPANY_KINDS)}", rng.choice(cities).name, rng.choice(PRODUCTS))
-                 for _ in range(size.n_companies)]
-    universities = [University(f"{proper((2, 2))} {rng.choice(UNIVERSITY_KINDS)}", rng.choice(cities).name, rng.choice(FIELDS))
-                    for _ in range(size.n_universities)]
+        cities.append(
+            City(
+                proper((2, 3), ("", "", "ton", "ford", "holm", "grad", "wick"), longest=10),
+                country,
+                rng.choice(FEATURES),
+                rng.choice(PRODUCTS),
+            )
+        )
+    companies = [
+        Company(f"{proper((2, 2))} {rng.choice(COMPANY_KINDS)}", rng.choice(cities).name, rng.choice(PRODUCTS))
+        for _ in range(size.n_companies)
+    ]
+    universities = [
+        University(f"{proper((2, 2))} {rng.choice(UNIVERSITY_KINDS)}", rng.choice(cities).name, rng.choice(FIELDS))
+        for _ in range(size.n_universities)
+    ]
     jobs = sorted(rng.sample(JOBS, size.n_jobs))
 
     first_names = [proper((2, 2), longest=7) for _ in range(max(40, size.n_people // 4))]
-    last_names = [proper((2, 3), ("", "", "", "son", "ek", "ova", "in", "ar")) for _ in range(max(80, size.n_people // 2))]
+    last_names = [
+        proper((2, 3), ("", "", "", "son", "ek", "ova", "in", "ar")) for _ in range(max(80, size.n_people // 2))
+    ]
     full: list[str] = []
     seen: set[str] = set()
     while len(full) < size.n_people:
@@ -179,11 +279,20 @@ def build_world(size: WorldSize, rng: random.Random) -> World:
     people = []
     for i, name in enumerate(full):
         city = rng.choice(cities)
-        people.append(Person(
-            name=name, pronoun=rng.choice(("he", "she")), birth_city=city.name, birth_country=city.country,
-            birth_year=rng.randint(*YEARS), university=rng.choice(universities).name, job=rng.choice(jobs),
-            employer=rng.choice(companies).name, split=split_of[i][0], bench=split_of[i][1],
-        ))
+        people.append(
+            Person(
+                name=name,
+                pronoun=rng.choice(("he", "she")),
+                birth_city=city.name,
+                birth_country=city.country,
+                birth_year=rng.randint(*YEARS),
+                university=rng.choice(universities).name,
+                job=rng.choice(jobs),
+                employer=rng.choice(companies).name,
+                split=split_of[i][0],
+                bench=split_of[i][1],
+            )
+        )
     return World(countries, cities, companies, universities, jobs, people)
 
 
@@ -204,43 +313,80 @@ class Attribute:
 
 ATTRIBUTES = (
     Attribute(
-        "birth_city", "birthplaces", "person_city",
+        "birth_city",
+        "birthplaces",
+        "person_city",
         ("Where was {name} born?", "In which city was {name} born?", "What is the birthplace of {name}?"),
         "{name} was born in {value}.",
-        ("{S} was born in {value}.", "{S} was born in the city of {value}.", "{P} birthplace is {value}.",
-         "{S} was born in {value}, a city in {country}.", "{S} comes from {value}."),
+        (
+            "{S} was born in {value}.",
+            "{S} was born in the city of {value}.",
+            "{P} birthplace is {value}.",
+            "{S} was born in {value}, a city in {country}.",
+            "{S} comes from {value}.",
+        ),
     ),
     Attribute(
-        "birth_year", "birth_years", "person_year",
+        "birth_year",
+        "birth_years",
+        "person_year",
         ("In which year was {name} born?", "When was {name} born?", "What is the birth year of {name}?"),
         "{name} was born in {value}.",
-        ("{S} was born in {value}.", "{S} was born in the year {value}.", "{P} year of birth is {value}.",
-         "{S} came into the world in {value}."),
+        (
+            "{S} was born in {value}.",
+            "{S} was born in the year {value}.",
+            "{P} year of birth is {value}.",
+            "{S} came into the world in {value}.",
+        ),
     ),
     Attribute(
-        "university", "universities", "person_university",
+        "university",
+        "universities",
+        "person_university",
         ("Where did {name} study?", "Which university did {name} attend?", "At which university did {name} study?"),
         "{name} studied at {value}.",
-        ("{S} studied at {value}.", "{S} graduated from {value}.", "{S} attended {value}.",
-         "{P} alma mater is {value}."),
+        (
+            "{S} studied at {value}.",
+            "{S} graduated from {value}.",
+            "{S} attended {value}.",
+            "{P} alma mater is {value}.",
+        ),
     ),
     Attribute(
-        "job", "occupations", "person_job",
+        "job",
+        "occupations",
+        "person_job",
         ("What is the job of {name}?", "What does {name} do for a living?", "What is the occupation of {name}?"),
         "{name} works as {a_value}.",
-        ("{S} works as {a_value}.", "{S} is {a_value} by profession.", "{S} earns a living as {a_value}.",
-         "{P} occupation is {value}."),
+        (
+            "{S} works as {a_value}.",
+            "{S} is {a_value} by profession.",
+            "{S} earns a living as {a_value}.",
+            "{P} occupation is {value}.",
+        ),
     ),
     Attribute(
-        "employer", "employers", "person_employer",
+        "employer",
+        "employers",
+        "person_employer",
         ("Who employs {name}?", "Which company does {name} work for?", "Where does {name} work?"),
         "{name} works for {value}.",
-        ("{S} works for {value}.", "{S} is employed by {value}.", "{S} has a job at {value}.",
-         "{P} employer is {value}."),
+        (
+            "{S} works for {value}.",
+            "{S} is employed by {value}.",
+            "{S} has a job at {value}.",
+            "{P} employer is {value}.",
+        ),
     ),
     Attribute(
-        "birth_country", "home_countries", "person_country",
-        ("In which country was {name} born?", "What is the home country of {name}?", "Which country does {name} come from?"),
+        "birth_country",
+        "home_countries",
+        "person_country",
+        (
+            "In which country was {name} born?",
+            "What is the home country of {name}?",
+            "Which country does {name} come from?",
+        ),
         "{name} was born in {value}.",
         (),  # learnt from "born in X, a city in Y" and from the prose about cities (a two-hop fact)
     ),
@@ -278,7 +424,9 @@ def biography(person: Person, rng: random.Random | None = None) -> str:
             subject = rng.choice((person.name, first, pronoun))
         owner = possessive if subject == pronoun else subject + "'s"
         value = str(getattr(person, attribute.key))
-        sentences.append(template.format(S=subject, P=owner, value=value, a_value=article(value), country=person.birth_country))
+        sentences.append(
+            template.format(S=subject, P=owner, value=value, a_value=article(value), country=person.birth_country)
+        )
     return " ".join(sentences)
 
 
@@ -346,7 +494,9 @@ def mmlu_sets(world: World, rng: random.Random) -> dict[str, dict[str, list[Ques
     for attribute in ATTRIBUTES:
         sets["dev"][attribute.subject] = [question(world, attribute, p, rng) for p in rng.sample(train, 5)]
         for split in ("val", "test"):
-            sets[split][attribute.subject] = [question(world, attribute, p, rng) for p in world.people if p.bench == split]
+            sets[split][attribute.subject] = [
+                question(world, attribute, p, rng) for p in world.people if p.bench == split
+            ]
     return sets
 
 
@@ -366,7 +516,10 @@ def qa_documents(world: World, budget: int, mc_fraction: float, rng: random.Rand
         else:
             person = rng.choice(train)
             attributes = rng.sample(ATTRIBUTES, rng.randint(2, len(ATTRIBUTES)))
-            doc = "\n".join(f"Q: {rng.choice(a.questions).format(name=person.name)} A: {getattr(person, a.key)}." for a in attributes)
+            doc = "\n".join(
+                f"Q: {rng.choice(a.questions).format(name=person.name)} A: {getattr(person, a.key)}."
+                for a in attributes
+            )
         docs.append(doc)
         size += len(doc) + 1
     return docs
@@ -375,17 +528,31 @@ def qa_documents(world: World, budget: int, mc_fraction: float, rng: random.Rand
 # ----------------------------------------------------------------------------- prose
 
 SEASONS = ("spring", "summer", "autumn", "winter")
-WEATHER = ("it rained all day", "the wind blew from the north", "the sun shone", "a thick fog came in",
-           "snow fell on the roofs", "the air was warm and still")
+WEATHER = (
+    "it rained all day",
+    "the wind blew from the north",
+    "the sun shone",
+    "a thick fog came in",
+    "snow fell on the roofs",
+    "the air was warm and still",
+)
 STORIES = (
-    ("One {season} morning, {a_job} from {city} walked to the market to buy {product}. "
-     "The streets were busy, and {weather_clause}. By noon the market had sold out of {product}."),
-    ("In {city}, the {job}s meet every {season} to share news. "
-     "This year they talked about {product} and about the roads to {city2}."),
-    ("The road from {city} to {city2} is long. "
-     "Travellers carry {product} and stop to rest at small inns, where {a_job} often tells stories."),
-    ("Last {season}, {a_job} in {city} opened a new shop. "
-     "The shop sold {product}, and people came from {city2} to see it."),
+    (
+        "One {season} morning, {a_job} from {city} walked to the market to buy {product}. "
+        "The streets were busy, and {weather_clause}. By noon the market had sold out of {product}."
+    ),
+    (
+        "In {city}, the {job}s meet every {season} to share news. "
+        "This year they talked about {product} and about the roads to {city2}."
+    ),
+    (
+        "The road from {city} to {city2} is long. "
+        "Travellers carry {product} and stop to rest at small inns, where {a_job} often tells stories."
+    ),
+    (
+        "Last {season}, {a_job} in {city} opened a new shop. "
+        "The shop sold {product}, and people came from {city2} to see it."
+    ),
     "Children in {country} learn that {city} lies {feature}. Many of them visit it in {season} with their teachers.",
     "When {weather_clause}, the people of {city} stay inside and drink tea. Others go out to buy {product}.",
     "{a_job_cap} from {city2} once said that nobody in {country} makes better {product} than the people of {city}.",
@@ -403,20 +570,26 @@ def prose_documents(world: World, budget: int, rng: random.Random) -> list[str]:
         kind = rng.random()
         if kind < 0.3:
             city = rng.choice(world.cities)
-            doc = (f"{city.name} is a city in {city.country}. It lies {city.feature}. "
-                   f"{city.name} is known for its {city.product}. "
-                   f"In {rng.choice(SEASONS)}, {rng.choice(WEATHER)} in {city.name}.")
+            doc = (
+                f"{city.name} is a city in {city.country}. It lies {city.feature}. "
+                f"{city.name} is known for its {city.product}. "
+                f"In {rng.choice(SEASONS)}, {rng.choice(WEATHER)} in {city.name}."
+            )
         elif kind < 0.4:
             country = rng.choice(world.countries)
             mine = [c.name for c in world.cities if c.country == country]
             listed = rng.sample(mine, min(len(mine), 3))
             joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
-            doc = (f"{country} is a country. Its cities include {joined}. "
-                   f"Many people in {country} work as {rng.choice(world.jobs)}s.")
+            doc = (
+                f"{country} is a country. Its cities include {joined}. "
+                f"Many people in {country} work as {rng.choice(world.jobs)}s."
+            )
         elif kind < 0.55:
             company = rng.choice(world.companies)
-            doc = (f"{company.name} is a company based in {company.city}. It makes {company.product}, "
-                   f"and its workers sell them in {rng.choice(world.cities).name}.")
+            doc = (
+                f"{company.name} is a company based in {company.city}. It makes {company.product}, "
+                f"and its workers sell them in {rng.choice(world.cities).name}."
+            )
         elif kind < 0.65:
             uni = rng.choice(world.universities)
             city = next(c for c in world.cities if c.name == uni.city)
@@ -425,8 +598,15 @@ def prose_documents(world: World, budget: int, rng: random.Random) -> list[str]:
             city, city2 = rng.sample(world.cities, 2)
             job = rng.choice(world.jobs)
             doc = rng.choice(STORIES).format(
-                season=rng.choice(SEASONS), city=city.name, city2=city2.name, country=city.country, feature=city.feature,
-                product=rng.choice(PRODUCTS), job=job, a_job=article(job), a_job_cap=article(job).capitalize(),
+                season=rng.choice(SEASONS),
+                city=city.name,
+                city2=city2.name,
+                country=city.country,
+                feature=city.feature,
+                product=rng.choice(PRODUCTS),
+                job=job,
+                a_job=article(job),
+                a_job_cap=article(job).capitalize(),
                 weather_clause=rng.choice(WEATHER),
             )
         docs.append(doc)

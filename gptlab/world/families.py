@@ -34,8 +34,11 @@ class Facts:
         self.person = {p.name: p for p in world.people}
         self.city = {c.name: c for c in world.cities}
         self._finders = {
-            a.key: re.compile(r"\b(?:" + "|".join(re.escape(v) for v in sorted(world.values(a.key), key=len, reverse=True)) + r")\b")
-            for a in ATTRIBUTES if a.key != "birth_year"
+            a.key: re.compile(
+                r"\b(?:" + "|".join(re.escape(v) for v in sorted(world.values(a.key), key=len, reverse=True)) + r")\b"
+            )
+            for a in ATTRIBUTES
+            if a.key != "birth_year"
         }
 
     def found(self, key: str, text: str) -> set[str]:
@@ -119,7 +122,11 @@ class FactFamily(Family):
 
 class CityCountryFamily(Family):
     name = "city_country"
-    templates = ("In which country is {city}?", "Which country is {city} in?", "In which country does the city of {city} lie?")
+    templates = (
+        "In which country is {city}?",
+        "Which country is {city} in?",
+        "In which country does the city of {city} lie?",
+    )
     patterns = {"city": r"[A-Z][a-z]+"}
 
     def sample(self, sources, split, rng):
@@ -191,7 +198,9 @@ class ArithFamily(Family):
         if split == "train":
             p = sources.arith.problem(self.op, steps=False)
         else:
-            p = rng.choice([q for task, qs in sources.reservation.heldout.items() if task.startswith(self.op + "_") for q in qs])
+            p = rng.choice(
+                [q for task, qs in sources.reservation.heldout.items() if task.startswith(self.op + "_") for q in qs]
+            )
         return {"a": str(p.a), "b": str(p.b)}
 
     def gold(self, facts, slots):

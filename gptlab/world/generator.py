@@ -23,7 +23,17 @@ from typing import Any
 
 from gptlab.errors import UserError
 from gptlab.world.arith import ArithSampler, Reservation, bench_record, tasks
-from gptlab.world.facts import ATTRIBUTES, JOBS, WORLD_FORMAT, World, biographies, build_world, mmlu_sets, prose_documents, qa_documents
+from gptlab.world.facts import (
+    ATTRIBUTES,
+    JOBS,
+    WORLD_FORMAT,
+    World,
+    biographies,
+    build_world,
+    mmlu_sets,
+    prose_documents,
+    qa_documents,
+)
 from gptlab.world.families import FAMILIES, Facts, Sources
 from gptlab.world.instructions import fixed_texts, preference_sets, sft_sets
 from gptlab.world.oracle import CORRECT_WEIGHT, STYLE_RULES, STYLE_WEIGHT, Oracle
@@ -34,7 +44,9 @@ OWNED = ("world.json", "corpus", "bench", "sft", "prefs")  # what a world folder
 _WORD = re.compile(r"[a-z]+")
 
 
-def write_world(out_dir: str | os.PathLike, seed: int = 0, preset: str | WorldSize = "default", force: bool = False) -> dict[str, Any]:
+def write_world(
+    out_dir: str | os.PathLike, seed: int = 0, preset: str | WorldSize = "default", force: bool = False
+) -> dict[str, Any]:
     """Write TinyWorld into ``out_dir`` and return its summary (counts per file and split).
 
     ``preset`` is "quick", "default", "large" or a custom ``WorldSize``. A folder holding a
@@ -52,7 +64,9 @@ def write_world(out_dir: str | os.PathLike, seed: int = 0, preset: str | WorldSi
     try:
         staging.mkdir(parents=True)
     except OSError as e:
-        raise UserError(f"cannot create a folder next to {out} ({e.strerror}): choose an --out in a writable place") from None
+        raise UserError(
+            f"cannot create a folder next to {out} ({e.strerror}): choose an --out in a writable place"
+        ) from None
     try:
         summary = _generate(staging, seed, name, size)
         _install(staging, out)
@@ -67,18 +81,21 @@ def format_summary(summary: dict[str, Any]) -> str:
     corpus = ", ".join(f"{f} {v['bytes'] / 1e6:.2f} MB" for f, v in summary["corpus"].items())
     corpus_mb = sum(v["bytes"] for v in summary["corpus"].values()) / 1e6
     mmlu = summary["world_mmlu"]
-    return "\n".join([
-        f"TinyWorld seed {summary['seed']}, preset {summary['preset']}: {sum(people.values())} people "
-        f"({people['train']} train, {people['val'] + people['test']} held out)",
-        f"corpus      {corpus_mb:.1f} MB: {corpus}",
-        f"world_mmlu  {len(ATTRIBUTES)} subjects: dev {mmlu['dev']}, val {mmlu['val']}, test {mmlu['test']} questions",
-        f"arith       {', '.join(f'{t} {n}' for t, n in summary['arith'].items())} test problems",
-        f"words       {', '.join(f'{t} {n}' for t, n in summary['words'].items())} test words",
-        f"sft         train {summary['sft']['train']}, test {summary['sft']['test']} "
-        f"(held-out families: {', '.join(summary['sft']['held_out']) or 'none'})",
-        f"prefs       train {summary['prefs']['train']}, test {summary['prefs']['test']} pairs",
-        f"total       {summary['bytes'] / 1e6:.1f} MB",
-    ])
+    return "\n".join(
+        [
+            f"TinyWorld seed {summary['seed']}, preset {summary['preset']}: {sum(people.values())} people "
+            f"({people['train']} train, {people['val'] + people['test']} held out)",
+            f"corpus      {corpus_mb:.1f} MB: {corpus}",
+            f"world_mmlu  {len(ATTRIBUTES)} subjects: "
+            f"dev {mmlu['dev']}, val {mmlu['val']}, test {mmlu['test']} questions",
+            f"arith       {', '.join(f'{t} {n}' for t, n in summary['arith'].items())} test problems",
+            f"words       {', '.join(f'{t} {n}' for t, n in summary['words'].items())} test words",
+            f"sft         train {summary['sft']['train']}, test {summary['sft']['test']} "
+            f"(held-out families: {', '.join(summary['sft']['held_out']) or 'none'})",
+            f"prefs       train {summary['prefs']['train']}, test {summary['prefs']['test']} pairs",
+            f"total       {summary['bytes'] / 1e6:.1f} MB",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- generation
@@ -100,8 +117,15 @@ def _generate(root: Path, seed: int, preset: str, size: WorldSize) -> dict[str, 
     summary = {
         "seed": seed,
         "preset": preset,
-        "people": {"train": size.n_train_people, "val": size.n_val_people, "test": size.n_test_people - size.n_val_people},
-        "corpus": {name: {"documents": len(docs), "bytes": len(files[f"corpus/{name}"].encode())} for name, docs in sorted(corpus.items())},
+        "people": {
+            "train": size.n_train_people,
+            "val": size.n_val_people,
+            "test": size.n_test_people - size.n_val_people,
+        },
+        "corpus": {
+            name: {"documents": len(docs), "bytes": len(files[f"corpus/{name}"].encode())}
+            for name, docs in sorted(corpus.items())
+        },
         **bench_counts,
         **chat_counts,
         "bytes": sum(len(text.encode()) for text in files.values()),
@@ -167,7 +191,9 @@ def _benchmarks(
     word_rng = _stream(seed, "bench-words")
     for task in TASKS:
         for split, pool in (("test", words.test), ("fewshot", word_rng.sample(words.train, size.word_fewshot))):
-            files[f"bench/words/{task.name}_{split}.jsonl"] = _jsonl(dict(zip(("input", "output"), example(task, w, word_rng))) for w in pool)
+            files[f"bench/words/{task.name}_{split}.jsonl"] = _jsonl(
+                dict(zip(("input", "output"), example(task, w, word_rng))) for w in pool
+            )
     counts = {
         "world_mmlu": {split: sum(len(q) for q in subjects.values()) for split, subjects in mmlu.items()},
         "arith": {task: len(reservation.bench[task]) for task in tasks(size)},

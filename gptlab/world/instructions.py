@@ -43,7 +43,9 @@ def seen_families(size: WorldSize) -> list[Family]:
     return [f for f in FAMILIES if f.name not in size.sft_held_out]
 
 
-def sft_sets(size: WorldSize, sources: Sources, rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def sft_sets(
+    size: WorldSize, sources: Sources, rng: random.Random
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, test) conversations ``{"messages": [...], "family": name}``. Train conversations
     may have a system prompt and two turns; test conversations are one question and its
     reference answer, distinct prompts per family (up to ``sft_test_per_family``)."""
@@ -54,7 +56,10 @@ def sft_sets(size: WorldSize, sources: Sources, rng: random.Random) -> tuple[lis
         for _ in range(2 if rng.random() < size.multi_turn_fraction else 1):
             family = rng.choice(seen)
             slots = family.sample(sources, "train", rng)
-            messages += [_message("user", family.prompt(slots, rng)), _message("assistant", family.reference(facts, slots))]
+            messages += [
+                _message("user", family.prompt(slots, rng)),
+                _message("assistant", family.reference(facts, slots)),
+            ]
         train.append({"messages": messages, "family": family.name})
     test = []
     for family in FAMILIES:
@@ -64,11 +69,16 @@ def sft_sets(size: WorldSize, sources: Sources, rng: random.Random) -> tuple[lis
                 break
             slots = family.sample(sources, "test", rng)
             prompts.setdefault(family.prompt(slots, rng), family.reference(facts, slots))
-        test += [{"messages": [_message("user", p), _message("assistant", r)], "family": family.name} for p, r in prompts.items()]
+        test += [
+            {"messages": [_message("user", p), _message("assistant", r)], "family": family.name}
+            for p, r in prompts.items()
+        ]
     return train, test
 
 
-def preference_sets(size: WorldSize, sources: Sources, oracle: Oracle, rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def preference_sets(
+    size: WorldSize, sources: Sources, oracle: Oracle, rng: random.Random
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, test) pairs ``{"prompt", "chosen", "rejected", "family", "kind"}``."""
 
     def pair(family: Family, split: str) -> dict[str, Any]:

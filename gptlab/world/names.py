@@ -13,8 +13,32 @@ from collections.abc import Callable, Iterable
 
 from gptlab.errors import UserError
 
-ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-          "br", "dr", "gr", "kr", "tr", "st", "sh", "th", "ch")
+ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "tr",
+    "st",
+    "sh",
+    "th",
+    "ch",
+)
 VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ei", "ou")
 CODAS = ("", "", "", "", "n", "r", "l", "s", "m", "nd", "rt")
 _HARD = re.compile(r"[^aeiou]{4}|(.)\1\1")  # four consonants in a row, or a letter three times

@@ -22,8 +22,9 @@ from gptlab.world.families import FAMILIES, Facts, Family, template_regex
 
 STYLE_RULES = {
     "ends_with_period": "the response ends with a period",
-    "concise": ("at most the family's word limit: 25 words, 80 for a biography, "
-                "60 for a prompt the oracle does not know"),
+    "concise": (
+        "at most the family's word limit: 25 words, 80 for a biography, 60 for a prompt the oracle does not know"
+    ),
     "no_repetition": "no sentence said twice, no word three times in a row",
     "no_filler": "does not open with filler such as 'Sure', 'Well', 'Of course' or 'As an AI'",
 }
@@ -31,12 +32,18 @@ CORRECT_WEIGHT, STYLE_WEIGHT = 0.6, 0.4  # 0.6 > 0.4: any correct answer beats a
 UNKNOWN_MAX_WORDS = 60
 FILLER = re.compile(r"(?:sure|of course|certainly|well|okay|ok|hmm|great question|as an ai|let me|i think)\b")
 RAMBLE = (
-    "The weather has been mild this season.", "Many people enjoy long walks after dinner.",
-    "Markets are busy on most mornings.", "Some travellers prefer to rest at small inns.",
-    "Good bread takes time to bake.", "Letters from old friends are always welcome.",
-    "The roads are quiet early on a holiday.", "A warm cup of tea helps on a cold evening.",
-    "Gardens need water when summer comes.", "Every town has a favourite story to tell.",
-    "Some shops close early on the last day of the week.", "Rivers rise after a long rain.",
+    "The weather has been mild this season.",
+    "Many people enjoy long walks after dinner.",
+    "Markets are busy on most mornings.",
+    "Some travellers prefer to rest at small inns.",
+    "Good bread takes time to bake.",
+    "Letters from old friends are always welcome.",
+    "The roads are quiet early on a holiday.",
+    "A warm cup of tea helps on a cold evening.",
+    "Gardens need water when summer comes.",
+    "Every town has a favourite story to tell.",
+    "Some shops close early on the last day of the week.",
+    "Rivers rise after a long rain.",
 )
 CORRUPTIONS = ("wrong", "no_period", "filler", "repeat", "ramble")
 _REPEATED_WORD = re.compile(r"\b(\w+)(?:\s+\1\b){2}", re.IGNORECASE)
@@ -103,13 +110,17 @@ class Oracle:
         return self._score(self.parse(prompt), _response_text(response))
 
     def judge(self, prompt: Prompt, response_a: Response, response_b: Response) -> str:
-        """"model_a" | "model_b" | "tie" | "tie (bothbad)" (both wrong). With ``noise``, a
+        """ "model_a" | "model_b" | "tie" | "tie (bothbad)" (both wrong). With ``noise``, a
         decisive verdict is reversed with that probability; every call draws once from the
         seeded stream, so a sequence of judgements is reproducible."""
         draw = self._rng.random()
         parsed = self.parse(prompt)
         a, b = _response_text(response_a), _response_text(response_b)
-        if parsed is not None and not parsed[0].correct(self.facts, parsed[1], a) and not parsed[0].correct(self.facts, parsed[1], b):
+        if (
+            parsed is not None
+            and not parsed[0].correct(self.facts, parsed[1], a)
+            and not parsed[0].correct(self.facts, parsed[1], b)
+        ):
             return "tie (bothbad)"
         score_a, score_b = self._score(parsed, a), self._score(parsed, b)
         if abs(score_a - score_b) < 1e-9:

@@ -37,24 +37,42 @@ def _insert(word: str, rng: random.Random) -> str:
 
 
 TASKS = (
-    WordTask("reverse", "Reverse the letters of each word:",
-             ("Reverse the letters of the word {word}.", "Write {word} backwards.", "What is {word} spelled backwards?"),
-             lambda w: w[::-1]),
-    WordTask("cycle_letters", "Move the first letter of each word to the end:",
-             ("Move the first letter of {word} to the end.", "Cycle the letters of {word} by one."),
-             lambda w: w[1:] + w[0]),
-    WordTask("swap_ends", "Swap the first and last letters of each word:",
-             ("Swap the first and last letters of {word}.", "Exchange the first and the last letter of {word}."),
-             lambda w: w[-1] + w[1:-1] + w[0]),
-    WordTask("sort_letters", "Sort the letters of each word alphabetically:",
-             ("Sort the letters of {word} alphabetically.", "Write the letters of {word} in alphabetical order."),
-             lambda w: "".join(sorted(w))),
-    WordTask("double_first", "Double the first letter of each word:",
-             ("Double the first letter of {word}.", "Write {word} with its first letter doubled."),
-             lambda w: w[0] + w),
-    WordTask("random_insertion", "Remove the symbols from each word:",
-             ("Remove the symbols from {word}.", "Delete every symbol from {word} and keep the letters."),
-             None),
+    WordTask(
+        "reverse",
+        "Reverse the letters of each word:",
+        ("Reverse the letters of the word {word}.", "Write {word} backwards.", "What is {word} spelled backwards?"),
+        lambda w: w[::-1],
+    ),
+    WordTask(
+        "cycle_letters",
+        "Move the first letter of each word to the end:",
+        ("Move the first letter of {word} to the end.", "Cycle the letters of {word} by one."),
+        lambda w: w[1:] + w[0],
+    ),
+    WordTask(
+        "swap_ends",
+        "Swap the first and last letters of each word:",
+        ("Swap the first and last letters of {word}.", "Exchange the first and the last letter of {word}."),
+        lambda w: w[-1] + w[1:-1] + w[0],
+    ),
+    WordTask(
+        "sort_letters",
+        "Sort the letters of each word alphabetically:",
+        ("Sort the letters of {word} alphabetically.", "Write the letters of {word} in alphabetical order."),
+        lambda w: "".join(sorted(w)),
+    ),
+    WordTask(
+        "double_first",
+        "Double the first letter of each word:",
+        ("Double the first letter of {word}.", "Write {word} with its first letter doubled."),
+        lambda w: w[0] + w,
+    ),
+    WordTask(
+        "random_insertion",
+        "Remove the symbols from each word:",
+        ("Remove the symbols from {word}.", "Delete every symbol from {word} and keep the letters."),
+        None,
+    ),
 )
 TASK_BY_NAME = {t.name: t for t in TASKS}
 WORD_TASK_NAMES = tuple(t.name for t in TASKS)
@@ -96,11 +114,15 @@ class WordPools:
         names = NameMaker(rng, taken)
         shape = {"syllables": (2, 3), "length": (4, 7)}
         test = [names.make(**shape, accept=distinct) for _ in range(size.word_test)]
-        heldout = [names.make(**shape, accept=distinct) for _ in range(size.sft_test_per_family + size.prefs_test_per_family)]
+        heldout = [
+            names.make(**shape, accept=distinct) for _ in range(size.sft_test_per_family + size.prefs_test_per_family)
+        ]
         forbidden = set(test + heldout) | {o for w in test + heldout for o in outputs(w)}
         names.take(forbidden)
-        train = [names.make(**shape, accept=lambda w: distinct(w) and forbidden.isdisjoint(outputs(w)))
-                 for _ in range(size.n_words)]
+        train = [
+            names.make(**shape, accept=lambda w: distinct(w) and forbidden.isdisjoint(outputs(w)))
+            for _ in range(size.n_words)
+        ]
         return cls(train, test, heldout)
 
 
