@@ -22,7 +22,7 @@ from gptlab.data import (
     require_documents,
     write_shard,
 )
-from gptlab.data.shards import HEADER_BYTES, is_val, token_dtype
+from gptlab.data.shards import HEADER_BYTES, _ShardWriter, is_val, token_dtype
 from gptlab.errors import UserError
 from gptlab.tokenizer import Tokenizer
 from helpers import assert_one_line
@@ -165,6 +165,23 @@ def shards(tok_dir: Path, corpus: tuple[Path, list[str]], tmp_path_factory: pyte
     return out
 
 
+@pytest.fixture
+def finished_shards(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the shards `prepare` completes, in order. Chunks shrink to ~2000 characters so that its
+    read-ahead (two chunks per worker) is a small part of a test corpus: shards are written while input is
+    still being read, and an input failing late fails after some were written."""
+    monkeypatch.setattr("gptlab.data.shards.CHUNK_CHARS", 2000)
+    finished: list[str] = []
+    finish = _ShardWriter._finish
+
+    def finish_and_record(self: _ShardWriter) -> None:
+        finish(self)
+        finished.append(self.names[-1])
+
+    monkeypatch.setattr(_ShardWriter, "_finish", finish_and_record)
+    return finished
+
+
 def read_split(directory: Path, split: str) -> np.ndarray:
     names = read_meta(directory)["splits"][split]["shards"]
     return np.concatenate([np.asarray(open_shard(directory / n)) for n in names])
@@ -275,7 +292,7 @@ def test_a_hub_dataset_by_name_streams_its_text_column_into_the_same_shards(
     assert_one_line(e, "needs the datasets package", "gptlab[hf]")
 
 
-def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path):
+def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path, finished_shards: list[str]):
     write_jsonl(tmp_path / "c.jsonl", make_docs(5))
     prepare(tok_dir, tmp_path / "c.jsonl", tmp_path / "out", workers=1)
     before = (tmp_path / "out" / "meta.json").read_text()
@@ -290,11 +307,14 @@ def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path):
         return {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
 
     shards_before = shard_files()
-    write_jsonl(tmp_path / "big.jsonl", make_docs(5) * 2000)  # more than one chunk: shards are written before bad.jsonl
-    failing = ([tmp_path / "missing.jsonl"], [tmp_path / "empty.txt"], [tmp_path / "big.jsonl", tmp_path / "bad.jsonl"])
-    for inputs in failing:  # --overwrite, and an input fails: at once, or after shards were written
+    write_jsonl(tmp_path / "big.jsonl", make_docs(200))  # many chunks: shards are written before bad.jsonl is read
+    late = [tmp_path / "big.jsonl", tmp_path / "bad.jsonl"]
+    for inputs in ([tmp_path / "missing.jsonl"], [tmp_path / "empty.txt"], late):
+        # --overwrite, and an input fails: at once, or after shards were written
+        finished_shards.clear()
         with pytest.raises(UserError):
             prepare(tok_dir, inputs, tmp_path / "out", workers=1, overwrite=True, shard_tokens=50)
+        assert (len(finished_shards) > 10) == (inputs is late), finished_shards
         assert shard_files() == shards_before
         assert not list((tmp_path / "out").glob(".prepare-*"))
     write_jsonl(tmp_path / "c.jsonl", make_docs(3, seed=4))
@@ -302,7 +322,7 @@ def test_prepare_refuses_to_mix_with_old_shards(tok_dir: Path, tmp_path: Path):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 3
 
 
-def test_prepare_errors_leave_no_shards(tok_dir: Path, tmp_path: Path):
+def test_prepare_errors_leave_no_shards(tok_dir: Path, tmp_path: Path, finished_shards: list[str]):
     with pytest.raises(UserError) as e:
         prepare(tmp_path / "no_tok", tmp_path, tmp_path / "out", workers=1)
     assert_one_line(e, "no_tok")
@@ -317,7 +337,8 @@ def test_prepare_errors_leave_no_shards(tok_dir: Path, tmp_path: Path):
     with pytest.raises(UserError) as e:
         prepare(tok_dir, tmp_path / "c.jsonl", tmp_path / "out", shard_tokens=500, workers=1)
     assert_one_line(e, "c.jsonl:301")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert len(finished_shards) > 10
+    assert list(tmp_path.glob("out/*")) == []  # nothing left inside (or no folder at all)
 
 
 def test_shard_dtype_follows_the_vocabulary(tmp_path: Path):
