@@ -1,12 +1,16 @@
 """The engine: KV-cache decoding equals the full forward, matches transformers' greedy search,
 samples only from the allowed set, stops and streams correctly."""
 
+import random
+
 import pytest
 import torch
 
 from gptlab.engine import Engine, PackedLinears, StaticDecodeStep, sample_next
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
+from gptlab.tokenizer import Tokenizer
+from helpers import WORDS
 
 VOCAB = 97
 PROMPTS = [[5, 17, 3, 90, 41, 8, 22], [11, 2], [60, 61, 62, 7]]  # different lengths: left padding
@@ -465,6 +469,80 @@ def test_stop_strings_end_the_text_and_are_left_out(monkeypatch):
     stop = text[6:8]
     got = engine.generate_text("hello", max_new_tokens=30, temperature=1.0, seed=4, stop=[stop])
     assert got == text[: text.find(stop)]
+
+
+def bpe_model_folder(path) -> Engine:
+    """A random model with a BPE tokenizer trained on WORDS (many tokens are several characters), saved to
+    ``path``; weights large enough to avoid argmax near-ties."""
+    rng = random.Random(0)
+    tok = Tokenizer.train([" ".join(rng.choices(WORDS, k=20)) for _ in range(200)], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(path, tokenizer=tok)
+    return Engine(GPT.from_pretrained(path), Tokenizer.from_pretrained(path))
+
+
+def test_stop_strings_inside_bpe_tokens_stop_where_transformers_stops(tmp_path, monkeypatch):
+    """A stop string that ends inside a multi-character token, and one that starts inside one, end generation
+    at the token that completes them, as transformers' generate(stop_strings=...) does on the same folder, and
+    the text is cut before them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = bpe_model_folder(tmp_path)
+    tok = engine.tokenizer
+    hf, hf_tok = AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    prompt = tok.encode("alpha beta")
+
+    def hf_generate(**options) -> tuple[list[int], float]:
+        """transformers' greedy tokens after the prompt, and the smallest top-1/top-2 logit gap seen."""
+        out = hf.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=30,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **options,
+        )
+        top2 = torch.stack(out.scores).topk(2, dim=-1).values
+        return out.sequences[0, len(prompt) :].tolist(), float((top2[..., 0] - top2[..., 1]).min())
+
+    tokens = engine.generate([prompt], 30, temperature=0)[0]
+    expected, gap = hf_generate()
+    assert gap > 1e-4, "near-tie in the reference: equality would be luck; change the seed"
+    assert tokens == expected
+    text = tok.decode(tokens)
+    pieces = [tok.decode([t]) for t in tokens]
+    # The first token of 3+ letters after a token ending in a letter: the stops straddle its start and its end.
+    k = next(i for i in range(1, len(tokens) - 1) if len(pieces[i]) >= 3 and (pieces[i - 1][-1] + pieces[i]).isalpha())
+    start = len(tok.decode(tokens[:k]))  # where token k's text begins
+    cases = [  # (stop, where the text ends, tokens the model writes)
+        (pieces[k - 1][-1] + pieces[k][:2], start - 1, k + 1),  # ends inside token k
+        (pieces[k][1:] + pieces[k + 1], start + 1, k + 2),  # starts inside token k, ends with token k + 1
+    ]
+    consumed: list[int] = []
+    stream = engine.stream
+
+    def recording_stream(*args, **kwargs):
+        for step in stream(*args, **kwargs):
+            consumed.append(step[0])
+            yield step
+
+    monkeypatch.setattr(engine, "stream", recording_stream)
+    for stop, end, n_tokens in cases:
+        assert text.find(stop) == end  # its first occurrence
+        consumed.clear()
+        got = engine.generate_text("alpha beta", max_new_tokens=30, temperature=0, stop=[stop])
+        assert got == text[:end], stop
+        assert consumed == tokens[:n_tokens], stop  # the model stopped at the token completing the stop string
+        theirs, _ = hf_generate(stop_strings=[stop], tokenizer=hf_tok)
+        assert theirs == consumed, stop
+        their_text = hf_tok.decode(theirs, skip_special_tokens=True)
+        assert their_text[: their_text.find(stop)] == got, stop
 
 
 def test_text_needs_a_tokenizer():
