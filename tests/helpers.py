@@ -14,12 +14,38 @@ from pathlib import Path
 
 import pytest
 
+from gptlab.world import WorldSize
+
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 600  # long enough for the torchrun tests on 2 cores; a hung child fails instead of stalling CI
 
 # The words the tiny model's tokenizer is trained on; tests that score text with that model write it from these words.
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 TINY_MODEL_BLOCK = 384  # the eval tests' 5-shot prompts are 330-420 tokens: some fit, some are cut from the left
+# A TinyWorld of every kind of file in well under a second (the quick preset takes tens of seconds).
+TINY_WORLD = WorldSize(
+    n_countries=4,
+    n_cities=9,
+    n_companies=6,
+    n_universities=4,
+    n_jobs=6,
+    n_people=60,
+    test_fraction=0.25,
+    val_fraction=0.4,
+    bios_per_person=3,
+    corpus_mb=0.15,
+    max_digits=3,
+    max_mul_digits=2,
+    arith_test=20,
+    arith_fewshot=4,
+    n_words=200,
+    word_test=20,
+    word_fewshot=8,
+    sft_train=300,
+    sft_test_per_family=6,
+    prefs_train=150,
+    prefs_test_per_family=4,
+)
 
 
 def run_python(

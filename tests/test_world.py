@@ -15,36 +15,13 @@ import pytest
 
 from gptlab.data import iter_documents
 from gptlab.errors import UserError
-from gptlab.world import PRESETS, Mixture, Oracle, WorldSize, format_summary, write_world
+from gptlab.world import PRESETS, Mixture, Oracle, format_summary, write_world
 from gptlab.world.arith import Problem, worked
 from gptlab.world.families import FAMILIES, FAMILY_BY_NAME, template_regex
 from gptlab.world.oracle import CORRUPTIONS
 from gptlab.world.words import TASK_BY_NAME
-from helpers import assert_one_line
+from helpers import TINY_WORLD, assert_one_line
 
-TINY = WorldSize(
-    n_countries=4,
-    n_cities=9,
-    n_companies=6,
-    n_universities=4,
-    n_jobs=6,
-    n_people=60,
-    test_fraction=0.25,
-    val_fraction=0.4,
-    bios_per_person=3,
-    corpus_mb=0.15,
-    max_digits=3,
-    max_mul_digits=2,
-    arith_test=20,
-    arith_fewshot=4,
-    n_words=200,
-    word_test=20,
-    word_fewshot=8,
-    sft_train=300,
-    sft_test_per_family=6,
-    prefs_train=150,
-    prefs_test_per_family=4,
-)
 ARITH = re.compile(r"(\d+)([+*-])(\d+)=")
 OPS = {"+": "add", "-": "sub", "*": "mul"}
 
@@ -68,7 +45,7 @@ def text_of(messages: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world") / "w"
-    write_world(root, seed=3, preset=TINY)
+    write_world(root, seed=3, preset=TINY_WORLD)
     return root
 
 
@@ -99,8 +76,8 @@ def oracle(world: Path) -> Oracle:
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_differs(world: Path, tmp_path: Path):
-    write_world(tmp_path / "again", seed=3, preset=TINY)
-    write_world(tmp_path / "other", seed=4, preset=TINY)
+    write_world(tmp_path / "again", seed=3, preset=TINY_WORLD)
+    write_world(tmp_path / "other", seed=4, preset=TINY_WORLD)
     first, again, other = hashes(world), hashes(tmp_path / "again"), hashes(tmp_path / "other")
     assert first == again
     assert set(first) == set(other)
@@ -119,8 +96,8 @@ def test_summary_matches_the_files(world: Path, meta: dict):
     summary = meta["summary"]
     docs = {name: list(iter_documents(world / "corpus" / name)) for name in summary["corpus"]}
     assert {n: len(d) for n, d in docs.items()} == {n: v["documents"] for n, v in summary["corpus"].items()}
-    assert summary["sft"]["train"] == TINY.sft_train == len(read_jsonl(world / "sft/train.jsonl"))
-    assert summary["prefs"]["test"] == len(FAMILIES) * TINY.prefs_test_per_family
+    assert summary["sft"]["train"] == TINY_WORLD.sft_train == len(read_jsonl(world / "sft/train.jsonl"))
+    assert summary["prefs"]["test"] == len(FAMILIES) * TINY_WORLD.prefs_test_per_family
     assert summary["people"] == {"train": 45, "val": 6, "test": 9}
     text = format_summary(summary)
     assert "60 people (45 train, 15 held out)" in text and "add_3 20" in text and "swap_ends" in text
@@ -131,7 +108,7 @@ def test_summary_matches_the_files(world: Path, meta: dict):
 
 def test_world_json_has_people_with_facts_and_splits(meta: dict):
     people = meta["people"]
-    assert len(people) == TINY.n_people and len({p["name"] for p in people}) == len(people)
+    assert len(people) == TINY_WORLD.n_people and len({p["name"] for p in people}) == len(people)
     cities = {c["name"]: c["country"] for c in meta["cities"]}
     for p in people:
         assert p["split"] in ("train", "test")
@@ -139,7 +116,7 @@ def test_world_json_has_people_with_facts_and_splits(meta: dict):
         assert cities[p["birth_city"]] == p["birth_country"]
         assert p["job"] in meta["jobs"] and 1900 <= p["birth_year"] <= 1999
     assert meta["seed"] == 3 and meta["preset"] == "custom" and meta["sizes"]["n_people"] == 60
-    assert meta["sft"]["held_out"] == TINY.sft_held_out
+    assert meta["sft"]["held_out"] == TINY_WORLD.sft_held_out
 
 
 def test_names_are_invented_pronounceable_and_unique(meta: dict):
@@ -162,7 +139,7 @@ def test_every_person_has_several_biographies(world: Path, meta: dict):
     bios = list(iter_documents(world / "corpus/bios.txt"))
     for person in meta["people"]:
         mine = [b for b in bios if re.match(re.escape(person["name"]) + r"\b", b)]
-        assert len(mine) == len(set(mine)) == TINY.bios_per_person
+        assert len(mine) == len(set(mine)) == TINY_WORLD.bios_per_person
         assert all(str(person["birth_year"]) in b and person["employer"] in b for b in mine)
 
 
@@ -204,7 +181,7 @@ def test_arithmetic_test_pairs_never_occur_in_training_data(world: Path, corpus_
                 held_out.add(
                     Problem({"add": "add", "subtract": "sub", "multiply": "mul"}[record["family"]], int(a), int(b)).key
                 )
-    assert len(held_out) >= 5 * TINY.arith_test
+    assert len(held_out) >= 5 * TINY_WORLD.arith_test
     assert not trained & held_out
 
 
@@ -259,7 +236,7 @@ def test_arithmetic_records_are_gsm8k_style_and_correct(world: Path):
         op, digits = task.split("_")
         for split in ("test", "fewshot"):
             records = read_jsonl(world / f"bench/arith/{task}_{split}.jsonl")
-            assert len(records) == (TINY.arith_test if split == "test" else TINY.arith_fewshot)
+            assert len(records) == (TINY_WORLD.arith_test if split == "test" else TINY_WORLD.arith_fewshot)
             for r in records:
                 a, sym, b = re.fullmatch(r"(\d+)([+*-])(\d+)=\?", r["question"]).groups()
                 assert OPS[sym] == op and len(a) == len(b) == int(digits)
@@ -406,11 +383,11 @@ def test_oracle_noise_flips_about_that_share_of_verdicts_reproducibly(world: Pat
 
 def test_a_previous_world_is_overwritten_and_other_folders_are_refused(world: Path, tmp_path: Path):
     out = tmp_path / "w"
-    write_world(out, seed=3, preset=TINY)
+    write_world(out, seed=3, preset=TINY_WORLD)
     stale = out / "bench/arith/mul_9_test.jsonl"
     stale.write_text("{}\n")
     (out / "notes.txt").write_text("mine")
-    write_world(out, seed=3, preset=TINY)
+    write_world(out, seed=3, preset=TINY_WORLD)
     assert not stale.exists() and (out / "notes.txt").read_text() == "mine"
     assert hashes(out) == {**hashes(world), "notes.txt": hashes(out)["notes.txt"]}
 
@@ -418,17 +395,17 @@ def test_a_previous_world_is_overwritten_and_other_folders_are_refused(world: Pa
     busy.mkdir()
     (busy / "thesis.tex").write_text("precious")
     with pytest.raises(UserError) as error:
-        write_world(busy, preset=TINY)
+        write_world(busy, preset=TINY_WORLD)
     assert_one_line(error, str(busy), "not empty", "--force")
     assert sorted(p.name for p in busy.iterdir()) == ["thesis.tex"]
-    write_world(busy, preset=TINY, force=True)
+    write_world(busy, preset=TINY_WORLD, force=True)
     assert (busy / "world.json").is_file() and (busy / "thesis.tex").read_text() == "precious"
 
     with pytest.raises(UserError) as error:
-        write_world(busy / "thesis.tex", preset=TINY)
+        write_world(busy / "thesis.tex", preset=TINY_WORLD)
     assert_one_line(error, "is a file")
     with pytest.raises(UserError) as error:
-        write_world(busy / "thesis.tex" / "w", preset=TINY)
+        write_world(busy / "thesis.tex" / "w", preset=TINY_WORLD)
     assert_one_line(error, "cannot create")
 
 
@@ -451,7 +428,7 @@ def test_a_previous_world_is_overwritten_and_other_folders_are_refused(world: Pa
 )
 def test_sizes_that_empty_a_split_are_refused(tmp_path: Path, change: dict, fragment: str):
     with pytest.raises(UserError) as error:
-        write_world(tmp_path / "w", preset=dataclasses.replace(TINY, **change))
+        write_world(tmp_path / "w", preset=dataclasses.replace(TINY_WORLD, **change))
     assert_one_line(error, fragment)
     assert not (tmp_path / "w").exists()
 
@@ -461,7 +438,7 @@ def test_bad_preset_seed_noise_and_world_folder_are_user_errors(tmp_path: Path):
         write_world(tmp_path / "w", preset="huge")
     assert_one_line(error, "'huge'", "quick, default, large")
     with pytest.raises(UserError) as error:
-        write_world(tmp_path / "w", seed="7", preset=TINY)
+        write_world(tmp_path / "w", seed="7", preset=TINY_WORLD)
     assert_one_line(error, "seed")
     with pytest.raises(UserError) as error:
         Oracle(tmp_path)
