@@ -20,6 +20,7 @@ from gptlab.eval import GenerationRequest, GptlabBackend, HFBackend, OpenAIBacke
 from gptlab.eval.backends import rolling_windows
 from gptlab.eval.tasks import load_task
 from gptlab.model import GPT
+from gptlab.tokenizer import Tokenizer
 from helpers import TINY_MODEL_BLOCK, WORDS, gptlab, write_jsonl
 
 
@@ -327,23 +328,162 @@ def test_toml_generation_task(files, backend):
 # --------------------------------------------------------------------------- parity with lm-evaluation-harness
 
 
-def test_parity_with_lm_evaluation_harness(files, tiny_model, backend, tmp_path):
-    pytest.importorskip("lm_eval")
-    from gptlab.eval.lmeval import read_mmlu_samples, run_lm_eval_hf, write_mmlu_tasks
+REVERSE_TOML = """name = "reverse"
+type = "generate_until"
+test = "reverse_test.jsonl"
+fewshot = "reverse_dev.jsonl"
+fewshot_sampler = "first_n"
+doc_to_text = "{w} ->"
+doc_to_target = "{r}"
+fewshot_delimiter = "\\n"
+until = ["\\n", "ta"]
+max_new_tokens = 12
+"""
 
-    group = write_mmlu_tasks(files / "mmlu", tmp_path / "tasks")
-    run = run_lm_eval_hf(tiny_model, tmp_path / "tasks", group, tmp_path / "out", shots=5, batch_size=7)
+
+def lm_eval_generation_task(folder: Path) -> dict:
+    """REVERSE_TOML as lm-eval's task config."""
+    return {
+        "task": "local_reverse",
+        "dataset_path": "json",
+        "dataset_kwargs": {
+            "data_files": {"test": str(folder / "reverse_test.jsonl"), "dev": str(folder / "reverse_dev.jsonl")}
+        },
+        "test_split": "test",
+        "fewshot_split": "dev",
+        "fewshot_config": {"sampler": "first_n"},
+        "output_type": "generate_until",
+        "doc_to_text": "{{w}} ->",
+        "doc_to_target": "{{r}}",
+        "target_delimiter": " ",
+        "fewshot_delimiter": "\n",
+        "generation_kwargs": {"until": ["\n", "ta"], "max_gen_toks": 12, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def lm_eval_perplexity_task(documents: Path) -> dict:
+    """gptlab's ppl task as lm-eval's wikitext scores a document: its rolling log-likelihood, words
+    (split on whitespace) and UTF-8 bytes."""
+    return {
+        "task": "local_ppl",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(documents)}},
+        "test_split": "test",
+        "num_fewshot": 0,
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+        "metadata": {"version": 1.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def parity_model(tiny_model, tmp_path_factory) -> Path:
+    """tiny_model's tokenizer and shape with weights drawn 15x larger: its greedy text depends on the prompt
+    (tiny_model writes the same for every prompt) and its top logits are far enough apart to compare exactly."""
+    model = GPT.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    folder = tmp_path_factory.mktemp("parity_model") / "model"
+    model.save_pretrained(folder, tokenizer=Tokenizer.from_pretrained(tiny_model))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parity_backend(parity_model) -> GptlabBackend:
+    return GptlabBackend.from_pretrained(parity_model)
+
+
+@pytest.fixture(scope="module")
+def lm_eval_run(files, parity_model, tmp_path_factory) -> Path:
+    """One `lm_eval --model hf` run of parity_model (one start-up for every parity test) over local
+    tasks: the MMLU folder's subjects and a generation task (REVERSE_TOML) 5-shot, and the ppl task over
+    files/text.txt. Returns a folder with lm-eval's output in out/ and gptlab's task file reverse.toml."""
+    from gptlab.data import iter_documents
+    from gptlab.eval.lmeval import run_lm_eval_hf, write_mmlu_tasks, write_task
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    rng = random.Random(2)
+    write_jsonl(root / "reverse_dev.jsonl", [{"w": w, "r": w[::-1]} for w in WORDS[:5]])
+    tests = [{"w": w, "r": w[::-1]} for w in WORDS[5:]]
+    long = " ".join(rng.choices(WORDS, k=400))  # past the model's length with its shots: cut from the left
+    write_jsonl(root / "reverse_test.jsonl", [*tests, {"w": long, "r": long[::-1]}])
+    (root / "reverse.toml").write_text(REVERSE_TOML)
+    write_jsonl(root / "ppl.jsonl", [{"text": t} for t in iter_documents(files / "text.txt")])
+    group = write_mmlu_tasks(files / "mmlu", root / "tasks")
+    generation = write_task(root / "tasks", lm_eval_generation_task(root))
+    perplexity = write_task(root / "tasks", lm_eval_perplexity_task(root / "ppl.jsonl"))
+    tasks = ",".join((group, generation, perplexity))
+    run = run_lm_eval_hf(parity_model, root / "tasks", tasks, root / "out", shots=5, batch_size=7)
     assert run.returncode == 0, run.stderr[-3000:]
-    theirs = read_mmlu_samples(tmp_path / "out", group)
+    return root
+
+
+def test_parity_with_lm_evaluation_harness(files, lm_eval_run, parity_backend):
+    pytest.importorskip("lm_eval")
+    from gptlab.eval.lmeval import read_mmlu_samples
+
+    theirs = read_mmlu_samples(lm_eval_run / "out", "local_mmlu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the truncation warning
-        ours = evaluate(backend, ["mmlu"], files / "mmlu", shots=[5], return_samples=True)
+        ours = evaluate(parity_backend, ["mmlu"], files / "mmlu", shots=[5], return_samples=True)
     assert 0 < ours["results"]["mmlu"]["truncated"] < 4 * 12  # both paths: cut and whole
     assert len(ours["samples"]) == len(theirs) == 12
     for sample in ours["samples"]:
         reference = theirs[(sample["subject"], sample["doc_id"])]
         assert sample["logprobs"] == pytest.approx(reference, abs=1e-3)
         assert sample["prediction"] == metrics.argmax(reference)
+
+
+def test_generation_parity_with_lm_evaluation_harness(lm_eval_run, parity_backend):
+    """Per sample, the same 5-shot prompt and the same text out: left truncation of a long prompt, the
+    token budget and the stop strings (checked to matter here) cut as lm-eval's hf backend cuts them."""
+    from gptlab.eval.lmeval import read_samples
+
+    theirs = read_samples(lm_eval_run / "out", "local_reverse")
+    task = load_task(str(lm_eval_run / "reverse.toml"), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warning
+        ours = evaluate(parity_backend, [str(lm_eval_run / "reverse.toml")], shots=[5], return_samples=True)
+    assert ours["results"]["reverse"]["truncated"] == 1
+    assert len(ours["samples"]) == len(theirs) == len(task.docs) == 8
+    contexts = [task.context(doc, task.shots(doc, 5, seed=0)) for doc in task.docs]
+    for context, sample in zip(contexts, ours["samples"]):
+        record = theirs[sample["doc_id"]]
+        assert record["arguments"]["gen_args_0"]["arg_0"] == context
+        assert sample["output"] == record["filtered_resps"][0], sample["doc_id"]
+    assert len({s["output"] for s in ours["samples"]}) >= 4  # outputs that depend on the prompt
+    unstopped = parity_backend.generate_until([GenerationRequest(c, (), 12) for c in contexts])
+    assert sum(o != s["output"] for o, s in zip(unstopped, ours["samples"])) >= 2  # the stops cut some outputs
+
+
+def test_rolling_windows_parity_with_lm_evaluation_harness(lm_eval_run, parity_backend, monkeypatch):
+    """Per document, the log-likelihood of lm-eval's rolling windows, across the model's length; and
+    the perplexities lm-eval computes from them, as gptlab's ppl task computes them.
+
+    lm-eval's hf backend encodes a document with the tokenizer's special tokens, so it also scores
+    P(BOS | BOS) (docs/eval.md: gptlab does not): the same windows are gptlab's over BOS + the text."""
+    from gptlab.eval.lmeval import read_samples
+
+    theirs = read_samples(lm_eval_run / "out", "local_ppl")
+    texts = [theirs[i]["doc"]["text"] for i in sorted(theirs)]
+    their_logprobs = [float(theirs[i]["filtered_resps"][0]) for i in sorted(theirs)]
+    backend = parity_backend
+    assert len(texts) == 4 and max(len(ids) for ids in backend.encode(texts)) > backend.max_length  # 2+ windows
+    ours = backend.loglikelihood_rolling([backend.bos_text + t for t in texts], batch_size=3)
+    assert ours == pytest.approx(their_logprobs, rel=1e-6)
+    # Their per-document figures through gptlab's ppl task give their perplexities: words, bytes and formulas.
+    results = json.loads(next((lm_eval_run / "out").rglob("results_*.json")).read_text())["results"]["local_ppl"]
+    monkeypatch.setattr(backend, "loglikelihood_rolling", lambda texts, batch_size: their_logprobs)
+    ppl = evaluate(backend, ["ppl"], lm_eval_run / "ppl.jsonl")["results"]["ppl"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ppl[metric] == pytest.approx(results[f"{metric},none"], rel=1e-9), metric
 
 
 # --------------------------------------------------------------------------- the command

@@ -1,5 +1,5 @@
-"""Cross-checking against lm-evaluation-harness: the same MMLU folder as lm-eval tasks, run
-with ``lm_eval --model hf``, and its per-question log-likelihoods read back.
+"""Cross-checking against lm-evaluation-harness: the same MMLU folder (or any task written as a
+config) as lm-eval tasks, run with ``lm_eval --model hf``, and its per-sample results read back.
 
 The task files copy lm-eval's MMLU default (``tasks/mmlu/default/_default_template_yaml``):
 the same ``doc_to_text``, choices " A".." D" after target delimiter " ", description, first-n
@@ -21,10 +21,17 @@ from gptlab.errors import UserError
 MMLU_TEXT = "{{question.strip()}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
 
 
+def write_task(out_dir: str | os.PathLike, config: dict) -> str:
+    """Write one lm-eval task (or group) config into ``out_dir``; returns its name."""
+    name = config["group"] if "group" in config else config["task"]  # a group's "task" lists its tasks
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"{name}.yaml").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    return name
+
+
 def write_mmlu_tasks(mmlu_dir: str | os.PathLike, out_dir: str | os.PathLike, group: str = "local_mmlu") -> str:
     """Write one lm-eval task per subject of an MMLU-layout folder, plus a group; returns the group name."""
-    mmlu_dir, out_dir = Path(mmlu_dir).resolve(), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    mmlu_dir = Path(mmlu_dir).resolve()
     names = []
     for test in sorted((mmlu_dir / "test").glob("*_test.csv")):
         stem = test.name[: -len("_test.csv")]
@@ -51,25 +58,23 @@ def write_mmlu_tasks(mmlu_dir: str | os.PathLike, out_dir: str | os.PathLike, gr
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": 1.0},
         }
-        (out_dir / f"{name}.yaml").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-        names.append(name)
-    group_config = {"group": group, "task": names, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}]}
-    (out_dir / f"{group}.yaml").write_text(json.dumps(group_config, indent=1) + "\n", encoding="utf-8")
-    return group
+        names.append(write_task(out_dir, config))
+    aggregate = [{"metric": "acc", "weight_by_size": True}]
+    return write_task(out_dir, {"group": group, "task": names, "aggregate_metric_list": aggregate})
 
 
 def run_lm_eval_hf(
     model_dir: str | os.PathLike,
     tasks_dir: str | os.PathLike,
-    group: str,
+    tasks: str,
     out_dir: str | os.PathLike,
     shots: int = 5,
     batch_size: int = 32,
     device: str = "cpu",
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """``lm_eval --model hf`` on a local model folder and local tasks, offline, logging samples;
-    ``env`` adds environment variables (e.g. thread counts)."""
+    """``lm_eval --model hf`` on a local model folder and local tasks (names, comma-separated), offline,
+    logging samples; ``env`` adds environment variables (e.g. thread counts)."""
     command = [
         sys.executable,
         "-m",
@@ -80,7 +85,7 @@ def run_lm_eval_hf(
         "--model_args",
         f"pretrained={Path(model_dir).resolve()},dtype=float32",
         "--tasks",
-        group,
+        tasks,
         "--include_path",
         str(Path(tasks_dir).resolve()),
         "--num_fewshot",
@@ -102,6 +107,19 @@ def run_lm_eval_hf(
         **(env or {}),
     }
     return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def read_samples(out_dir: str | os.PathLike, task: str) -> dict[int, dict]:
+    """{doc_id: lm-eval's sample record} of one task from its sample logs (``filtered_resps`` holds the
+    answers: a generation's text, a rolling log-likelihood, (log-likelihood, is_greedy) per choice)."""
+    found = {
+        record["doc_id"]: record
+        for path in Path(out_dir).rglob(f"samples_{task}_*.jsonl")  # samples_{task}_{timestamp}.jsonl
+        for _, record in jsonl_records(path)
+    }
+    if not found:
+        raise UserError(f"no lm-eval sample logs for {task} under {out_dir}")
+    return found
 
 
 def read_mmlu_samples(out_dir: str | os.PathLike, group: str) -> dict[tuple[str, int], list[float]]:
