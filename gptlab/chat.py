@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
-from gptlab.engine import Engine
+from gptlab.engine import Engine, Sampling
 from gptlab.errors import UserError
+from gptlab.fileio import check_text, decoded_lines
 from gptlab.tokenizer import Tokenizer
 
 
@@ -31,18 +32,16 @@ class ChatSession:
         notify: Callable[[str], None] = lambda message: None,
     ):
         """``max_new_tokens``: the longest reply; default half the model's block size, at most 256."""
+        Sampling(temperature=temperature).check()
         tokenizer = engine.tokenizer
         block_size = engine.model.config.block_size
         if max_new_tokens is None:
             max_new_tokens = min(256, block_size // 2)
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.budget = block_size - max_new_tokens  # prompt tokens that leave room for a full reply
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        minimal = self.messages + [{"role": "user", "content": ""}]
-        if self.budget < len(tokenizer.apply_chat_template(minimal, add_generation_prompt=True)):
-            raise UserError(
-                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's block_size "
-                f"{block_size}{' with this system message' if system else ''}; lower --max-new-tokens"
-            )
+        _check_room(tokenizer, self.messages, block_size, max_new_tokens)
         self.engine, self.tokenizer = engine, tokenizer
         self.max_new_tokens, self.temperature, self.seed, self.notify = max_new_tokens, temperature, seed, notify
         self.turns = 0
@@ -73,6 +72,27 @@ class ChatSession:
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
 
 
+def _check_room(tokenizer: Tokenizer, system: list[dict], block_size: int, max_new_tokens: int) -> None:
+    """Refuse, naming what is too long, a system message or a reply length that leaves no room in
+    the model's block size for a user message (counted as an empty one: its header and template)."""
+    shortest = len(
+        tokenizer.apply_chat_template(system + [{"role": "user", "content": ""}], add_generation_prompt=True)
+    )
+    if shortest >= block_size:
+        what = "the system message takes" if system else "the chat template alone takes"
+        fix = "shorten --system" if system else "use a model with a larger block size"
+        raise UserError(
+            f"{what} {shortest} tokens with an empty user message, leaving no room for a reply in the model's "
+            f"block_size {block_size}; {fix}"
+        )
+    if shortest + max_new_tokens > block_size:
+        with_system = f" (the system message and the chat template take {shortest})" if system else ""
+        raise UserError(
+            f"max_new_tokens {max_new_tokens} leaves no room for a user message in the model's block_size "
+            f"{block_size}{with_system}; use --max-new-tokens {block_size - shortest} or less"
+        )
+
+
 def fit_history(tokenizer: Tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], int]:
     """The most recent part of a chat whose prompt (with the generation prompt) fits ``budget``
     tokens: leading system messages stay, the oldest exchanges go first, whole (a user message
@@ -92,9 +112,11 @@ def fit_history(tokenizer: Tokenizer, messages: list[dict], budget: int) -> tupl
     return head + rest, dropped
 
 
-def run_chat(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout) -> None:
+def run_chat(session: ChatSession, lines: Iterable[str], out: TextIO | None = None) -> None:
     """Answer each non-blank line as a user message: the reply as it streams, then a newline.
-    A message that could not be sent gets an empty line, so replies stay in step with the input."""
+    A message that could not be sent gets an empty line, so replies stay in step with the input.
+    ``out``: default the current ``sys.stdout`` (looked up at the call, so a redirect is followed)."""
+    out = out if out is not None else sys.stdout
     for line in lines:
         text = line.rstrip("\r\n")
         if not text.strip():
@@ -106,11 +128,25 @@ def run_chat(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdou
         out.flush()
 
 
-def typed_lines(prompt: str = "> ") -> Iterator[str]:
-    """Lines typed at a terminal (with line editing), until Ctrl-D."""
+def typed_lines(prompt: str = "> ", notify: Callable[[str], None] = lambda message: None) -> Iterator[str]:
+    """Lines typed at a terminal (with line editing), until Ctrl-D; a line that is not UTF-8 (a
+    terminal set to another encoding) is not sent, with a notice, and the conversation goes on."""
     while True:
         try:
-            yield input(prompt)
+            line = input(prompt)
         except EOFError:
             print()
             return
+        try:
+            check_text(line, "that line")
+        except UserError as e:
+            notify(f"{e}; it was not sent")
+            continue
+        yield line
+
+
+def piped_lines(stream: BinaryIO, source: str = "stdin") -> Iterator[str]:
+    """The lines of a piped conversation, decoded as UTF-8: a line that is not ends the chat with
+    one error naming the line, before anything more is sent."""
+    for _, line in decoded_lines(stream, source):
+        yield line

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptlab.errors import UserError
+from gptlab.fileio import give_umask_permissions, read_text, remove_stale, write_error
 
 if TYPE_CHECKING:  # the model module builds on this one: it calls the readers below
     from gptlab.model import GPT, ModelConfig, RewardModel
@@ -55,6 +56,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # Buffers some HF checkpoints carry that are recomputed, not learned: GPT-2's causal mask
 # (``h.{i}.attn.bias`` / ``attn.masked_bias``) and old Llama's ``rotary_emb.inv_freq``.
 _IGNORED_KEYS = re.compile(r"\.attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$")
+# ``atomic_folder``'s temp folders: ``.{name}.tmp-{pid}-{12 hex}``, or ``.{name}.tmp-{12 hex}`` as
+# gptlab named them before it recorded the writer's process id.
+TEMP_FOLDER = r"\..+\.tmp-(?:(?P<pid>\d+)-)?[0-9a-f]{12}"
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -69,6 +73,10 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     whose files are still only in the page cache. An existing ``path`` is renamed aside, the
     new folder renamed in, then the old one removed; a kill between the two renames leaves the
     old folder at ``.{name}.old``, which the next write to ``path`` puts back first.
+
+    The temp folder is named with the writer's process id: a writer killed mid-way leaves it, and
+    the next write into the same parent removes every temp folder whose writer no longer runs. A
+    write that fails (a full disk) raises an ``OSError`` naming ``path`` or the file in it.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -77,9 +85,10 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     _restore_interrupted(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # mkdtemp would make it 0700; a saved model gets the umask's permissions, as any folder does
+    remove_stale(path.parent, TEMP_FOLDER)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
+        tmp.mkdir()  # mkdtemp would make it 0700; a saved model gets the umask's permissions, as any folder does
         yield tmp
         _fsync_tree(tmp)
         if path.exists():
@@ -91,9 +100,12 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         else:
             os.rename(tmp, path)
             _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        error = write_error(e, path, staged=tmp)  # before the clean-up frees the space it measures
         shutil.rmtree(tmp, ignore_errors=True)
         _restore_interrupted(path)  # a failed rename must not leave the old folder aside
+        if error is not None:
+            raise error from e
         raise
 
 
@@ -437,6 +449,7 @@ def write_model_files(
             # Own, contiguous CPU memory: safetensors refuses views that share storage.
             tensors[name] = part.to("cpu").clone(memory_format=torch.contiguous_format)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    give_umask_permissions(folder / WEIGHTS_NAME)  # safetensors writes through a temp file made 0600
     _write_json(folder / CONFIG_NAME, config)
     if not reward:
         _write_json(folder / GENERATION_CONFIG_NAME, _generation_config(tokenizer))
@@ -540,12 +553,10 @@ def _model_folder(path: Path) -> Path:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         where = f"{e.msg} at line {e.lineno} column {e.colno}"
         raise UserError(f"{path} is not valid JSON ({where}); fix or re-create it") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not valid JSON (not UTF-8 text); fix or re-create it") from None
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 from gptlab.errors import UserError
+from gptlab.fileio import check_text
+
+SAMPLE_MAX_NEW_TOKENS = 64  # `gptlab sample`'s default continuation, when the model's block size allows
 
 
 def cmd_world(args) -> None:
@@ -63,10 +66,21 @@ def cmd_pretrain(args) -> None:
 def cmd_sample(args) -> None:
     from gptlab.engine import Engine
 
+    check_text(args.prompt, "--prompt")
+    for stop in args.stop:
+        check_text(stop, "--stop")
     engine = Engine.from_pretrained(args.model)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # what the model's window leaves after the prompt, at most 64
+        prompt_tokens, block_size = len(engine.tokenizer.encode(args.prompt)), engine.model.config.block_size
+        if prompt_tokens >= block_size:
+            raise UserError(
+                f"--prompt is {prompt_tokens} tokens, which fills the model's block_size {block_size}: shorten it"
+            )
+        max_new_tokens = min(SAMPLE_MAX_NEW_TOKENS, block_size - prompt_tokens)
     for piece in engine.stream_text(
         args.prompt,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -97,23 +111,29 @@ def cmd_dpo(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from gptlab.chat import ChatSession, run_chat, typed_lines
+    from gptlab.chat import ChatSession, piped_lines, run_chat, typed_lines
     from gptlab.engine import Engine
 
+    if args.system is not None:
+        check_text(args.system, "--system")
     engine = Engine.from_pretrained(args.model)
+
+    def notify(message: str) -> None:
+        print(f"gptlab: {message}", file=sys.stderr, flush=True)
+
     session = ChatSession(
         engine,
         system=args.system,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
-        notify=lambda message: print(f"gptlab: {message}", file=sys.stderr, flush=True),
+        notify=notify,
     )
     if sys.stdin.isatty():
         print(f"chatting with {args.model}; Ctrl-D to quit", file=sys.stderr)
-        run_chat(session, typed_lines("> "))
+        run_chat(session, typed_lines("> ", notify))
     else:  # scripted: one message per line, one reply per message
-        run_chat(session, sys.stdin)
+        run_chat(session, piped_lines(sys.stdin.buffer))
 
 
 def cmd_ladder(args) -> None:
@@ -230,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sample", help="continue a prompt with a model")
     p.add_argument("--model", required=True, help="a model folder (gptlab or Hugging Face Llama/GPT-2)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"most tokens to add (default: {SAMPLE_MAX_NEW_TOKENS}, or what the model's block size leaves after "
+        "the prompt)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -335,6 +361,10 @@ def path_problem(e: OSError) -> str:
             return f"{path} needs {blocking} to be a folder, but it is a file; choose another path"
     if e.errno == errno.EISDIR:
         return f"{path} is a folder where a file is needed; choose another path"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {path}: {e.strerror}; free some space there or choose another path"
+    if e.errno in (errno.EROFS, errno.EIO, errno.EFBIG):
+        return f"cannot write {path}: {e.strerror}; choose another path"
     return f"cannot use {path}: {e.strerror}; check that path or choose another"
 
 

@@ -12,6 +12,7 @@ collects them, and the text helpers decode them.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,20 @@ class Sampling:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def check(self) -> None:
+        """Refuse settings that sample nonsense (a NaN or infinite temperature divides the logits
+        into NaNs or a uniform draw) in one line naming the setting."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise UserError(
+                f"repetition_penalty must be a finite number > 0 (1 is none), got {self.repetition_penalty}"
+            )
 
 
 def sample_next(
@@ -426,14 +441,7 @@ class Engine:
             raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UserError(f"n (samples per prompt) must be a positive integer, got {n!r}")
-        if sampling.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
-        if sampling.top_k is not None and sampling.top_k < 1:
-            raise UserError(f"top_k must be >= 1 or None, got {sampling.top_k}")
-        if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] or None, got {sampling.top_p}")
-        if not sampling.repetition_penalty > 0:
-            raise UserError(f"repetition_penalty must be > 0 (1 is none), got {sampling.repetition_penalty}")
+        sampling.check()
         if isinstance(prompts, torch.Tensor) or any(isinstance(p, torch.Tensor) for p in prompts):
             raise UserError("prompts are lists of token ids, one list per prompt; pass tensor.tolist()")
         for row, prompt in enumerate(prompts):

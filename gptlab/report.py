@@ -21,8 +21,21 @@ import numpy as np
 from gptlab import stats
 from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
-from gptlab.fileio import write_text_atomic
+from gptlab.fileio import read_text, write_text_atomic
 from gptlab.runs import RunFolder
+
+# What the report reads of each run in ladder.json, and of each record of its samples.jsonl.
+LADDER_RUN_FIELDS = {
+    "name": str,
+    "params": int,
+    "tokens": int,
+    "flops": (int, float),
+    "val_loss": (int, float),
+    "train_seconds": (int, float),
+    "metrics": dict,
+}
+LADDER_KIND_NAMES = {str: "a string", int: "a whole number", (int, float): "a number", dict: "an object"}
+SAMPLE_FIELDS = ("task", "setting", "doc_id", "correct")
 
 
 @dataclass
@@ -80,7 +93,14 @@ class Samples:
     def __init__(self, ladder_dir: Path, runs: list[dict]):
         self.scores: dict[tuple[str, str, str, str], dict] = {}
         for run in runs:
-            for _, s in jsonl_records(ladder_dir / "runs" / run["name"] / "samples.jsonl"):
+            path = ladder_dir / "runs" / run["name"] / "samples.jsonl"
+            for number, s in jsonl_records(path):
+                missing = [key for key in SAMPLE_FIELDS if key not in s]
+                if missing:
+                    raise UserError(
+                        f"{path}:{number} is not a sample record (no {', '.join(missing)}); re-run the ladder's "
+                        "evaluation: remove that run's folder and run `gptlab ladder` again"
+                    )
                 item = (s.get("subject"), s["doc_id"])
                 key = (run["name"], s["task"], s["setting"])
                 self.scores.setdefault(key + ("correct",), {})[item] = float(s["correct"])
@@ -478,12 +498,43 @@ def plot_ladder(ladder_dir: Path, ladder: dict, samples: Samples) -> dict[str, P
 
 
 def read_ladder(ladder_dir: Path) -> dict:
+    """ladder.json, refused in one line when it is not what ``gptlab ladder`` writes."""
     path = ladder_dir / "ladder.json"
     if not path.is_file():
         raise UserError(
             f"{path} does not exist: the ladder has not finished; finish it with `gptlab ladder --out {ladder_dir}`"
         )
-    return json.loads(path.read_text())
+    fix = f"`gptlab ladder --out {ladder_dir}` writes it again from the runs it finished"
+    try:
+        ladder = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); {fix}") from None
+    problem = _ladder_problem(ladder)
+    if problem:
+        raise UserError(f"{path} is not a ladder's results: {problem}; {fix}")
+    return ladder
+
+
+def _ladder_problem(ladder) -> str | None:
+    """What makes ``ladder`` other than the object ``run_ladder`` writes, in the fields the report reads."""
+    if not isinstance(ladder, dict):
+        return "it is not a JSON object"
+    runs = ladder.get("runs")
+    if not isinstance(runs, list) or not runs:
+        return "it has no 'runs' list with at least one run"
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            return f"run {i} is not an object"
+        for key, kind in LADDER_RUN_FIELDS.items():
+            value = run.get(key)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                return f"run {i} has no {key!r} ({LADDER_KIND_NAMES[kind]})"
+    fit = ladder.get("fit")
+    if not isinstance(fit, dict) or not all(isinstance(fit.get(key), dict) for key in ("power_law", "chinchilla")):
+        return "it has no 'fit' object with 'power_law' and 'chinchilla'"
+    if not isinstance(fit.get("monotone"), bool):
+        return "its 'fit' has no 'monotone' (true or false)"
+    return None
 
 
 def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#", link_prefix: str = "") -> Section:

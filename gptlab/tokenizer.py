@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from gptlab.errors import UserError, first_line
-from gptlab.fileio import write_json_atomic, write_text_atomic
+from gptlab.fileio import read_text, write_json_atomic, write_text_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -159,7 +159,7 @@ class Tokenizer:
             if (directory / name).is_file():
                 config.update(_read_json(directory / name))
         if (directory / CHAT_TEMPLATE_FILE).is_file():  # transformers gives the file priority too
-            config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            config["chat_template"] = read_text(directory / CHAT_TEMPLATE_FILE)
         return cls(tok, config)
 
     def save_pretrained(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
@@ -323,8 +323,8 @@ def _token_name(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(read_text(path))
+    except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path} ({first_line(e)}): the file is corrupt") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object: the file is corrupt")

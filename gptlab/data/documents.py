@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.errors import UserError, first_line
+from gptlab.fileio import text_lines
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -135,32 +136,9 @@ def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[
             )
 
 
-def _decode_line(raw: bytes, path: Path, offset: int) -> str:
-    """Decode one line strictly: a NUL byte or invalid UTF-8 means a binary or mis-encoded file."""
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise UserError(f"{path} looks binary (NUL byte at byte offset {offset + nul}): give UTF-8 text files")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 (byte offset {offset + e.start}): re-encode it as UTF-8") from None
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (line number from 1, decoded line with its newline), streaming and validating."""
-    offset = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = _decode_line(raw, path, offset)
-            if number == 1:
-                line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark is not text
-            offset += len(raw)
-            yield number, line
-
-
 def _read_txt(path: Path) -> Iterator[str]:
     paragraph: list[str] = []
-    for _, line in _lines(path):
+    for _, line in text_lines(path):
         if line.strip():
             paragraph.append(line)
         elif paragraph:
@@ -178,7 +156,7 @@ def _join(lines: list[str]) -> str:
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
     object ends with one error naming the file and the line."""
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         if not line.strip():
             continue
         try:

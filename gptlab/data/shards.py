@@ -12,10 +12,12 @@ its shards concatenated in order; documents (and the loader's windows) may cross
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -28,7 +30,7 @@ import numpy as np
 
 from gptlab.data.documents import iter_documents, require_documents
 from gptlab.errors import UserError
-from gptlab.fileio import write_json_atomic
+from gptlab.fileio import remove_stale, write_error, write_json_atomic
 from gptlab.tokenizer import Tokenizer
 
 MAGIC = b"GPTLABTK"
@@ -38,6 +40,9 @@ _HEADER = struct.Struct("<8sIIQ")
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 SPLITS = ("train", "val")
 STAGING_PREFIX = ".prepare-"  # new shards are written in this hidden folder, then moved in
+# The staging folder: STAGING_PREFIX, the writer's process id, 12 hex digits (no process id before
+# gptlab recorded it); a killed prepare's is removed by the next one into the same folder.
+STAGING = rf"{re.escape(STAGING_PREFIX)}(?:(?P<pid>\d+)-)?[0-9a-f]{{12}}"
 CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
 
 
@@ -59,12 +64,19 @@ def write_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray, voc
     dtype = token_dtype(vocab_size)
     tokens = _as_dtype(np.asarray(tokens), dtype)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(_header(dtype, tokens.size))
-        f.write(tokens.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_header(dtype, tokens.size))
+            f.write(tokens.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        error = write_error(e, path, staged=tmp)
+        tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from e
+        raise
 
 
 def _header(dtype: np.dtype, count: int) -> bytes:
@@ -139,7 +151,8 @@ class _ShardWriter:
     def abort(self) -> None:
         """Close the open file; ``prepare`` removes the staging folder with everything in it."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # flushing what is buffered fails again on a full disk
+                self._file.close()
             self._file = None
 
     def _open(self) -> None:
@@ -252,22 +265,29 @@ def prepare(
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check_settings(val_fraction, shard_tokens, workers)
     separator = _separator(tokenizer, tokenizer_dir)
+    created = not out_dir.exists()
     old = _old_shards(out_dir, overwrite)
     # New shards are written aside and swapped in only once complete, so a failure at any
-    # input (a bad line, an unreachable hub) leaves the old ones as they were.
-    staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
+    # input (a bad line, an unreachable hub, a full disk) leaves the old ones as they were.
+    staging = out_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     splits = _SplitWriter(staging, token_dtype(tokenizer.vocab_size), shard_tokens, val_fraction)
     # The encoder is iterated here, not handed to a helper, so a failed write drops it at once,
     # closing its worker pool before the staging folder goes.
     try:
+        staging.mkdir()
         chunks = _chunks(require_documents(iter_documents(inputs), ", ".join(map(str, inputs))))
         for tokens, lengths in _encode_chunks(chunks, tokenizer, Path(tokenizer_dir), separator["position"], workers):
             splits.write(tokens, lengths)
         splits.close()
-    except BaseException:
+    except BaseException as e:
+        error = write_error(e, out_dir, staged=staging)  # before the clean-up frees the space it measures
         splits.abort()
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only while empty: a folder this run made, and nothing else
+        if error is not None:
+            raise error from e
         raise
     meta = _meta(tokenizer, separator, inputs, val_fraction, shard_tokens, splits)
     _swap_in(staging, out_dir, old, splits.shard_names())
@@ -352,12 +372,11 @@ def _separator(tokenizer: Tokenizer, tokenizer_dir: str | os.PathLike) -> dict[s
 
 def _old_shards(out_dir: Path, overwrite: bool) -> list[Path]:
     """The shards (meta.json first) that a new ``prepare`` into ``out_dir`` would replace: refused
-    unless ``overwrite``. A killed prepare's staging folder is removed."""
+    unless ``overwrite``. A killed prepare's staging folder is removed (not a running one's)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} is a file, not a folder: choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.glob(STAGING_PREFIX + "*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_stale(out_dir, STAGING)
     old = [out_dir / "meta.json"] if (out_dir / "meta.json").exists() else []
     old += sorted(p for split in SPLITS for p in out_dir.glob(f"{split}_*.bin"))
     if old and not overwrite:

@@ -664,11 +664,33 @@ class OpenAIBackend(Backend):
 def load_backend(kind: str, model: str, device: str = "cpu", base_url: str | None = None) -> Backend:
     """The backend ``gptlab eval --backend`` names, for a model folder (or a served model's name)."""
     if kind == "gptlab":
-        return GptlabBackend.from_pretrained(model, device=device)
+        return GptlabBackend.from_pretrained(model, device=check_device(device))
     if kind == "hf":
-        return HFBackend(model, device=device)
+        return HFBackend(model, device=check_device(device))
     if kind == "openai":
         if not base_url:
             raise UserError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1)")
         return OpenAIBackend(base_url, model)
     raise UserError(f"unknown backend {kind!r}: use gptlab, hf or openai")
+
+
+def check_device(device: str) -> str:
+    """``--device`` as given, refused in one line when torch cannot parse it or this machine lacks it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: no CUDA device is visible on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; pick one"
+            )
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type != "cpu":
+        raise UserError(f"--device {device}: gptlab evaluates on cpu, cuda, cuda:N or mps")
+    return device

@@ -100,7 +100,15 @@ def _load_tasks(
     if not names:
         raise UserError("no task given: name at least one, e.g. --tasks world_mmlu")
     loaded = [load_task(name, data_path, cot=cot, limit=limit, need_shots=max(shots) > 0) for name in names]
+    without_cot = [task.name for task in loaded if not task.has_cot]
+    if cot and without_cot:
+        raise UserError(
+            "--cot applies only to the tasks with a chain-of-thought form (arith_*), not to "
+            f"{', '.join(without_cot)}: evaluate those without --cot"
+        )
     for task in loaded:
+        if not task.docs:
+            raise UserError(f"task {task.name} has no test documents (its test file is empty): give it some")
         if task.kind != PPL:
             for k in shots:
                 task.check_shots(k)

@@ -14,6 +14,7 @@ Built-in tasks: ``mmlu`` over a folder in the original layout, ``world_mmlu``, `
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import math
@@ -28,6 +29,7 @@ from typing import Any
 from gptlab.data.documents import read_jsonl
 from gptlab.errors import UserError
 from gptlab.eval import metrics
+from gptlab.fileio import read_text, text_lines
 from gptlab.world.words import WORD_TASK_NAMES
 
 MC, GEN, PPL = "multiple_choice", "generate_until", "perplexity"
@@ -78,6 +80,7 @@ class Task:
     score: Callable[[dict, str], float] | None = None  # replaces exact match (e.g. the TinyWorld oracle)
     # The conversation a chat model is asked (--chat): the question's messages without the answer.
     chat_messages: Callable[[dict], list[dict]] | None = None
+    has_cot: bool = False  # --cot gives it worked exemplars and reads "The answer is N" (arith tasks)
 
     def shots(self, doc: Doc, k: int, seed: int) -> list[Doc]:
         """The k few-shot examples of one document: the pool's first k, or a seeded random
@@ -124,8 +127,8 @@ def read_csv_rows(path: Path, columns: int | None = None) -> list[tuple[int, lis
     """(first line number, fields) per record; with ``columns``, a record with another count is
     refused naming the file and line (quoted fields may span lines, so records != lines)."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
+    with contextlib.closing(text_lines(path)) as lines:  # UTF-8 checked line by line, as the corpus readers do
+        reader = csv.reader(line for _, line in lines)
         line = 1
         try:
             for record in reader:
@@ -221,7 +224,10 @@ def mmlu_task(name: str, root: Path, limit: int | None, need_dev: bool) -> Task:
     for path in files:
         stem = path.name[: -len("_test.csv")]
         subject = stem.replace("_", " ")
-        docs += _docs(read_mmlu_csv(path), limit, subject)
+        questions = read_mmlu_csv(path)
+        if not questions:
+            raise UserError(f"{path} holds no questions: fill it with rows question,A,B,C,D,answer or remove it")
+        docs += _docs(questions, limit, subject)
         if need_dev:
             dev = root / "dev" / f"{stem}_dev.csv"
             if not dev.is_file():
@@ -304,6 +310,7 @@ def arith_task(name: str, world: Path, op_digits: str, cot: bool, limit: int | N
         docs=_docs(read_jsonl(test), limit),
         doc_to_text=text,
         shot_target=target,
+        has_cot=True,
         fewshot_delimiter="\n",
         fewshot={None: pool} if pool else {},
         fewshot_source={None: str(shots_file)},
@@ -460,8 +467,8 @@ def toml_task(path: Path, limit: int | None) -> Task:
     if not path.is_file():
         raise UserError(f"task file {path} does not exist")
     try:
-        spec = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        spec = tomllib.loads(read_text(path))
+    except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
     for key in spec:
         if key not in TOML_KEYS:

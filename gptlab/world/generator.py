@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UserError
+from gptlab.fileio import remove_stale, write_error
 from gptlab.world.arith import ArithSampler, Reservation, bench_record, tasks
 from gptlab.world.facts import (
     ATTRIBUTES,
@@ -59,7 +60,9 @@ def write_world(
         raise UserError(f"TinyWorld seed {seed!r} is not an integer: give an integer seed such as 0")
     out = Path(out_dir).resolve()
     _check_out_dir(out, force)
+    # Named with the process id: what a killed run left, the next run removes.
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    remove_stale(out.parent, rf"\.{re.escape(out.name)}\.staging-(?P<pid>\d+)")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
@@ -70,6 +73,11 @@ def write_world(
     try:
         summary = _generate(staging, seed, name, size)
         _install(staging, out)
+    except BaseException as e:
+        error = write_error(e, out, staged=staging)  # before the clean-up frees the space it measures
+        if error is not None:
+            raise error from e
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
