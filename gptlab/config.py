@@ -35,8 +35,11 @@ def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
 
 def read_run_raw(config_path: str | Path | None, overrides: list[str], out_dir: Path, resume: bool) -> dict:
     """A run's raw config: the one its run.json recorded when resuming without --config (so a
-    resumed run trains on what it started with), else the file plus overrides."""
+    resumed run trains on what it started with), else the file plus overrides. A resume with
+    nothing to resume is refused here, before any other file is read."""
     run = RunFolder(out_dir)
+    if resume:
+        run.checkpoints_to_resume()
     if resume and config_path is None and run.has_record():
         fix = "resume with --config and the run's settings"
         raw = run.read_record(fix).get("config")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,27 @@ class SizesConfig:
     flops: float | None = None
     min_steps: int = 20
 
+    def __post_init__(self):
+        checks = [
+            (
+                bool(self.depths) and len(set(self.depths)) == len(self.depths) and min(self.depths) >= 1,
+                f"sizes.depths must list distinct depths >= 1, e.g. [2, 3, 4], got {self.depths}",
+            ),
+            (self.aspect >= 1, f"sizes.aspect must be at least 1, got {self.aspect}"),
+            (self.head_dim >= 1, f"sizes.head_dim must be at least 1, got {self.head_dim}"),
+            (self.block_size >= 1, f"sizes.block_size must be at least 1, got {self.block_size}"),
+            (
+                0 < self.tokens_per_param < math.inf,
+                f"sizes.tokens_per_param must be a positive finite number, got {self.tokens_per_param}",
+            ),
+            (
+                self.flops is None or 0 < self.flops < math.inf,
+                f"sizes.flops must be a positive finite number (or none), got {self.flops}",
+            ),
+            (self.min_steps >= 1, f"sizes.min_steps must be at least 1, got {self.min_steps}"),
+        ]
+        raise_first(checks)
+
 
 @dataclass
 class DataConfig:
@@ -58,6 +80,10 @@ class DataConfig:
     # 263 = the 256 bytes + gptlab's 7 special tokens: one token per character. Word tasks work
     # on letters, which small models cannot see inside multi-letter BPE tokens (docs/tinyworld.md).
     vocab_size: int = 263
+
+    def __post_init__(self):
+        if self.world_seed < 0:
+            raise ValueError(f"data.world_seed must be >= 0, got {self.world_seed}")
 
 
 @dataclass
@@ -70,6 +96,16 @@ class EvalConfig:
     # Empty: every arithmetic task of the world.
     arith_tasks: list[str] = field(default_factory=lambda: ["add_2", "add_3", "sub_2", "sub_3", "mul_2"])
 
+    def __post_init__(self):
+        shots = [*self.mmlu_shots, *self.word_shots]
+        raise_first(
+            [
+                (self.limit is None or self.limit >= 1, f"eval.limit must be at least 1 (or none), got {self.limit}"),
+                (self.batch_size >= 1, f"eval.batch_size must be at least 1, got {self.batch_size}"),
+                (min(shots, default=0) >= 0, f"eval.mmlu_shots and eval.word_shots must be >= 0, got {shots}"),
+            ]
+        )
+
 
 @dataclass
 class LadderConfig:
@@ -79,6 +115,17 @@ class LadderConfig:
     # so other defaults here would need a subclass, as SFT's are.
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.train.eval_batches < 1:
+            raise ValueError("train.eval_batches must be at least 1: the ladder fits the validation loss of every run")
+
+
+def raise_first(checks: list[tuple[bool, str]]) -> None:
+    """A config section's checks: (holds, the one-line message naming the key and its range)."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 # Presets are overrides on the defaults above; a --config file and --set come on top of them.
@@ -159,10 +206,6 @@ def arith_tasks(cfg: EvalConfig, world: Path) -> list[str]:
 def plan(cfg: LadderConfig, vocab_size: int) -> list[dict]:
     """Size, tokens, steps and FLOPs of every run, before any is trained."""
     s, t = cfg.sizes, cfg.train
-    if len(set(s.depths)) != len(s.depths) or not s.depths:
-        raise UserError(f"sizes.depths {s.depths} must list distinct depths, e.g. [2, 3, 4]")
-    if t.eval_batches < 1:
-        raise UserError("train.eval_batches must be at least 1: the ladder fits the validation loss of every run")
     budget = {"flops": s.flops} if s.flops is not None else {"tokens_per_param": s.tokens_per_param}
     runs = []
     for depth in sorted(s.depths):
@@ -206,7 +249,7 @@ def train_run(cfg: LadderConfig, run: dict, shards: Path, folder: RunFolder):
     pretrain_cfg = build(
         PretrainConfig, {"model": to_dict(run["model"]), "data": {"shards": str(shards)}, "train": train}
     )
-    return pretrain(pretrain_cfg, folder.path, resume=folder.checkpoints_dir.is_dir())
+    return pretrain(pretrain_cfg, folder.path, resume=bool(folder.checkpoints()))
 
 
 def evaluate_run(cfg: EvalConfig, model, tokenizer, world: Path) -> tuple[dict, list[dict]]:

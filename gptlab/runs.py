@@ -143,6 +143,20 @@ class RunFolder:
         """Whether an earlier training run left checkpoints or an exported model here."""
         return bool(self.checkpoints() or self.model_dir.exists())
 
+    def checkpoints_to_resume(self) -> list[Path]:
+        """The checkpoints ``--resume`` may continue from, oldest first. None is an error, never a
+        fresh start: a mistyped ``--out`` would otherwise train from scratch under a resume's name."""
+        found = self.checkpoints()
+        if found:
+            return found
+        if not self.path.is_dir():
+            where = f"{self.path} does not exist"
+        elif self.has_record():
+            where = f"{self.path} holds run.json but no checkpoint in {self.checkpoints_dir} (it stopped before one)"
+        else:
+            where = f"{self.path} holds no run (no checkpoint in {self.checkpoints_dir})"
+        raise UserError(f"nothing to resume: {where}; check --out, or drop --resume to start a fresh run")
+
 
 def run_info(config: dict) -> dict:
     """What every run.json records besides its kind: the resolved config, versions, git commit

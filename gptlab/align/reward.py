@@ -15,6 +15,7 @@ with such a folder, rendered exactly as training renders them; the RL stages and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -60,6 +61,11 @@ class RewardConfig:
     center_rewards_coefficient: float | None = None  # TRL's; 0.01 is the value its docs recommend
     data: PrefDataConfig = field(default_factory=PrefDataConfig)
     train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+
+    def __post_init__(self):
+        coefficient = self.center_rewards_coefficient
+        if coefficient is not None and not 0 <= coefficient < math.inf:
+            raise ValueError(f"center_rewards_coefficient must be finite and >= 0 (or none), got {coefficient}")
 
 
 def load_config(config_path: str | None, overrides: list[str], out_dir: Path, resume: bool) -> RewardConfig:

@@ -30,10 +30,13 @@ from tqdm import tqdm
 from gptlab.errors import UserError
 from gptlab.runs import RunFolder
 from gptlab.train.checkpoints import Checkpoints, export_model
+from gptlab.train.mfu import peak_flops
 from gptlab.train.protocols import BatchSource, Trainable
 
 LossFn = Callable[[torch.nn.Module, object], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-# What the loop itself logs; a stage's metrics take other names.
+# What the loop itself logs; a stage's metrics take other names. ``mfu``: the model's training FLOPs
+# per second over the device's peak (``gptlab.train.mfu``), clamped to 1: more means only that the
+# peak was measured low; None where the peak is unknown.
 LOOP_METRICS = ("step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "mfu", "peak_mem_mb")
 
 
@@ -66,14 +69,40 @@ class TrainConfig:
     parallelism: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard; only under torchrun)
 
     def __post_init__(self):
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         checks = [
-            (self.max_steps >= 1, "train.max_steps must be at least 1"),
-            (self.batch_size >= 1, "train.batch_size must be at least 1"),
-            (self.seq_len >= 1, "train.seq_len must be at least 1"),
-            (self.lr > 0, "train.lr must be positive"),
-            (self.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (self.max_steps >= 1, f"train.max_steps must be at least 1, got {self.max_steps}"),
+            (self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}"),
+            (
+                self.micro_batch_size is None or self.micro_batch_size >= 1,
+                f"train.micro_batch_size must be at least 1 (or none), got {self.micro_batch_size}",
+            ),
+            (self.seq_len >= 1, f"train.seq_len must be at least 1, got {self.seq_len}"),
+            (0 < self.lr < math.inf, f"train.lr must be a positive finite number, got {self.lr}"),
+            (
+                0 <= self.min_lr <= self.lr,
+                f"train.min_lr must be in [0, train.lr = {self.lr:g}] (the rate decays to it), got {self.min_lr}",
+            ),
+            (self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.schedule in ("cosine", "linear"), "train.schedule must be 'cosine' or 'linear'"),
-            (0 <= self.warmdown_fraction <= 1, "train.warmdown_fraction must be in [0, 1]"),
+            (
+                0 <= self.warmdown_fraction <= 1,
+                f"train.warmdown_fraction must be in [0, 1], got {self.warmdown_fraction}",
+            ),
+            (0 <= self.weight_decay < math.inf, f"train.weight_decay must be finite and >= 0, got {self.weight_decay}"),
+            (0 <= self.beta1 < 1, f"train.beta1 must be in [0, 1), got {self.beta1}"),
+            (0 <= self.beta2 < 1, f"train.beta2 must be in [0, 1), got {self.beta2}"),
+            (
+                0 <= self.grad_clip < math.inf,
+                f"train.grad_clip must be finite and >= 0 (0 turns clipping off), got {self.grad_clip}",
+            ),
+            (self.eval_every >= 0, f"train.eval_every must be >= 0 (0: only the final step), got {self.eval_every}"),
+            (self.eval_batches >= 0, f"train.eval_batches must be >= 0, got {self.eval_batches}"),
+            (self.log_every >= 1, f"train.log_every must be at least 1, got {self.log_every}"),
+            (self.save_every >= 0, f"train.save_every must be >= 0 (0: only at the end), got {self.save_every}"),
+            (self.keep_checkpoints >= 1, f"train.keep_checkpoints must be at least 1, got {self.keep_checkpoints}"),
+            (0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}"),
             (self.device in ("auto", "cpu", "cuda", "mps"), "train.device must be auto, cpu, cuda or mps"),
             (self.dtype in ("auto", "fp32", "bf16"), "train.dtype must be auto, fp32 or bf16"),
             (self.parallelism in ("ddp", "fsdp"), "train.parallelism must be ddp or fsdp"),
@@ -83,14 +112,10 @@ class TrainConfig:
                 "train.optimizer=muon needs train.parallelism=ddp: Muon orthogonalises whole matrices, "
                 "which FSDP shards",
             ),
-            (self.log_every >= 1, "train.log_every must be at least 1"),
-            (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if self.min_lr is None:
-            self.min_lr = self.lr / 10
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -180,45 +205,6 @@ def cleanup_runtime(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing files; a peer leaving early aborts gloo
         dist.destroy_process_group()
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU, from NVIDIA's data sheets; other GPUs report no
-# MFU. Matched against the device name in this order, so the PCIe and NVL boards (lower clocks)
-# are found before the SXM default of their family.
-GPU_PEAK_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H200 NVL": 835e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "4090": 165e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's peak matmul throughput: a table for GPUs, a quick measurement on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
-    if device.type == "cpu":
-        return measure_matmul_flops()
-    return None
-
-
-def measure_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    """Best-of-repeats fp32 matmul throughput of this CPU with torch's thread count, after a
-    warm-up (a cold thread pool reads low and would inflate MFU)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -326,6 +312,8 @@ class Trainer:
             tokenizer=tokenizer,
         )
         self.step = 0
+        self.resumed_from: Path | None = None
+        self.updated = False  # whether this process has stepped the optimizer yet
 
     def _wrap(self, model: Trainable) -> torch.nn.Module:
         wrapped: torch.nn.Module = torch.compile(model) if self.cfg.compile else model
@@ -351,13 +339,9 @@ class Trainer:
         self.checkpoints.save(self.step)
 
     def resume(self) -> None:
-        """Continue from the newest checkpoint that loads (from step 0 when there is none)."""
-        restored = self.checkpoints.restore()
-        if restored is None:
-            self._warn(f"no checkpoint to resume from in {self.run_folder.checkpoints_dir}; starting from step 0")
-        else:
-            folder, self.step = restored
-            self._warn(f"resumed from {folder} (step {self.step})")
+        """Continue from the newest checkpoint that loads; a UserError when there is none."""
+        self.resumed_from, self.step = self.checkpoints.restore()
+        self._warn(f"resumed from {self.resumed_from} (step {self.step})")
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -410,17 +394,29 @@ class Trainer:
             self._stop_on_non_finite(total, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.updated = True
         return total, stage, grad_norm
 
     def _stop_on_non_finite(self, total: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop with one line. Before this process's first update the learning rate has had no say:
+        the weights it started from (a damaged checkpoint, a broken init) or the data are at fault."""
         self.optimizer.zero_grad(set_to_none=True)
-        kept = self.run_folder.checkpoints()
         what = f"loss became {total.item()}"
         if torch.isfinite(total):
             what = f"gradient norm became {grad_norm.item()}"
+        if not self.updated:
+            start, fix = "the starting weights", "check the init model and the data"
+            if self.resumed_from:
+                start = f"the weights resumed from {self.resumed_from}"
+                fix = f"move {self.resumed_from} aside to resume from an older checkpoint, or check the data"
+            raise UserError(
+                f"{what} at step {self.step + 1}, before this run's first update, so not through the learning "
+                f"rate: {start} or the data are broken; the run stopped and its checkpoints are as they were: {fix}"
+            )
+        kept = self.run_folder.checkpoints()
         raise UserError(
             f"{what} at step {self.step + 1}; the run stopped and "
-            f"{'the last good checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}"
+            f"{'its newest checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}"
             "; lower train.lr, raise train.warmup_steps or check the data"
         )
 
@@ -436,6 +432,11 @@ class Trainer:
             peak_flops(self.runtime.device),
             self.runtime,
         )
+        if cfg.warmup_steps > cfg.max_steps:
+            self._warn(
+                f"train.warmup_steps {cfg.warmup_steps} > train.max_steps {cfg.max_steps}: the run ends before its "
+                "learning rate reaches train.lr"
+            )
         self.model.train()
         bar = tqdm(
             total=cfg.max_steps,
@@ -550,13 +551,17 @@ class _LogWindow:
             "grad_norm": round(grad_norm.item(), 6),  # the window's last step, before clipping
             "tokens": step * self.tokens_per_step,
             "tok_per_s": round(self.steps * self.tokens_per_step / self.seconds, 1),
-            "mfu": round(self.steps * self.flops_per_step / self.seconds / (self.peak * self.runtime.world_size), 4)
-            if self.peak
-            else None,
+            "mfu": self._mfu(),
             "peak_mem_mb": round(peak_memory_mb(self.runtime.device), 1),
         }
         self._reset()
         return record
+
+    def _mfu(self) -> float | None:
+        if not self.peak:
+            return None
+        utilisation = self.steps * self.flops_per_step / self.seconds / (self.peak * self.runtime.world_size)
+        return round(min(1.0, utilisation), 4)
 
     @staticmethod
     def shown(record: dict, stage_metrics: tuple[str, ...]) -> dict:

@@ -12,9 +12,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from gptlab.model import ModelConfig
+
 
 class Trainable(Protocol):
     activation_checkpointing: bool
+    config: ModelConfig  # its shape: a resume refuses a checkpoint of another
 
     def write_files(self, folder: Path, tokenizer=None) -> None:
         """Write the model's files (a Hugging Face folder's) into ``folder``."""
