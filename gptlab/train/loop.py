@@ -40,6 +40,11 @@ LossFn = Callable[[torch.nn.Module, object], "torch.Tensor | tuple[torch.Tensor,
 LOOP_METRICS = ("step", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "mfu", "peak_mem_mb")
 
 
+# The most sequences in a batch, or tokens in a sequence: beyond any real run (GPT-3's batch was 1,600
+# sequences); a larger number only exhausts memory, or numpy's index range, deep in the loader.
+MAX_SIZE = 2**20
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
@@ -73,12 +78,15 @@ class TrainConfig:
             self.min_lr = self.lr / 10
         checks = [
             (self.max_steps >= 1, f"train.max_steps must be at least 1, got {self.max_steps}"),
-            (self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}"),
             (
-                self.micro_batch_size is None or self.micro_batch_size >= 1,
-                f"train.micro_batch_size must be at least 1 (or none), got {self.micro_batch_size}",
+                1 <= self.batch_size <= MAX_SIZE,
+                f"train.batch_size must be in [1, 2**20] sequences, got {self.batch_size}",
             ),
-            (self.seq_len >= 1, f"train.seq_len must be at least 1, got {self.seq_len}"),
+            (
+                self.micro_batch_size is None or 1 <= self.micro_batch_size <= MAX_SIZE,
+                f"train.micro_batch_size must be in [1, 2**20] sequences (or none), got {self.micro_batch_size}",
+            ),
+            (1 <= self.seq_len <= MAX_SIZE, f"train.seq_len must be in [1, 2**20] tokens, got {self.seq_len}"),
             (0 < self.lr < math.inf, f"train.lr must be a positive finite number, got {self.lr}"),
             (
                 0 <= self.min_lr <= self.lr,
