@@ -99,10 +99,13 @@ def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
 
 KILL_AFTER_FIRST_SAVE = """
 import os, signal, sys
+import torch.distributed as dist
 import gptlab.train.loop as loop
 original = loop.Trainer.save_checkpoint
 def save_then_die(self):
     original(self)
+    if dist.is_initialized():
+        dist.barrier()  # under torchrun, no rank dies before rank 0 has written the checkpoint
     os.kill(os.getpid(), signal.SIGKILL)
 loop.Trainer.save_checkpoint = save_then_die
 from gptlab.cli import main
@@ -217,21 +220,60 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupt
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def assert_same_training(run: Path, reference: Path) -> None:
+    """``run`` logged the losses and gradient norms of ``reference`` and ended with its weights, up to the
+    float rounding in which two ranks and one process differ."""
+    single, distributed = losses(reference), losses(run)
+    assert single.keys() == distributed.keys()
+    for step in single:
+        assert abs(single[step] - distributed[step]) < 1e-4, (step, single[step], distributed[step])
+    norms = [losses(r, "grad_norm") for r in (reference, run)]
+    assert norms[0].keys() == norms[1].keys()
+    assert all(norms[1][step] == pytest.approx(norms[0][step], rel=1e-3) for step in norms[0]), norms
+    expected, got = weights(reference / "model"), weights(run / "model")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-4) for k in expected)
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_path, parallelism):
     out = tmp_path / parallelism
     args = pretrain_args(out, shards, f"train.parallelism={parallelism}", *SAVED_TWICE)
     result = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", *args, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
-    single, distributed = losses(uninterrupted), losses(out)
-    assert single.keys() == distributed.keys()
-    for step in single:
-        assert abs(single[step] - distributed[step]) < 1e-4, (step, single[step], distributed[step])
-    norms = [losses(run, "grad_norm") for run in (uninterrupted, out)]
-    assert norms[0].keys() == norms[1].keys()
-    assert all(norms[1][step] == pytest.approx(norms[0][step], rel=1e-3) for step in norms[0]), norms
-    expected, got = weights(uninterrupted / "model"), weights(out / "model")
-    assert all(torch.allclose(expected[k], got[k], atol=1e-4) for k in expected)
+    assert_same_training(out, uninterrupted)
+
+
+def kill_two_ranks_after_first_save(out: Path, shards: Path, parallelism: str) -> None:
+    """Train on two torchrun ranks until the first checkpoint is written, then SIGKILL both."""
+    script = out.parent / "kill_after_first_save.py"
+    script.write_text(KILL_AFTER_FIRST_SAVE)
+    args = pretrain_args(out, shards, f"train.parallelism={parallelism}", *SAVED_TWICE)
+    killed = run_python(*TORCHRUN_TWO_RANKS, script, *args, env=ONE_THREAD)
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010"] and not (out / "model").exists()
+
+
+def test_a_ddp_run_killed_after_a_save_resumes_under_ddp(shards, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    kill_two_ranks_after_first_save(out, shards, "ddp")
+    resumed = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", "pretrain", "--out", out, "--resume", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert_same_training(out, uninterrupted)
+
+
+def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(shards, uninterrupted, tmp_path):
+    """Two FSDP ranks gather their shards into a full checkpoint (optimizer state keyed by parameter name);
+    one process reads it back and finishes the run as if it had run alone."""
+    out = tmp_path / "run"
+    kill_two_ranks_after_first_save(out, shards, "fsdp")
+    written, expected = (weights(run / "checkpoints" / "step-0000010") for run in (out, uninterrupted))
+    assert written.keys() == expected.keys()
+    assert all(torch.allclose(written[k], expected[k], atol=1e-4) for k in expected)
+    resumed = gptlab("pretrain", "--out", out, "--resume", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert_same_training(out, uninterrupted)
 
 
 def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
