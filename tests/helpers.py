@@ -47,6 +47,28 @@ TINY_WORLD = WorldSize(
     prefs_test_per_family=4,
 )
 
+TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+ONE_THREAD = {
+    "OMP_NUM_THREADS": "1"
+}  # for subprocesses: tiny models train fastest on one thread, two ranks on two cores
+
+# `run_python("-c", KILL_AFTER_FIRST_SAVE, COMMAND, ...)` runs a training command that is SIGKILLed right after
+# its first checkpoint is written (under torchrun, each rank once rank 0 has written it: run it as a script file).
+KILL_AFTER_FIRST_SAVE = """
+import os, signal, sys
+import torch.distributed as dist
+import gptlab.train.loop as loop
+original = loop.Trainer.save_checkpoint
+def save_then_die(self):
+    original(self)
+    if dist.is_initialized():
+        dist.barrier()  # under torchrun, no rank dies before rank 0 has written the checkpoint
+    os.kill(os.getpid(), signal.SIGKILL)
+loop.Trainer.save_checkpoint = save_then_die
+from gptlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def run_python(
     *args,

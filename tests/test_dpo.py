@@ -30,9 +30,7 @@ from gptlab.model import GPT, ModelConfig
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime
-from helpers import WORDS, assert_one_line, assert_user_error, gptlab, snapshot, write_jsonl
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+from helpers import ONE_THREAD, WORDS, assert_one_line, assert_user_error, gptlab, snapshot, write_jsonl
 
 
 @pytest.fixture(scope="module", autouse=True)

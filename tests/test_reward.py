@@ -27,15 +27,23 @@ from gptlab.logprobs import padded_inputs
 from gptlab.model import GPT, ModelConfig, RewardModel
 from gptlab.report import write_reports
 from gptlab.tokenizer import CHAT_TEMPLATE, Tokenizer
-from helpers import ROOT, assert_one_line, assert_user_error, gptlab, run_python, snapshot, write_jsonl
+from helpers import (
+    ONE_THREAD,
+    ROOT,
+    TORCHRUN_TWO_RANKS,
+    assert_one_line,
+    assert_user_error,
+    gptlab,
+    run_python,
+    snapshot,
+    write_jsonl,
+)
 
 FAMILIES = {  # two layers each; llama with grouped-query attention, so the K/V split is checked too
     "llama": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
     "gpt2": dict(family="gpt2", n_layer=2, n_head=2, n_embd=32),
 }
 BLOCK = 128
-TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores: more threads per rank would only contend
 # Pairs where the only difference is the final period, TinyWorld's `no_period` kind.
 PERIOD_PAIRS = [
     {

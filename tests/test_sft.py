@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,9 @@ from gptlab.data.chat import ChatBatches, collate, encode_record, fit, load_chat
 from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
+from gptlab.runs import RunFolder
 from gptlab.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER, Tokenizer
-from helpers import assert_user_error, gptlab, write_jsonl
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the subprocesses, as one_thread below is for this one
+from helpers import KILL_AFTER_FIRST_SAVE, ONE_THREAD, assert_user_error, gptlab, run_python, write_jsonl
 
 SYSTEM_PROMPT = "Answer in one sentence."
 CONVERSATIONS = [
@@ -382,6 +382,36 @@ def test_exact_resume(base: Path, tmp_path: Path):
     assert [json.loads(line)["val_loss"] for line in metrics[0].splitlines() if "val_loss" in line] == [
         json.loads(line)["val_loss"] for line in metrics[1].splitlines() if "val_loss" in line
     ]
+
+
+def test_sft_killed_after_a_save_resumes_from_its_run_json(base: Path, tmp_path: Path):
+    """`gptlab sft` SIGKILLed right after its first checkpoint; `gptlab sft --out RUN --resume`, with the
+    config read back from run.json, ends with the weights and logs of a run never stopped."""
+    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    sets = [f"init={base}", f"data.train={data}", f"data.val={data}", "train.device=cpu", "train.lr=3e-3"]
+    sets += [
+        "train.max_steps=12",
+        "train.warmup_steps=2",
+        "train.save_every=6",
+        "train.eval_every=4",
+        "train.log_every=1",
+    ]
+    sft(load_config(None, sets, tmp_path / "straight", resume=False), tmp_path / "straight")
+    out = tmp_path / "run"
+    args = ["sft", "--out", out, *[a for s in sets for a in ("--set", s)]]
+    killed = run_python("-c", KILL_AFTER_FIRST_SAVE, *args, env=ONE_THREAD)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000006"] and not (out / "model").exists()
+    resumed = gptlab("sft", "--out", out, "--resume", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    straight, got = (load_file(run / "model" / "model.safetensors") for run in (tmp_path / "straight", out))
+    assert straight.keys() == got.keys() and all(torch.equal(straight[k], got[k]) for k in straight)
+    logged = [
+        [{k: v for k, v in json.loads(line).items() if "loss" in k or k == "step"} for line in lines]
+        for lines in ((run / "metrics.jsonl").read_text().splitlines() for run in (tmp_path / "straight", out))
+    ]
+    assert logged[0] == logged[1] and len(logged[0]) == 12  # a loss per step, and val_loss at 4, 8, 12
 
 
 # ----------------------------------------------------------------------------- chat and errors

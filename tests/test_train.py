@@ -19,7 +19,7 @@ from gptlab.model import GPT, ModelConfig
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import ChainedOptimizer, Runtime, TrainConfig, Trainer, build_optimizer
-from helpers import gptlab, run_python
+from helpers import KILL_AFTER_FIRST_SAVE, ONE_THREAD, TORCHRUN_TWO_RANKS, gptlab, run_python
 
 TINY = [
     "model.n_layer=2",
@@ -97,21 +97,6 @@ def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
     assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
 
 
-KILL_AFTER_FIRST_SAVE = """
-import os, signal, sys
-import torch.distributed as dist
-import gptlab.train.loop as loop
-original = loop.Trainer.save_checkpoint
-def save_then_die(self):
-    original(self)
-    if dist.is_initialized():
-        dist.barrier()  # under torchrun, no rank dies before rank 0 has written the checkpoint
-    os.kill(os.getpid(), signal.SIGKILL)
-loop.Trainer.save_checkpoint = save_then_die
-from gptlab.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 KILL_DURING_SAVE = """
 import os, signal, sys
 import gptlab.checkpoint as checkpoint
@@ -126,10 +111,6 @@ checkpoint.write_model_files = write_then_die
 from gptlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores: more threads per rank would only contend
 
 
 @pytest.fixture(scope="module")
