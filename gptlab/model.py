@@ -31,6 +31,19 @@ from gptlab.logprobs import last_real_index, mean_cross_entropy, padded_inputs
 FAMILIES = ("llama", "gpt2")
 
 
+# Far above any model gptlab can train or load (Llama 3 405B: 126 layers, width 16,384, a
+# 128k vocabulary), low enough that a typo is refused before it asks for all memory.
+SIZE_LIMITS = {
+    "vocab_size": 2**22,
+    "block_size": 2**21,
+    "n_layer": 2**10,
+    "n_head": 2**10,
+    "n_kv_head": 2**10,
+    "n_embd": 2**16,
+    "intermediate_size": 2**19,
+}
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"
@@ -61,9 +74,9 @@ class ModelConfig:
                 self.intermediate_size = 4 * self.n_embd
             else:
                 self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name, most in SIZE_LIMITS.items():
+            if not 1 <= getattr(self, name) <= most:
+                raise ValueError(f"model.{name} must be between 1 and {most:,}, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
