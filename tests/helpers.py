@@ -1,4 +1,4 @@
-"""Helpers the test files share: running gptlab in a subprocess and checking one-line errors.
+"""Helpers the test files share: running gptlab in a subprocess or in this process, and checking one-line errors.
 
 Fixtures live in conftest.py; these are plain functions and constants, imported as `from helpers import ...`
 (pytest puts tests/ on sys.path, and importing from conftest.py is discouraged by its docs).
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,26 @@ def gptlab(
 ) -> subprocess.CompletedProcess:
     """`python -m gptlab ARGS` as a user runs it (see run_python)."""
     return run_python("-m", "gptlab", *args, stdin=stdin, check=check, env=env, timeout=timeout)
+
+
+def gptlab_in_process(capfd: pytest.CaptureFixture, *args) -> subprocess.CompletedProcess:
+    """`gptlab ARGS` through gptlab.cli.main in this process, its exit code and output as gptlab() returns them,
+    Python's warnings (under its default filters) on stderr: for a test that reads an error line, with no kill
+    or torchrun involved, this spares a new interpreter importing torch. A traceback is raised, failing the test."""
+    from gptlab.cli import main
+
+    capfd.readouterr()  # what came before is not this command's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    out, err = capfd.readouterr()
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["gptlab", *map(str, args)], code, out, err)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 from gptlab.data import iter_documents, prepare
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
-from helpers import assert_user_error, gptlab, snapshot
+from helpers import assert_user_error, gptlab, gptlab_in_process, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,12 @@ def world(tmp_path_factory, tiny_model) -> Path:
     prepare(root / "tok", [root / "corpus.txt"], root / "shards", val_fraction=0.05, workers=1)
     GPT.from_pretrained(tiny_model).save_pretrained(root / "model_without_tokenizer")
     return root
+
+
+@pytest.fixture
+def cli(capfd):
+    """`gptlab ARGS` run in this process (helpers.gptlab_in_process), for the commands that end in an error line."""
+    return lambda *args: gptlab_in_process(capfd, *args)
 
 
 def test_sample_prints_a_continuation(tiny_model):
@@ -53,21 +59,21 @@ def test_sample_prints_a_continuation(tiny_model):
     assert cut.stdout.rstrip("\n") == text[: text.find(stop)]
 
 
-def test_sample_errors(world, tiny_model, tmp_path):
+def test_sample_errors(world, tiny_model, tmp_path, cli):
     assert_user_error(
-        gptlab("sample", "--model", tiny_model, "--prompt", "x", "--repetition-penalty", "0"), "repetition_penalty"
+        cli("sample", "--model", tiny_model, "--prompt", "x", "--repetition-penalty", "0"), "repetition_penalty"
     )
-    assert_user_error(gptlab("sample", "--model", tmp_path / "nope", "--prompt", "x"), "does not exist")
+    assert_user_error(cli("sample", "--model", tmp_path / "nope", "--prompt", "x"), "does not exist")
     (tmp_path / "empty").mkdir()
-    assert_user_error(gptlab("sample", "--model", tmp_path / "empty", "--prompt", "x"), "config.json")
-    assert_user_error(gptlab("sample", "--model", world / "model_without_tokenizer", "--prompt", "x"), "tokenizer")
+    assert_user_error(cli("sample", "--model", tmp_path / "empty", "--prompt", "x"), "config.json")
+    assert_user_error(cli("sample", "--model", world / "model_without_tokenizer", "--prompt", "x"), "tokenizer")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for f in tiny_model.iterdir():
         (corrupt / f.name).write_bytes(f.read_bytes())
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
-    assert_user_error(gptlab("sample", "--model", corrupt, "--prompt", "x"), "model.safetensors")
+    assert_user_error(cli("sample", "--model", corrupt, "--prompt", "x"), "model.safetensors")
     mismatch = tmp_path / "mismatch"
     mismatch.mkdir()
     for f in tiny_model.iterdir():
@@ -75,33 +81,30 @@ def test_sample_errors(world, tiny_model, tmp_path):
     config = json.loads((mismatch / "config.json").read_text())
     config["intermediate_size"] = 2 * config["intermediate_size"]
     (mismatch / "config.json").write_text(json.dumps(config))
-    assert_user_error(gptlab("sample", "--model", mismatch, "--prompt", "x"), "shape")
+    assert_user_error(cli("sample", "--model", mismatch, "--prompt", "x"), "shape")
 
 
-def test_tokenizer_and_prepare_errors(world, tmp_path):
-    assert_user_error(
-        gptlab("tokenizer", "--input", tmp_path / "missing.txt", "--out", tmp_path / "t"), "does not exist"
-    )
+def test_tokenizer_and_prepare_errors(world, tmp_path, cli):
+    assert_user_error(cli("tokenizer", "--input", tmp_path / "missing.txt", "--out", tmp_path / "t"), "does not exist")
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert_user_error(gptlab("tokenizer", "--input", tmp_path / "empty.txt", "--out", tmp_path / "t"), "empty")
+    assert_user_error(cli("tokenizer", "--input", tmp_path / "empty.txt", "--out", tmp_path / "t"), "empty")
     assert_user_error(
-        gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "empty.txt", "--out", tmp_path / "s"),
+        cli("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "empty.txt", "--out", tmp_path / "s"),
         "empty",
     )
     (tmp_path / "binary.txt").write_bytes(b"hello\x00\xff\xfe world")
     assert_user_error(
-        gptlab("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "binary.txt", "--out", tmp_path / "s2"),
+        cli("prepare", "--tokenizer", world / "tok", "--input", tmp_path / "binary.txt", "--out", tmp_path / "s2"),
         "binary.txt",
     )
     assert_user_error(
-        gptlab(
-            "prepare", "--tokenizer", tmp_path / "no_tok", "--input", world / "corpus.txt", "--out", tmp_path / "s3"
-        ),
+        cli("prepare", "--tokenizer", tmp_path / "no_tok", "--input", world / "corpus.txt", "--out", tmp_path / "s3"),
         "no_tok",
     )
 
 
-def pretrain(world, out, *sets, flags=()):
+def pretrain_args(world, out, *sets, flags=()) -> list:
+    """`gptlab pretrain` arguments for a one-layer model on the world's shards, plus extra --set keys."""
     args = [
         "pretrain",
         *flags,
@@ -126,44 +129,51 @@ def pretrain(world, out, *sets, flags=()):
     ]
     for s in sets:
         args += ["--set", s]
-    return gptlab(*args)
+    return args
 
 
-def test_pretrain_errors(world, tmp_path):
-    assert_user_error(pretrain(world, tmp_path / "a", "train.lr_max=1"), "train.lr_max", "did you mean")
-    assert_user_error(pretrain(world, tmp_path / "b", "model.vocab_size=100"), "vocab_size", "tokenizer")
-    assert_user_error(pretrain(world, tmp_path / "c", "train.seq_len=64"), "seq_len", "block_size")
-    assert_user_error(pretrain(world, tmp_path / "d", "data.shards=" + str(tmp_path / "none")), "does not exist")
+def pretrain(world, out, *sets, flags=()):
+    return gptlab(*pretrain_args(world, out, *sets, flags=flags))
+
+
+def test_pretrain_errors(world, tmp_path, cli):
+    def error(out, *sets):
+        return cli(*pretrain_args(world, out, *sets))
+
+    assert_user_error(error(tmp_path / "a", "train.lr_max=1"), "train.lr_max", "did you mean")
+    assert_user_error(error(tmp_path / "b", "model.vocab_size=100"), "vocab_size", "tokenizer")
+    assert_user_error(error(tmp_path / "c", "train.seq_len=64"), "seq_len", "block_size")
+    assert_user_error(error(tmp_path / "d", "data.shards=" + str(tmp_path / "none")), "does not exist")
     other = tmp_path / "other_tok"
     Tokenizer.train(["completely different text"] * 20, vocab_size=280).save_pretrained(other)
-    assert_user_error(pretrain(world, tmp_path / "e", f"data.tokenizer={other}"), "another tokenizer")
-    result = gptlab("pretrain", "--out", tmp_path / "f", "--config", tmp_path / "missing.toml")
+    assert_user_error(error(tmp_path / "e", f"data.tokenizer={other}"), "another tokenizer")
+    result = cli("pretrain", "--out", tmp_path / "f", "--config", tmp_path / "missing.toml")
     assert_user_error(result, "missing.toml")
 
 
-def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world, tmp_path):
+def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world, tmp_path, cli):
     out = tmp_path / "run"
     assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
     for folder in (out / "checkpoints").iterdir():
         (folder / "model.safetensors").write_bytes(b"garbage")
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    result = gptlab("pretrain", "--out", out, "--resume")
+    result = cli("pretrain", "--out", out, "--resume")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("gptlab: error: ")
     assert "no checkpoint" in result.stderr.splitlines()[-1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
-def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path):
+def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path, cli):
     out = tmp_path / "run"
     assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
     assert gptlab("report", out).returncode == 0
     before = snapshot(out)
     assert_user_error(
-        pretrain(world, out, "train.max_steps=2"), "already holds a training run", "--resume", "--overwrite"
+        cli(*pretrain_args(world, out, "train.max_steps=2")), "already holds a training run", "--resume", "--overwrite"
     )
     assert snapshot(out) == before
-    both = gptlab("pretrain", "--out", out, "--resume", "--overwrite")
+    both = cli("pretrain", "--out", out, "--resume", "--overwrite")
     assert both.returncode == 2 and "not allowed with" in both.stderr and "Traceback" not in both.stderr
 
     replaced = pretrain(world, out, "train.max_steps=2", "train.seed=7", flags=["--overwrite"])
@@ -177,17 +187,17 @@ def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path)
     assert not (out / "report.md").exists() and not (out / "loss.png").exists()  # they described the old run
 
 
-def test_an_output_path_that_cannot_be_written_is_one_line(world, tiny_model, tmp_path):
+def test_an_output_path_that_cannot_be_written_is_one_line(world, tiny_model, tmp_path, cli):
     blocker = tmp_path / "a_file"
     blocker.write_text("mine")
-    assert_user_error(gptlab("tokenizer", "--input", world / "corpus.txt", "--out", blocker / "tok"), str(blocker))
+    assert_user_error(cli("tokenizer", "--input", world / "corpus.txt", "--out", blocker / "tok"), str(blocker))
     assert_user_error(
-        gptlab("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt", "--out", blocker / "shards"),
+        cli("prepare", "--tokenizer", world / "tok", "--input", world / "corpus.txt", "--out", blocker / "shards"),
         str(blocker),
     )
-    assert_user_error(pretrain(world, blocker / "run"), f"needs {blocker} to be a folder, but it is a file")
+    assert_user_error(cli(*pretrain_args(world, blocker / "run")), f"needs {blocker} to be a folder, but it is a file")
     assert_user_error(
-        gptlab(
+        cli(
             "eval",
             "--model",
             tiny_model,
@@ -204,7 +214,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(world, tiny_model, tm
     )
     (tmp_path / "a_folder").mkdir()
     assert_user_error(
-        gptlab(
+        cli(
             "eval",
             "--model",
             tiny_model,
@@ -223,15 +233,15 @@ def test_an_output_path_that_cannot_be_written_is_one_line(world, tiny_model, tm
     assert blocker.read_text() == "mine"
 
 
-def test_resume_with_a_broken_run_record_is_one_line(world, tmp_path):
+def test_resume_with_a_broken_run_record_is_one_line(world, tmp_path, cli):
     out = tmp_path / "run"
     assert pretrain(world, out, "train.max_steps=2").returncode == 0
     for broken in ('{"config": {"model"', '{"config": null}'):
         (out / "run.json").write_text(broken)
-        assert_user_error(gptlab("pretrain", "--out", out, "--resume"), "run.json", "--config")
+        assert_user_error(cli("pretrain", "--out", out, "--resume"), "run.json", "--config")
 
 
-def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path):
+def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path, cli):
     out = tmp_path / "runs" / "base"
     assert pretrain(world, out, "train.max_steps=4", "train.log_every=2", "train.eval_every=2").returncode == 0
     result = gptlab("report", tmp_path / "runs")  # a folder holding runs, as a demo's does
@@ -253,15 +263,15 @@ def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path):
     again = (out / "report.md").read_text()
     assert f"| tokens | {metrics[-1]['tokens']:,} (to step 4) |" in again and "0.5000 (step 5)" in again
     (tmp_path / "nothing").mkdir()
-    assert_user_error(gptlab("report", tmp_path / "nothing"), "holds no run")
+    assert_user_error(cli("report", tmp_path / "nothing"), "holds no run")
     (out / "run.json").write_text('{"config": ')
-    assert_user_error(gptlab("report", out), "run.json", "not valid JSON")
+    assert_user_error(cli("report", out), "run.json", "not valid JSON")
 
 
-def test_world_and_demo_errors(tmp_path):
-    assert_user_error(gptlab("world", "--out", tmp_path / "w", "--preset", "huge"), "huge")
+def test_world_and_demo_errors(tmp_path, cli):
+    assert_user_error(cli("world", "--out", tmp_path / "w", "--preset", "huge"), "huge")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    assert_user_error(gptlab("world", "--out", tmp_path / "busy"), "--force")
+    assert_user_error(cli("world", "--out", tmp_path / "busy"), "--force")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
-    assert_user_error(gptlab("demo", "--preset", "nope", "--out", tmp_path / "d"), "nope")
+    assert_user_error(cli("demo", "--preset", "nope", "--out", tmp_path / "d"), "nope")
