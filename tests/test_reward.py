@@ -257,6 +257,7 @@ def test_exact_resume(base: Path, tmp_path: Path):
         assert logged[0] == logged[1] and len(logged[0]) == 12, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(base: Path, quick_world: Path, tmp_path: Path, parallelism: str):
     prefs = quick_world / "prefs"

@@ -215,6 +215,7 @@ def assert_same_training(run: Path, reference: Path) -> None:
     assert all(torch.allclose(expected[k], got[k], atol=1e-4) for k in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(shards, uninterrupted, tmp_path, parallelism):
     out = tmp_path / parallelism
@@ -234,6 +235,7 @@ def kill_two_ranks_after_first_save(out: Path, shards: Path, parallelism: str) -
     assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010"] and not (out / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_ddp_run_killed_after_a_save_resumes_under_ddp(shards, uninterrupted, tmp_path):
     out = tmp_path / "run"
     kill_two_ranks_after_first_save(out, shards, "ddp")
@@ -243,6 +245,7 @@ def test_a_ddp_run_killed_after_a_save_resumes_under_ddp(shards, uninterrupted, 
     assert_same_training(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(shards, uninterrupted, tmp_path):
     """Two FSDP ranks gather their shards into a full checkpoint (optimizer state keyed by parameter name);
     one process reads it back and finishes the run as if it had run alone."""
@@ -257,6 +260,7 @@ def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(shards, uninterr
     assert_same_training(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
     """A checkpoint saved without FSDP (optimizer state keyed by index) resumes on 2 FSDP ranks."""
     out = tmp_path / "run"
@@ -418,6 +422,7 @@ cleanup_runtime(ranks)
 """
 
 
+@pytest.mark.slow
 def test_stage_metrics_are_averaged_over_micro_steps_ranks_and_the_log_window(tmp_path):
     """A loss_fn's (loss, metrics): each metric is logged as its mean over the global batch and the log window,
     however the batch is split into micro-steps and ranks."""
