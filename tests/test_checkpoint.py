@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the test extra's: a broken install fails here rather than skipping the file
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-
-from gptlab import checkpoint  # noqa: E402
-from gptlab.checkpoint import atomic_folder, save_pretrained  # noqa: E402
-from gptlab.errors import UserError  # noqa: E402
-from gptlab.model import GPT, ModelConfig  # noqa: E402
-from helpers import assert_one_line, snapshot  # noqa: E402
+from gptlab import checkpoint
+from gptlab.checkpoint import atomic_folder, save_pretrained
+from gptlab.errors import UserError
+from gptlab.model import GPT, ModelConfig
+from helpers import assert_one_line, snapshot
 
 VOCAB = 97
 TOL = 1e-4
