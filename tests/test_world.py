@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from gptlab.world.arith import Problem, worked
 from gptlab.world.families import FAMILIES, FAMILY_BY_NAME, template_regex
 from gptlab.world.oracle import CORRUPTIONS
 from gptlab.world.words import TASK_BY_NAME
-from helpers import TINY_WORLD, assert_one_line
+from helpers import ROOT, TINY_WORLD, assert_one_line, run_python
 
 ARITH = re.compile(r"(\d+)([+*-])(\d+)=")
 OPS = {"+": "add", "-": "sub", "*": "mul"}
@@ -76,7 +77,13 @@ def oracle(world: Path) -> Oracle:
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_differs(world: Path, tmp_path: Path):
-    write_world(tmp_path / "again", seed=3, preset=TINY_WORLD)
+    """The same world from another interpreter with another string-hash seed: set and dict orders that
+    depend on PYTHONHASHSEED (the same in one process) would show here."""
+    child_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    write = "import sys; from helpers import TINY_WORLD; from gptlab.world import write_world; "
+    write += "write_world(sys.argv[1], seed=3, preset=TINY_WORLD)"
+    env = {"PYTHONHASHSEED": child_seed, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    run_python("-c", write, tmp_path / "again", env=env, check=True)
     write_world(tmp_path / "other", seed=4, preset=TINY_WORLD)
     first, again, other = hashes(world), hashes(tmp_path / "again"), hashes(tmp_path / "other")
     assert first == again
