@@ -1,0 +1,150 @@
+"""The report's verdicts on synthetic ladders whose answers are known: a claim is "yes" only when its
+95% interval excludes zero in the claimed direction; a gain straddling zero, a reversed one and a
+claim with nothing to measure are not "yes"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gptlab.demo import alignment_claims
+from gptlab.report import Claim, Samples, ladder_claims
+from helpers import write_jsonl
+
+N_ITEMS = 60
+ARITH = "arith_add_2"
+
+
+def correct(*ranges: range) -> list[float]:
+    """Per-item scores: 1 on the items in ``ranges``, 0 on the others."""
+    return [float(any(i in r for r in ranges)) for i in range(N_ITEMS)]
+
+
+def synthetic_ladder(root: Path, scores: dict[tuple[str, str], list[float]], alpha=(0.2, 0.1, 0.3)):
+    """(ladder.json's dict, its Samples) for runs small and large whose arithmetic items scored ``scores``
+    per (run, setting); the loss fit's exponent and interval are ``alpha`` (None: no interval)."""
+    runs = []
+    for name in ("small", "large"):
+        records = [
+            {"task": ARITH, "setting": setting, "doc_id": i, "correct": score}
+            for (run, setting), values in scores.items()
+            if run == name
+            for i, score in enumerate(values)
+        ]
+        write_jsonl(root / "runs" / name / "samples.jsonl", records)
+        runs.append({"name": name, "metrics": {ARITH: {"standard": {}, "cot": {}}}})
+    power_law = {"alpha": alpha[0]} if alpha[1] is None else {"alpha": alpha[0], "intervals": {"alpha": alpha[1:]}}
+    ladder = {"runs": runs, "fit": {"power_law": power_law, "monotone": True}}
+    return ladder, Samples(root, runs)
+
+
+def claims_of(root: Path, scores: dict, **kwargs) -> dict[str, Claim]:
+    ladder, samples = synthetic_ladder(root, scores, **kwargs)
+    return {claim.claim: claim for claim in ladder_claims(ladder, samples, [])}
+
+
+def verdict(claim: Claim) -> str:
+    """The 'reproduced' column of the claim's row in the phenomena table."""
+    return [cell.strip() for cell in claim.row().split("|")][4]
+
+
+SCALE = "Arithmetic appears with scale (exact match)"
+COT = "Chain of thought beats standard prompting"
+COT_GROWTH = "The CoT gain grows with size"
+LOSS = "Loss falls smoothly with compute (power law)"
+
+
+def test_a_clear_gain_is_reproduced(tmp_path):
+    claims = claims_of(
+        tmp_path,
+        {
+            ("small", "standard"): correct(range(12)),  # 20%
+            ("large", "standard"): correct(range(48)),  # 80%
+            ("small", "cot"): correct(range(12)),
+            ("large", "cot"): correct(range(60)),  # CoT: +20 points for the large model, none for the small
+        },
+    )
+    scale = claims[SCALE]
+    assert scale.effect == pytest.approx(0.6) and 0 < scale.lo < 0.6 < scale.hi
+    assert verdict(scale) == "yes" and scale.note == ""
+    assert "+60.0 [" in scale.row()
+    assert verdict(claims[COT]) == "yes" and claims[COT].effect == pytest.approx(0.2)
+    assert verdict(claims[COT_GROWTH]) == "yes" and claims[COT_GROWTH].effect == pytest.approx(0.2)
+    assert verdict(claims[LOSS]) == "yes"
+
+
+def test_a_gain_straddling_zero_is_not_reproduced(tmp_path):
+    claims = claims_of(
+        tmp_path,
+        {
+            ("small", "standard"): correct(range(30)),  # both 50%, on different items
+            ("large", "standard"): correct(range(15, 45)),
+            ("small", "cot"): correct(range(30)),
+            ("large", "cot"): correct(range(14, 45)),  # one item more
+        },
+        alpha=(0.05, -0.1, 0.2),
+    )
+    scale, cot = claims[SCALE], claims[COT]
+    assert scale.effect == 0 and scale.lo < 0 < scale.hi
+    assert verdict(scale) == "no" and scale.note.startswith("if no:")
+    assert cot.effect > 0 and cot.lo <= 0  # a positive effect is not enough
+    assert verdict(cot) == "no"
+    assert verdict(claims[LOSS]) == "no"
+
+
+def test_a_reversed_effect_is_not_reproduced(tmp_path):
+    """An interval that excludes zero on the wrong side: the large model does worse."""
+    claims = claims_of(
+        tmp_path,
+        {
+            ("small", "standard"): correct(range(48)),
+            ("large", "standard"): correct(range(12)),
+            ("small", "cot"): correct(range(48)),
+            ("large", "cot"): correct(range(0)),  # CoT hurts the large model
+        },
+        alpha=(-0.2, -0.3, -0.1),
+    )
+    for name in (SCALE, COT, LOSS):
+        claim = claims[name]
+        assert claim.effect < 0 and claim.hi < 0, name
+        assert verdict(claim) == "no", name
+
+
+def test_no_difference_at_all_is_not_reproduced(tmp_path):
+    """A zero-width interval at zero does not exclude zero."""
+    same = correct(range(30))
+    claims = claims_of(
+        tmp_path, {(run, setting): same for run in ("small", "large") for setting in ("standard", "cot")}
+    )
+    assert (claims[SCALE].effect, claims[SCALE].lo, claims[SCALE].hi) == (0, 0, 0)
+    assert verdict(claims[SCALE]) == "no"
+
+
+def test_a_claim_without_items_is_neither_yes_nor_no(tmp_path):
+    claims = claims_of(tmp_path, {}, alpha=(0.2, None, None))  # the runs answered nothing; a 3-point fit
+    for name in (SCALE, COT, COT_GROWTH, LOSS):
+        claim = claims[name]
+        assert claim.effect is None and claim.reproduced is None, name
+        assert verdict(claim) == "—" and "not measured yet" in claim.row(), name
+    assert claims[SCALE].note == "no items to compare"
+    assert "exact fit" in claims[LOSS].note
+
+
+def test_items_only_one_run_answered_are_not_compared(tmp_path):
+    claims = claims_of(tmp_path, {("small", "standard"): correct(range(12)), ("large", "cot"): correct(range(60))})
+    assert claims[SCALE].effect is None and verdict(claims[SCALE]) == "—"
+
+
+@pytest.mark.parametrize(
+    ("win_rate", "expected"),
+    [((0.7, 0.6, 0.8), "yes"), ((0.55, 0.45, 0.65), "no"), ((0.3, 0.2, 0.4), "no"), ((0.6, 0.5, 0.7), "no")],
+)
+def test_dpo_is_reproduced_only_when_its_win_rate_interval_is_above_one_half(win_rate, expected):
+    instruct = {"groups": {"held-out families": {"effect": (0.1, -0.05, 0.25)}}}
+    claims = {c.claim: c for c in alignment_claims(instruct, {"win_rate": win_rate})}
+    dpo = claims["DPO moves a model toward human preferences"]
+    assert dpo.effect == pytest.approx(win_rate[0] - 0.5)
+    assert verdict(dpo) == expected
+    assert (dpo.note == "") == (expected == "yes")
+    assert verdict(claims["Instruction tuning gives zero-shot gains on unseen tasks"]) == "no"
