@@ -32,7 +32,7 @@ class ChatSession:
         notify: Callable[[str], None] = lambda message: None,
     ):
         """``max_new_tokens``: the longest reply; default half the model's block size, at most 256."""
-        Sampling(temperature=temperature).check()
+        Sampling(temperature=temperature, seed=seed).check()
         tokenizer = engine.tokenizer
         block_size = engine.model.config.block_size
         if max_new_tokens is None:

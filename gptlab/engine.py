@@ -53,6 +53,8 @@ class Sampling:
             raise UserError(
                 f"repetition_penalty must be a finite number > 0 (1 is none), got {self.repetition_penalty}"
             )
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:  # what torch.Generator takes
+            raise UserError(f"seed must be a whole number from -2**63 to 2**64 - 1, got {self.seed}")
 
 
 def sample_next(

@@ -103,11 +103,11 @@ class RunFolder:
     def read_metrics(self) -> list[dict]:
         """The records of metrics.jsonl (none when it does not exist). A line that does not parse
         is the torn tail of a killed run's last write (appends are not atomic), so it is left
-        out, not an error."""
+        out, not an error; bytes that are not UTF-8 (a tail cut inside a character) are read as U+FFFD."""
         if not self.metrics_path.is_file():
             return []
         records = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

@@ -36,6 +36,7 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END)  # ids 0, 1, 2, ... in this order
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+MAX_VOCAB_SIZE = 1 << 32  # token ids are 32-bit, in the tokenizers library and in the shards
 # What transformers writes when a tokenizer has no length limit of its own.
 UNLIMITED_LENGTH = int(1e30)
 CHAT_ROLES = ("system", "user", "assistant")
@@ -110,6 +111,11 @@ class Tokenizer:
             raise UserError(
                 f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
                 f"{len(SPECIAL_TOKENS)} special tokens; use a vocab_size of at least {MIN_VOCAB_SIZE}"
+            )
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise UserError(
+                f"vocab_size {vocab_size} is too large: token ids are 32-bit integers; use at most {MAX_VOCAB_SIZE} "
+                "(models use 32k to 256k)"
             )
         texts = iter(texts)
         first = next(texts, None)

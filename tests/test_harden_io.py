@@ -21,7 +21,6 @@ from safetensors import SafetensorError
 import gptlab.data.shards as shards_module
 from gptlab.chat import ChatSession, typed_lines
 from gptlab.checkpoint import atomic_folder
-from gptlab.cli import main
 from gptlab.data import prepare
 from gptlab.data.chat import read_records
 from gptlab.data.prefs import load_pref_data
@@ -29,28 +28,19 @@ from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.fileio import write_error, write_text_atomic
 from gptlab.model import GPT, ModelConfig
+from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
-from helpers import WORDS, assert_one_line, run_python, write_jsonl
+from helpers import WORDS, assert_one_line, assert_user_error, gptlab_in_process, run_python, write_jsonl
 
 NOT_UTF8 = b"\xff\xfe"
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    """`gptlab ARGS` in this process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_main_error(capsys, args, *words: str) -> str:
-    """`gptlab ARGS` ends with exit code 2 and one `gptlab: error:` line naming every word."""
-    code, _, err = run_main(capsys, *args)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("gptlab: error: "), (code, err)
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
+def user_error(capfd, args, *words: str) -> str:
+    """`gptlab ARGS`, in this process, ends as a user mistake naming every word: its one line."""
+    result = gptlab_in_process(capfd, *args)
+    assert_user_error(result, *words)
+    return result.stderr.strip()
 
 
 def hidden(folder: Path) -> list[str]:
@@ -86,13 +76,12 @@ def small_block_model(tiny_model: Path, folder: Path, block_size: int) -> Path:
 # --------------------------------------------------------------------------- text that is not UTF-8
 
 
-def test_chat_stdin_that_is_not_utf8_ends_in_one_line_naming_the_line(capsys, monkeypatch, tiny_model):
+def test_chat_stdin_that_is_not_utf8_ends_in_one_line_naming_the_line(capfd, monkeypatch, tiny_model):
     piped = io.TextIOWrapper(io.BytesIO(b"alpha beta\ngamma " + NOT_UTF8 + b" delta\nnever read\n"))
     monkeypatch.setattr(sys, "stdin", piped)
-    code, out, err = run_main(capsys, "chat", "--model", tiny_model, "--max-new-tokens", "2", "--seed", "0")
-    assert code == 2 and err.strip().splitlines() == [err.strip()], err
-    assert "stdin:2" in err and "UTF-8" in err
-    assert len(out.splitlines()) == 1  # the first line was answered before the bad one
+    result = gptlab_in_process(capfd, "chat", "--model", tiny_model, "--max-new-tokens", "2", "--seed", "0")
+    assert_user_error(result, "stdin:2", "UTF-8")
+    assert len(result.stdout.splitlines()) == 1  # the first line was answered before the bad one
 
 
 def test_a_line_typed_in_another_encoding_is_not_sent_and_the_chat_goes_on(monkeypatch):
@@ -110,11 +99,11 @@ def test_a_line_typed_in_another_encoding_is_not_sent_and_the_chat_goes_on(monke
     assert len(notices) == 1 and "UTF-8" in notices[0] and "not sent" in notices[0]
 
 
-def test_text_arguments_that_are_not_utf8_are_one_line_naming_the_flag(capsys, tiny_model):
+def test_text_arguments_that_are_not_utf8_are_one_line_naming_the_flag(capfd, tiny_model):
     bad = os.fsdecode(b"alpha " + NOT_UTF8)  # what Python makes of such bytes in argv
-    assert_main_error(capsys, ["sample", "--model", tiny_model, "--prompt", bad], "--prompt", "UTF-8")
-    assert_main_error(capsys, ["sample", "--model", tiny_model, "--prompt", "alpha", "--stop", bad], "--stop")
-    assert_main_error(capsys, ["chat", "--model", tiny_model, "--system", bad], "--system", "UTF-8")
+    user_error(capfd, ["sample", "--model", tiny_model, "--prompt", bad], "--prompt", "UTF-8")
+    user_error(capfd, ["sample", "--model", tiny_model, "--prompt", "alpha", "--stop", bad], "--stop")
+    user_error(capfd, ["chat", "--model", tiny_model, "--system", bad], "--system", "UTF-8")
 
 
 def write_mmlu(root: Path, test_rows: bytes) -> Path:
@@ -123,16 +112,16 @@ def write_mmlu(root: Path, test_rows: bytes) -> Path:
     return root
 
 
-def test_an_mmlu_csv_that_is_not_utf8_names_the_file_and_line(capsys, tiny_model, tmp_path):
+def test_an_mmlu_csv_that_is_not_utf8_names_the_file_and_line(capfd, tiny_model, tmp_path):
     data = write_mmlu(tmp_path / "mmlu", b"alpha,a,b,c,d,A\nbeta " + NOT_UTF8 + b",a,b,c,d,B\n")
-    line = assert_main_error(capsys, ["eval", "--model", tiny_model, "--tasks", "mmlu", "--data", data], "UTF-8")
+    line = user_error(capfd, ["eval", "--model", tiny_model, "--tasks", "mmlu", "--data", data], "UTF-8")
     assert f"{data / 'test' / 'logic_test.csv'}:2" in line
 
 
-def test_a_task_file_that_is_not_utf8_names_the_file_and_line(capsys, tiny_model, tmp_path):
+def test_a_task_file_that_is_not_utf8_names_the_file_and_line(capfd, tiny_model, tmp_path):
     task = tmp_path / "task.toml"
     task.write_bytes(b'test = "t.jsonl"\ndoc_to_text = "{q}"\ndoc_to_target = "' + NOT_UTF8 + b'"\n')
-    assert_main_error(capsys, ["eval", "--model", tiny_model, "--tasks", task], f"{task}:3", "UTF-8")
+    user_error(capfd, ["eval", "--model", tiny_model, "--tasks", task], f"{task}:3", "UTF-8")
 
 
 def test_preference_and_chat_records_that_are_not_utf8_name_the_file_and_line(tiny_model, tmp_path):
@@ -149,7 +138,7 @@ def test_preference_and_chat_records_that_are_not_utf8_name_the_file_and_line(ti
     assert_one_line(e, f"{chat}:3", "UTF-8")
 
 
-def test_model_folder_text_files_that_are_not_utf8_are_one_line(capsys, tiny_model, tmp_path):
+def test_model_folder_text_files_that_are_not_utf8_are_one_line(capfd, tiny_model, tmp_path):
     for name, content in (
         ("chat_template.jinja", b"{{ '" + NOT_UTF8 + b"' }}"),
         ("tokenizer_config.json", b'{"bos_token": "' + NOT_UTF8 + b'"}'),
@@ -161,13 +150,13 @@ def test_model_folder_text_files_that_are_not_utf8_are_one_line(capsys, tiny_mod
             (folder / f.name).write_bytes(f.read_bytes())
         (folder / name).write_bytes(content)
         line = 2 if name == "config.json" else 1
-        assert_main_error(capsys, ["sample", "--model", folder, "--prompt", "alpha"], f"{name}:{line}", "UTF-8")
+        user_error(capfd, ["sample", "--model", folder, "--prompt", "alpha"], f"{name}:{line}", "UTF-8")
 
 
 # --------------------------------------------------------------------------- a full disk, killed writers
 
 
-def test_world_on_a_full_disk_is_one_line_and_leaves_no_staging(capsys, monkeypatch, tmp_path):
+def test_world_on_a_full_disk_is_one_line_and_leaves_no_staging(capfd, monkeypatch, tmp_path):
     stale = tmp_path / f".world.staging-{dead_pid()}"  # what a killed `gptlab world` left
     stale.mkdir()
     running = tmp_path / f".world.staging-{os.getppid()}"  # a run still writing
@@ -177,8 +166,8 @@ def test_world_on_a_full_disk_is_one_line_and_leaves_no_staging(capsys, monkeypa
         raise ENOSPC
 
     monkeypatch.setattr(Path, "write_text", full_disk)
-    assert_main_error(
-        capsys, ["world", "--out", tmp_path / "world", "--preset", "quick"], str(tmp_path / "world"), "No space left"
+    user_error(
+        capfd, ["world", "--out", tmp_path / "world", "--preset", "quick"], str(tmp_path / "world"), "No space left"
     )
     assert hidden(tmp_path) == [running.name] and not (tmp_path / "world").exists()
 
@@ -196,18 +185,18 @@ class FullDiskFile:
         raise ENOSPC
 
 
-def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_staging(capsys, monkeypatch, corpus, tiny_model, tmp_path):
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_staging(capfd, monkeypatch, corpus, tiny_model, tmp_path):
     def open_on_full_disk(self):
         self._file = FullDiskFile()
 
     monkeypatch.setattr(shards_module._ShardWriter, "_open", open_on_full_disk)
     out = tmp_path / "shards"
     args = ["prepare", "--tokenizer", tiny_model, "--input", corpus / "corpus.txt", "--out", out, "--workers", "1"]
-    assert_main_error(capsys, args, f"cannot write {out}", "No space left on device")
+    user_error(capfd, args, f"cannot write {out}", "No space left on device")
     assert not out.exists()  # made by this run, so removed with its staging folder
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_main_error(capsys, args, str(out), "No space left on device")
+    user_error(capfd, args, str(out), "No space left on device")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -269,15 +258,15 @@ def pretrain_args(out: Path, shards: Path) -> list:
     return ["pretrain", "--out", out, *[arg for s in sets for arg in ("--set", s)]]
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_line_naming_it(capsys, monkeypatch, corpus, tmp_path):
+def test_a_full_disk_during_a_checkpoint_is_one_line_naming_it(capfd, monkeypatch, corpus, tmp_path):
     def full_disk(*args, **kwargs):  # how safetensors reports it
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr("gptlab.checkpoint.save_file", full_disk)
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, *pretrain_args(out, corpus / "shards"))
-    assert code == 2 and "Traceback" not in err, err
-    assert err.splitlines()[-1].startswith(
+    result = gptlab_in_process(capfd, *pretrain_args(out, corpus / "shards"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
         f"gptlab: error: cannot write {out / 'checkpoints' / 'step-0000002'}: No space"
     )
     assert hidden(out / "checkpoints") == [] and list((out / "checkpoints").iterdir()) == []
@@ -319,10 +308,10 @@ def test_saved_files_keep_the_umasks_permissions(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
-def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(capsys, tiny_model, temperature):
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(capfd, tiny_model, temperature):
     common = ["--model", tiny_model, "--temperature", temperature]
-    assert_main_error(capsys, ["sample", *common, "--prompt", "alpha"], "temperature", temperature.lstrip("-"))
-    assert_main_error(capsys, ["chat", *common], "temperature")
+    user_error(capfd, ["sample", *common, "--prompt", "alpha"], "temperature", temperature.lstrip("-"))
+    user_error(capfd, ["chat", *common], "temperature")
     engine = Engine.from_pretrained(tiny_model)
     with pytest.raises(UserError, match="temperature"):
         ChatSession(engine, temperature=float(temperature))
@@ -330,11 +319,11 @@ def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(capsy
         engine.generate([[1, 2]], max_new_tokens=1, temperature=float(temperature))
 
 
-def test_eval_on_a_device_that_does_not_exist_is_one_line(capsys, tiny_model, tmp_path):
+def test_eval_on_a_device_that_does_not_exist_is_one_line(capfd, tiny_model, tmp_path):
     data = write_mmlu(tmp_path / "mmlu", b"alpha,a,b,c,d,A\n")
     for device in ("nonsense", "cuda:99", "meta"):
         args = ["eval", "--model", tiny_model, "--tasks", "mmlu", "--data", data, "--device", device]
-        assert_main_error(capsys, args, f"--device {device}" if device != "nonsense" else "'nonsense'")
+        user_error(capfd, args, f"--device {device}" if device != "nonsense" else "'nonsense'")
 
 
 def write_ladder(folder: Path, ladder) -> Path:
@@ -344,7 +333,7 @@ def write_ladder(folder: Path, ladder) -> Path:
     return folder
 
 
-def test_report_on_a_garbage_ladder_json_is_one_line(capsys, tmp_path):
+def test_report_on_a_garbage_ladder_json_is_one_line(capfd, tmp_path):
     run = {"name": "d1", "params": 10, "tokens": 20, "flops": 3.0, "val_loss": 2.0, "train_seconds": 1.0, "metrics": {}}
     for i, garbage in enumerate(
         [
@@ -358,46 +347,46 @@ def test_report_on_a_garbage_ladder_json_is_one_line(capsys, tmp_path):
         ]
     ):
         folder = write_ladder(tmp_path / str(i), garbage)
-        assert_main_error(capsys, ["report", folder], str(folder / "ladder.json"), "gptlab ladder --out")
+        user_error(capfd, ["report", folder], str(folder / "ladder.json"), "gptlab ladder --out")
     folder = write_ladder(tmp_path / "bytes", "")
     (folder / "ladder.json").write_bytes(b'{"runs": "' + NOT_UTF8 + b'"}')
-    assert_main_error(capsys, ["report", folder], f"{folder / 'ladder.json'}:1", "UTF-8")
+    user_error(capfd, ["report", folder], f"{folder / 'ladder.json'}:1", "UTF-8")
     folder = write_ladder(
         tmp_path / "samples", {"runs": [run], "fit": {"monotone": True, "power_law": {}, "chinchilla": {}}}
     )
     write_jsonl(folder / "runs" / "d1" / "samples.jsonl", [{"task": "arith_add_2"}])
-    assert_main_error(capsys, ["report", folder], "samples.jsonl:1", "doc_id")
+    user_error(capfd, ["report", folder], "samples.jsonl:1", "doc_id")
 
 
-def test_a_long_system_message_is_named_as_what_is_too_long(capsys, tiny_model):
+def test_a_long_system_message_is_named_as_what_is_too_long(capfd, tiny_model):
     long_system = " ".join(WORDS * 40)  # over the tiny model's 384 tokens
-    line = assert_main_error(capsys, ["chat", "--model", tiny_model, "--system", long_system, "--max-new-tokens", "1"])
+    line = user_error(capfd, ["chat", "--model", tiny_model, "--system", long_system, "--max-new-tokens", "1"])
     assert "system message" in line and "shorten --system" in line and "max-new-tokens" not in line
     some_system = " ".join(WORDS * 15)  # fits, but not with the default reply length
-    line = assert_main_error(capsys, ["chat", "--model", tiny_model, "--system", some_system])
+    line = user_error(capfd, ["chat", "--model", tiny_model, "--system", some_system])
     shortest = int(line.split("take ")[1].split(")")[0])
     assert f"use --max-new-tokens {384 - shortest} or less" in line
 
 
-def test_an_empty_mmlu_test_file_is_refused_naming_it(capsys, tiny_model, tmp_path):
+def test_an_empty_mmlu_test_file_is_refused_naming_it(capfd, tiny_model, tmp_path):
     data = write_mmlu(tmp_path / "mmlu", b"")
     args = ["eval", "--model", tiny_model, "--tasks", "mmlu", "--data", data]
-    assert_main_error(capsys, args, str(data / "test" / "logic_test.csv"), "no questions")
+    user_error(capfd, args, str(data / "test" / "logic_test.csv"), "no questions")
 
 
-def test_cot_on_a_task_without_a_chain_of_thought_form_is_refused(capsys, tiny_model, tmp_path):
+def test_cot_on_a_task_without_a_chain_of_thought_form_is_refused(capfd, tiny_model, tmp_path):
     data = write_mmlu(tmp_path / "mmlu", b"alpha,a,b,c,d,A\n")
     args = ["eval", "--model", tiny_model, "--tasks", "mmlu", "--data", data, "--cot"]
-    assert_main_error(capsys, args, "--cot", "arith", "mmlu")
+    user_error(capfd, args, "--cot", "arith", "mmlu")
 
 
-def test_sample_fits_its_default_length_to_the_models_window(capsys, tiny_model, tmp_path):
+def test_sample_fits_its_default_length_to_the_models_window(capfd, tiny_model, tmp_path):
     model = small_block_model(tiny_model, tmp_path / "model", block_size=8)
     assert len(Tokenizer.from_pretrained(model).encode("alpha beta")) + 64 > 8  # the old fixed default overflowed
-    code, _, err = run_main(capsys, "sample", "--model", model, "--prompt", "alpha beta", "--temperature", "0")
-    assert code == 0, err
+    result = gptlab_in_process(capfd, "sample", "--model", model, "--prompt", "alpha beta", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
     long_prompt = " ".join(WORDS)
-    assert_main_error(capsys, ["sample", "--model", model, "--prompt", long_prompt], "--prompt is", "block_size 8")
+    user_error(capfd, ["sample", "--model", model, "--prompt", long_prompt], "--prompt is", "block_size 8")
 
 
 def test_the_loss_takes_a_shifted_slice_as_targets():
@@ -406,3 +395,21 @@ def test_the_loss_takes_a_shifted_slice_as_targets():
     x = torch.randint(0, 50, (3, 9))
     assert not x[:, 1:].is_contiguous()
     torch.testing.assert_close(model(x[:, :-1], x[:, 1:]), model(x[:, :-1], x[:, 1:].contiguous()))
+
+
+def test_metrics_with_bytes_that_are_not_utf8_keep_their_readable_records(tmp_path):
+    run = RunFolder(tmp_path)
+    run.metrics_path.write_bytes(b'{"step": 1, "loss": 2.5}\n{"step": 2, "lo' + NOT_UTF8 + b"\n")
+    assert run.read_metrics() == [{"step": 1, "loss": 2.5}]
+
+
+def test_huge_numbers_and_records_without_their_fields_are_one_line(capfd, corpus, tiny_model, tmp_path):
+    huge = str(10**30)
+    text = corpus / "corpus.txt"
+    user_error(capfd, ["tokenizer", "--input", text, "--vocab-size", huge, "--out", tmp_path / "tok"], "vocab_size")
+    args = ["prepare", "--tokenizer", tiny_model, "--input", text, "--out", tmp_path / "shards", "--workers", huge]
+    user_error(capfd, args, "workers", huge)
+    user_error(capfd, ["sample", "--model", tiny_model, "--prompt", "alpha", "--seed", huge], "seed", huge)
+    gsm8k = write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "1+1?", "answer": "#### 2"}, {"q": 1}])
+    args = ["eval", "--model", tiny_model, "--tasks", "gsm8k", "--data", gsm8k]
+    user_error(capfd, args, f"{gsm8k}:2", "'question'")

@@ -44,6 +44,7 @@ STAGING_PREFIX = ".prepare-"  # new shards are written in this hidden folder, th
 # gptlab recorded it); a killed prepare's is removed by the next one into the same folder.
 STAGING = rf"{re.escape(STAGING_PREFIX)}(?:(?P<pid>\d+)-)?[0-9a-f]{{12}}"
 CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this many characters
+MAX_WORKERS = 1024  # tokenizer processes: far beyond any machine's cores, a typo rather than a setting
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -323,8 +324,8 @@ def _check_settings(val_fraction: float, shard_tokens: int, workers: int) -> Non
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}: e.g. 0.0005")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
-    if workers < 1:
-        raise UserError(f"workers must be positive, got {workers}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UserError(f"workers must be in 1..{MAX_WORKERS}, got {workers}: e.g. the number of cores")
 
 
 def _swap_in(staging: Path, out_dir: Path, old: list[Path], names: list[str]) -> None:

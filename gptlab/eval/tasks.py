@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptlab.data.documents import read_jsonl
+from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.errors import UserError
 from gptlab.eval import metrics
 from gptlab.fileio import read_text, text_lines
@@ -40,6 +40,10 @@ COT_PREFIX = "Let's think step by step."
 # The arithmetic corpus writes a direct answer as "N." right after "A:".
 ARITH_DIRECT = r"^\s*(-?\d+)\."
 ARITH_COT = r"The answer is (-?\d+)"
+# The fields each JSONL task reads from every record.
+ARITH_FIELDS = ("question", "rationale", "answer")
+WORDS_FIELDS = ("input", "output")
+GSM8K_FIELDS = ("question", "answer")
 
 
 @dataclass
@@ -165,6 +169,21 @@ def read_table(path: Path) -> list[dict]:
     raise UserError(f"{path}: task data must be .jsonl or .csv")
 
 
+def read_records(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    """The records of a task's JSONL file; one without a string in each of ``fields`` is refused
+    naming the file and line (not a KeyError when its prompt is built)."""
+    rows = []
+    for number, record in jsonl_records(path):
+        missing = [name for name in fields if not isinstance(record.get(name), str)]
+        if missing:
+            raise UserError(
+                f"{path}:{number} has no string {', '.join(map(repr, missing))}: every record of this task needs "
+                f"{', '.join(fields)}"
+            )
+        rows.append(record)
+    return rows
+
+
 def _docs(rows: list[dict], limit: int | None, subject: str | None = None) -> list[Doc]:
     return [Doc(i, row, subject) for i, row in enumerate(rows[:limit] if limit is not None else rows)]
 
@@ -271,10 +290,10 @@ def _test_stems(folder: Path) -> list[str]:
     return sorted(p.name[: -len("_test.jsonl")] for p in folder.glob("*_test.jsonl"))
 
 
-def _fewshot_pool(test: Path, stem: str) -> tuple[Path, list[Doc]]:
+def _fewshot_pool(test: Path, stem: str, fields: tuple[str, ...]) -> tuple[Path, list[Doc]]:
     """A bench task's few-shot file and its examples (none when the world has no such file)."""
     shots_file = test.parent / f"{stem}_fewshot.jsonl"
-    return shots_file, _docs(read_jsonl(shots_file), None) if shots_file.is_file() else []
+    return shots_file, _docs(read_records(shots_file, fields), None) if shots_file.is_file() else []
 
 
 def _bench_file(world: Path, family: str, name: str, stem: str) -> Path:
@@ -295,7 +314,7 @@ def arith_task(name: str, world: Path, op_digits: str, cot: bool, limit: int | N
     """The corpus formats are the prompts: ``Q: 12+35=? A: 47.`` directly, or with CoT
     ``Q: ... A: Let's think step by step. <steps> The answer is 47.``; one example per line."""
     test = _bench_file(world, "arith", name, op_digits)
-    shots_file, pool = _fewshot_pool(test, op_digits)
+    shots_file, pool = _fewshot_pool(test, op_digits, ARITH_FIELDS)
     if cot:
         text = lambda d: f"Q: {d['question']} A: {COT_PREFIX}"
         target = lambda d: _cot_steps(d["rationale"])
@@ -307,7 +326,7 @@ def arith_task(name: str, world: Path, op_digits: str, cot: bool, limit: int | N
     return Task(
         name=name,
         kind=GEN,
-        docs=_docs(read_jsonl(test), limit),
+        docs=_docs(read_records(test, ARITH_FIELDS), limit),
         doc_to_text=text,
         shot_target=target,
         has_cot=True,
@@ -326,12 +345,12 @@ def arith_task(name: str, world: Path, op_digits: str, cot: bool, limit: int | N
 def words_task(name: str, world: Path, word_task: str, limit: int | None) -> Task:
     """k lines ``input -> output`` joined by newlines, then ``input ->``; the answer is the line."""
     test = _bench_file(world, "words", name, word_task)
-    shots_file, pool = _fewshot_pool(test, word_task)
+    shots_file, pool = _fewshot_pool(test, word_task, WORDS_FIELDS)
     target = lambda d: d["output"]
     return Task(
         name=name,
         kind=GEN,
-        docs=_docs(read_jsonl(test), limit),
+        docs=_docs(read_records(test, WORDS_FIELDS), limit),
         doc_to_text=lambda d: f"{d['input']} ->",
         shot_target=target,
         fewshot_delimiter="\n",
@@ -354,7 +373,7 @@ def instruct_task(name: str, world: Path, limit: int | None) -> Task:
 
     path = _require_file(world / "sft" / "test.jsonl", "world_instruct reads a TinyWorld folder's sft/test.jsonl")
     oracle = Oracle(world)
-    everything = [Doc(i, row, row["family"]) for i, row in enumerate(read_jsonl(path))]
+    everything = [Doc(i, row, row["family"]) for i, row in enumerate(_instruct_records(path))]
     pools: dict[str | None, list[Doc]] = {}
     for doc in everything:
         pools.setdefault(doc.subject, []).append(doc)
@@ -382,6 +401,25 @@ def instruct_task(name: str, world: Path, limit: int | None) -> Task:
     )
 
 
+def _instruct_records(path: Path) -> list[dict]:
+    """sft/test.jsonl's records: a family and messages that end with the assistant's answer."""
+    rows = []
+    for number, row in jsonl_records(path):
+        messages = row.get("messages")
+        well_formed = isinstance(messages, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        answered = well_formed and len(messages) >= 2 and messages[-1]["role"] == "assistant"
+        if not (isinstance(row.get("family"), str) and answered):
+            raise UserError(
+                f"{path}:{number} is not an instruction record: it needs a 'family' and 'messages' ending in the "
+                "assistant's answer, as `gptlab world` writes them"
+            )
+        rows.append(row)
+    return rows
+
+
 def gsm8k_task(name: str, data: Path, limit: int | None) -> Task:
     """GSM8K as lm-eval's ``gsm8k``: ``Question: ...\\nAnswer:``, the full worked answer as the
     shot target, strict ``#### N`` and flexible last-number extraction. ``data`` is the test
@@ -391,11 +429,11 @@ def gsm8k_task(name: str, data: Path, limit: int | None) -> Task:
         test, f"{name} needs a GSM8K-format JSONL file (question, answer with '#### N') or a folder with test.jsonl"
     )
     train = test.parent / "train.jsonl"
-    pool = _docs(read_jsonl(train), None) if train.is_file() and train != test else []
+    pool = _docs(read_records(train, GSM8K_FIELDS), None) if train.is_file() and train != test else []
     return Task(
         name=name,
         kind=GEN,
-        docs=_docs(read_jsonl(test), limit),
+        docs=_docs(read_records(test, GSM8K_FIELDS), limit),
         doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:",
         shot_target=lambda d: d["answer"],
         fewshot={None: pool} if pool else {},
