@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gptlab import __version__
 from gptlab.errors import UserError
-from gptlab.fileio import write_json_atomic, write_text_atomic
+from gptlab.fileio import write_error, write_json_atomic, write_text_atomic
 
 KINDS = ("pretrain", "sft", "ladder", "demo", "reward", "dpo", "ppo", "grpo", "arena")
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7,})$")
@@ -117,8 +117,14 @@ class RunFolder:
         return records
 
     def append_metrics(self, record: dict) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            error = write_error(e, self.metrics_path)  # a full disk: the failed write names no file
+            if error is None:
+                raise
+            raise error from e
 
     def keep_metrics_until(self, step: int) -> None:
         """Drop records past ``step``: a resumed run rewrites what the killed one logged."""

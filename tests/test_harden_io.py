@@ -413,3 +413,15 @@ def test_huge_numbers_and_records_without_their_fields_are_one_line(capfd, corpu
     gsm8k = write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "1+1?", "answer": "#### 2"}, {"q": 1}])
     args = ["eval", "--model", tiny_model, "--tasks", "gsm8k", "--data", gsm8k]
     user_error(capfd, args, f"{gsm8k}:2", "'question'")
+
+
+def test_a_full_disk_while_logging_metrics_names_the_file(monkeypatch, tmp_path):
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise ENOSPC
+
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: FullDisk())
+    run = RunFolder(tmp_path)
+    with pytest.raises(OSError) as e:
+        run.append_metrics({"step": 1, "loss": 2.5})
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(run.metrics_path))
