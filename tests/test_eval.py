@@ -441,6 +441,7 @@ def lm_eval_run(files, parity_model, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_parity_with_lm_evaluation_harness(files, lm_eval_run, parity_backend):
     from gptlab.eval.lmeval import read_mmlu_samples
 
@@ -461,6 +462,7 @@ def test_parity_with_lm_evaluation_harness(files, lm_eval_run, parity_backend):
     assert clear >= 8, "too many near-ties among the choices to compare predictions: change the seed"
 
 
+@pytest.mark.slow
 def test_generation_parity_with_lm_evaluation_harness(lm_eval_run, parity_backend):
     """Per sample, the same 5-shot prompt and the same text out: left truncation of a long prompt, the
     token budget and the stop strings (checked to matter here) cut as lm-eval's hf backend cuts them."""
@@ -485,6 +487,7 @@ def test_generation_parity_with_lm_evaluation_harness(lm_eval_run, parity_backen
     assert sum(o != s["output"] for o, s in zip(unstopped, ours["samples"])) >= 2  # the stops cut some outputs
 
 
+@pytest.mark.slow
 def test_rolling_windows_parity_with_lm_evaluation_harness(lm_eval_run, parity_backend, monkeypatch):
     """Per document, the log-likelihood of lm-eval's rolling windows, across the model's length; and
     the perplexities lm-eval computes from them, as gptlab's ppl task computes them.
