@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UserError
+from gptlab.fileio import read_text
 from gptlab.runs import RunFolder
 
 
@@ -27,8 +28,8 @@ def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; check the --config path")
         try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raw = tomllib.loads(read_text(path))
+        except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML ({e}); fix the file") from None
     return apply_overrides(raw, overrides)
 

@@ -19,8 +19,10 @@ import torch
 from safetensors import SafetensorError
 
 import gptlab.data.shards as shards_module
+from gptlab.align.dpo import save_reference
 from gptlab.chat import ChatSession, typed_lines
 from gptlab.checkpoint import atomic_folder
+from gptlab.config import read_raw
 from gptlab.data import prepare
 from gptlab.data.chat import read_records
 from gptlab.data.prefs import load_pref_data
@@ -302,6 +304,27 @@ def test_saved_files_keep_the_umasks_permissions(tiny_model, tmp_path):
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
     assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
+
+
+def test_dpos_reference_file_keeps_the_umasks_permissions_and_a_killed_writes_leftover_goes(tmp_path):
+    path = tmp_path / "ref_logps.safetensors"
+    leftover = tmp_path / f".{path.name}.tmp-{2**22 + 7}"  # a process id no running process has
+    leftover.write_bytes(b"half a file")
+    previous = os.umask(0o027)
+    try:
+        save_reference(path, {"train": torch.zeros(3, 2)}, {"ref": "m"})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_bytes(b'init = "a"\n# caf\xe9\n')
+    with pytest.raises(UserError) as error:
+        read_raw(config)
+    assert_one_line(error, str(config), ":2", "UTF-8")
 
 
 # --------------------------------------------------------------------------- settings that used to mislead

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
 from gptlab.data.loader import to_device
 from gptlab.data.prefs import Pair, PairBatches, PrefDataConfig, collate_pairs, eval_pair_batches, load_preferences
 from gptlab.errors import UserError
+from gptlab.fileio import give_umask_permissions, remove_stale, write_error
 from gptlab.logprobs import IGNORE, padded_inputs, sequence_logprobs
 from gptlab.model import GPT, Attention
 from gptlab.runs import RunFolder
@@ -277,10 +279,20 @@ def stored_identity(ref: str, fingerprints: dict[str, str]) -> dict[str, str]:
 
 
 def save_reference(path: Path, tables: dict[str, torch.Tensor], identity: dict[str, str]) -> None:
-    """Write the tables atomically (temp file, then rename): a killed run never leaves half of one."""
+    """Write the tables atomically (temp file, then rename): a killed run never leaves half of one,
+    and the next write removes what a killed one left."""
+    remove_stale(path.parent, rf"\.{re.escape(path.name)}\.tmp-(?P<pid>\d+)")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({split: table.contiguous() for split, table in tables.items()}, tmp, metadata=identity)
-    os.replace(tmp, path)
+    try:
+        save_file({split: table.contiguous() for split, table in tables.items()}, tmp, metadata=identity)
+        give_umask_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        error = write_error(e, path)
+        tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from e
+        raise
 
 
 def read_reference(path: Path, identity: dict[str, str]) -> dict[str, torch.Tensor]:
