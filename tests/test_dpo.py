@@ -30,7 +30,17 @@ from gptlab.model import GPT, ModelConfig
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime
-from helpers import ONE_THREAD, WORDS, assert_one_line, assert_user_error, gptlab, snapshot, write_jsonl
+from helpers import (
+    ONE_THREAD,
+    TORCHRUN_TWO_RANKS,
+    WORDS,
+    assert_one_line,
+    assert_user_error,
+    gptlab,
+    run_python,
+    snapshot,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -437,3 +447,34 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_model: Path, other_
         dpo(dpo_config(tiny_model, train, val, ref=mixed, precompute_ref=False), tmp_path / "r")
     assert_one_line(error, "another vocabulary", "logits")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute_ref", ["true", "false"])
+def test_torchrun_two_processes_match_one_process(tiny_model: Path, tmp_path: Path, precompute_ref: str):
+    train, val = write_pairs(tmp_path)
+    sets = [
+        f"init={tiny_model}",
+        f"data.train={train}",
+        f"data.val={val}",
+        f"precompute_ref={precompute_ref}",
+        "train.max_steps=6",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        "train.lr=3e-3",
+        "train.eval_every=3",
+        "train.eval_batches=2",
+        "train.log_every=1",
+        "train.device=cpu",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    one = gptlab("dpo", "--out", tmp_path / "one", *args, env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", "dpo", "--out", tmp_path / "two", *args, env=ONE_THREAD)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logged = [learning_metrics(tmp_path / run) for run in ("one", "two")]
+    for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "eval_loss", "eval_rewards/margins"):
+        ones, twos = ([r.get(name) for r in records] for records in logged)
+        assert ones == pytest.approx(twos, abs=1e-4), name
+    weights = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-4) for k in weights[0])
