@@ -485,6 +485,19 @@ class RewardModel(nn.Module):
         return self.trunk.flops_per_token(seq_len)
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """No dropout anywhere in ``model``, as TRL's preference trainers start by default: with it, a
+    policy's log-probs would be noisy and differ from its reference's before the first update, and
+    a reward model would score the two answers of a pair under different masks. The saved
+    config keeps its dropout value."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, Attention):
+            module.dropout = 0.0
+    return model
+
+
 def _load(model_class, path, device, dtype, reward: bool):
     """A GPT or RewardModel (``reward``) holding the weights of the folder at ``path``; a folder of the
     other kind is refused in one line."""

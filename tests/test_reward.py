@@ -17,6 +17,7 @@ from gptlab.align.reward import (
     RewardScorer,
     RewardTrainConfig,
     load_config,
+    load_init,
     pair_terms,
     reward,
     reward_loss,
@@ -363,3 +364,14 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(base: Path, tok: Tokeniz
     (two_labels / "config.json").write_text(json.dumps({**config, "id2label": {"0": "bad", "1": "good"}}))
     assert "2 labels" in error(two_labels)
     assert not (tmp_path / "r").exists()  # nothing was written before the mistake was found
+
+
+def test_the_reward_stage_starts_without_dropout(tmp_path: Path, tok: Tokenizer):
+    folder = tmp_path / "dropout"
+    GPT(
+        ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=16, dropout=0.3)
+    ).save_pretrained(folder, tokenizer=tok)
+    model = load_init(folder).train()
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    ids, mask = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)
+    assert torch.equal(model(ids, mask), model(ids, mask))

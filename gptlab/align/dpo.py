@@ -47,7 +47,7 @@ from gptlab.data.prefs import Pair, PairBatches, PrefDataConfig, collate_pairs, 
 from gptlab.errors import UserError
 from gptlab.fileio import give_umask_permissions, remove_stale, write_error
 from gptlab.logprobs import IGNORE, padded_inputs, sequence_logprobs
-from gptlab.model import GPT, Attention
+from gptlab.model import GPT, disable_dropout
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
@@ -313,17 +313,6 @@ def read_reference(path: Path, identity: dict[str, str]) -> dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-def disable_dropout(model: GPT) -> GPT:
-    """No dropout in the policy, as TRL's disable_dropout: with it, log π would be noisy and differ
-    from the reference's even before the first update."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        elif isinstance(module, Attention):
-            module.dropout = 0.0
-    return model
 
 
 def check_policy(cfg: DpoConfig, model: GPT, tokenizer: Tokenizer) -> None:

@@ -29,7 +29,7 @@ from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
 from gptlab.data.loader import to_device
 from gptlab.data.prefs import PairBatches, PrefDataConfig, encode_answer, eval_pair_batches, load_preferences
 from gptlab.errors import UserError
-from gptlab.model import RewardModel
+from gptlab.model import RewardModel, disable_dropout
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime, TrainConfig, Trainer, cleanup_runtime, setup_runtime
 
@@ -130,8 +130,8 @@ def load_init(path: str | Path) -> RewardModel:
     reward model trained further."""
     folder, hf = checkpoint.read_config(path)
     if checkpoint.is_reward_model(hf):
-        return RewardModel.from_pretrained(folder, dtype=torch.float32)
-    return RewardModel.from_causal_lm(folder, dtype=torch.float32)
+        return disable_dropout(RewardModel.from_pretrained(folder, dtype=torch.float32))
+    return disable_dropout(RewardModel.from_causal_lm(folder, dtype=torch.float32))
 
 
 def check_init(cfg: RewardConfig, model: RewardModel, tokenizer: Tokenizer) -> None:
