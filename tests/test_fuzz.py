@@ -46,7 +46,7 @@ from gptlab.train.loop import TrainConfig, build_optimizer, learning_rate
 from gptlab.world import write_world
 from helpers import TINY_WORLD, WORDS, write_jsonl
 
-CASE_SECONDS = 20  # a case that runs longer is a hang: a bad value that was accepted and loops
+CASE_SECONDS = 60  # a hang guard, not a speed test: cases take 0.1-3 s, one that loops on a bad value would not end
 CASE_MEMORY = 4 << 30  # bytes of address space a case may add: more is a bad size that was accepted
 
 
