@@ -323,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask generation tasks through the model's chat template, shots as earlier turns",
     )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="first N test documents per task (per subject for MMLU)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="first N test documents of each task (per subject for MMLU and world_mmlu, per family for world_instruct)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random few-shot picks")
     p.add_argument("--backend", default="gptlab", choices=["gptlab", "hf", "openai"])
     p.add_argument("--device", default="cpu")
@@ -341,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--preset", default="quick", help="quick (<= 5 min on a 2-core CPU) | default (<= 30 min)")
+    p.add_argument("--preset", default="quick", help="quick (2 min on a 2-core CPU) | default (about 25 min)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
