@@ -74,8 +74,8 @@ PRESETS = {
         ladder="default",
         ladder_sets=(),
         sft_sets=("train.max_steps=300", "train.eval_every=100", "train.save_every=0"),
-        reward_sets=("train.max_steps=150", "train.eval_every=50", "train.save_every=0"),
-        dpo_sets=("train.max_steps=150", "train.eval_every=50", "train.save_every=0", "precompute_ref=false"),
+        reward_sets=("train.max_steps=100", "train.eval_every=50", "train.save_every=0"),
+        dpo_sets=("train.max_steps=100", "train.eval_every=50", "train.save_every=0", "precompute_ref=false"),
         instruct_limit=50,
     ),
 }
