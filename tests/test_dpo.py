@@ -37,6 +37,7 @@ from helpers import (
     assert_one_line,
     assert_user_error,
     gptlab,
+    gptlab_in_process,
     run_python,
     snapshot,
     write_jsonl,
@@ -423,17 +424,19 @@ def other_vocabulary(tmp_path_factory) -> Path:
     return folder
 
 
-def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_model: Path, other_vocabulary: Path, tmp_path: Path):
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    capfd, tiny_model: Path, other_vocabulary: Path, tmp_path: Path
+):
     train, val = write_pairs(tmp_path / "data")
     before = snapshot(tmp_path)
     base = ["--set", f"init={tiny_model}", "--set", f"data.train={train}", "--set", "train.device=cpu"]
     assert_user_error(
-        gptlab("dpo", "--out", tmp_path / "r", *base, "--set", f"ref={other_vocabulary}", env=ONE_THREAD),
+        gptlab_in_process(capfd, "dpo", "--out", tmp_path / "r", *base, "--set", f"ref={other_vocabulary}"),
         "another vocabulary",
         str(other_vocabulary),
     )
     assert_user_error(
-        gptlab("dpo", "--out", tmp_path / "r", *base, "--set", "loss_type=kto", env=ONE_THREAD),
+        gptlab_in_process(capfd, "dpo", "--out", tmp_path / "r", *base, "--set", "loss_type=kto"),
         "loss_type must be one of sigmoid, ipo, hinge, robust",
         "'kto'",
     )

@@ -35,6 +35,7 @@ from helpers import (
     assert_one_line,
     assert_user_error,
     gptlab,
+    gptlab_in_process,
     run_python,
     snapshot,
     write_jsonl,
@@ -304,11 +305,15 @@ def test_config_defaults_and_the_example_config(base: Path, tmp_path: Path):
     )
 
 
-def test_a_reward_model_and_a_causal_lm_are_never_taken_for_each_other(base: Path, tok: Tokenizer, tmp_path: Path):
+def test_a_reward_model_and_a_causal_lm_are_never_taken_for_each_other(
+    capfd, base: Path, tok: Tokenizer, tmp_path: Path
+):
     folder = tmp_path / "rm"
     random_reward_model(tok, "llama").save_pretrained(folder, tokenizer=tok)
     before = snapshot(tmp_path)
-    assert_user_error(gptlab("sft", "--out", tmp_path / "sft", "--set", f"init={folder}"), "holds a reward model")
+    assert_user_error(
+        gptlab_in_process(capfd, "sft", "--out", tmp_path / "sft", "--set", f"init={folder}"), "holds a reward model"
+    )
     assert_user_error(gptlab("chat", "--model", folder, stdin="hello\n"), "LlamaForSequenceClassification")
     with pytest.raises(UserError) as e:
         RewardScorer.from_pretrained(base)
@@ -319,10 +324,11 @@ def test_a_reward_model_and_a_causal_lm_are_never_taken_for_each_other(base: Pat
     assert snapshot(tmp_path) == before and not (tmp_path / "sft").exists()
 
 
-def test_bad_input_is_one_clear_line_and_writes_nothing(base: Path, tok: Tokenizer, tmp_path: Path):
+def test_bad_input_is_one_clear_line_and_writes_nothing(capfd, base: Path, tok: Tokenizer, tmp_path: Path):
     bad = write_jsonl(tmp_path / "pairs.jsonl", [PERIOD_PAIRS[0], {"prompt": "alpha", "chosen": "beta"}])
     assert_user_error(
-        gptlab(
+        gptlab_in_process(
+            capfd,
             "reward",
             "--out",
             tmp_path / "r",
@@ -337,7 +343,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(base: Path, tok: Tokeniz
         "'rejected'",
     )
     assert_user_error(
-        gptlab("reward", "--out", tmp_path / "r", "--set", "center_reward_coefficient=0.1"),
+        gptlab_in_process(capfd, "reward", "--out", tmp_path / "r", "--set", "center_reward_coefficient=0.1"),
         "did you mean 'center_rewards_coefficient'",
     )
 

@@ -19,7 +19,15 @@ from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER, Tokenizer
-from helpers import KILL_AFTER_FIRST_SAVE, ONE_THREAD, assert_user_error, gptlab, run_python, write_jsonl
+from helpers import (
+    KILL_AFTER_FIRST_SAVE,
+    ONE_THREAD,
+    assert_user_error,
+    gptlab,
+    gptlab_in_process,
+    run_python,
+    write_jsonl,
+)
 
 SYSTEM_PROMPT = "Answer in one sentence."
 CONVERSATIONS = [
@@ -439,10 +447,11 @@ def test_chat_drops_the_oldest_exchanges_and_keeps_the_system_message(tok: Token
     assert "too long" in notices[-1]
 
 
-def test_bad_input_is_one_clear_line(base: Path, tmp_path: Path):
+def test_bad_input_is_one_clear_line(capfd, base: Path, tmp_path: Path):
     bad = write_jsonl(tmp_path / "data.jsonl", [{"messages": CONVERSATIONS[1]}, '{"messages": [{"role": "robot"'])
     assert_user_error(
-        gptlab(
+        gptlab_in_process(
+            capfd,
             "sft",
             "--out",
             tmp_path / "r",
@@ -457,9 +466,10 @@ def test_bad_input_is_one_clear_line(base: Path, tmp_path: Path):
         "not valid JSON",
     )
     assert_user_error(
-        gptlab("sft", "--out", tmp_path / "r", "--set", "data.truncate=drop"), "did you mean 'data.truncation'"
+        gptlab_in_process(capfd, "sft", "--out", tmp_path / "r", "--set", "data.truncate=drop"),
+        "did you mean 'data.truncation'",
     )
-    assert_user_error(gptlab("chat", "--model", base, "--max-new-tokens", "96"), "max_new_tokens 96")
+    assert_user_error(gptlab_in_process(capfd, "chat", "--model", base, "--max-new-tokens", "96"), "max_new_tokens 96")
 
     def error(data: Path | None = None, *overrides: str) -> str:
         sets = [f"init={base}", *([f"data.train={data}"] if data else []), *overrides]
