@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from gptlab.align.sft import init_block_size
-from gptlab.config import build, get_dotted, read_run_raw, set_dotted, to_dict
+from gptlab.align.sft import load_stage_config
+from gptlab.config import to_dict
 from gptlab.data.loader import to_device
 from gptlab.data.prefs import Pair, PairBatches, PrefDataConfig, collate_pairs, eval_pair_batches, load_preferences
 from gptlab.errors import UserError
@@ -100,16 +100,8 @@ class DpoConfig:
 
 
 def load_config(config_path: str | None, overrides: list[str], out_dir: Path, resume: bool) -> DpoConfig:
-    """Resolve the config as SFT does: run.json's when resuming without --config, else file +
-    overrides; train.seq_len defaults to the init model's block_size."""
-    raw = read_run_raw(config_path, overrides, out_dir, resume)
-    cfg = build(DpoConfig, raw)  # refuses unknown keys before any file is read
-    if get_dotted(raw, "train.seq_len") is None:
-        block_size = init_block_size(Path(cfg.init))
-        if block_size is not None:
-            set_dotted(raw, "train.seq_len", block_size)
-            cfg = build(DpoConfig, raw)
-    return cfg
+    """Resolve the config as SFT does (``load_stage_config``)."""
+    return load_stage_config(DpoConfig, config_path, overrides, out_dir, resume)
 
 
 # ----------------------------------------------------------------------------- the losses

@@ -61,18 +61,21 @@ class SftConfig:
 
 
 def load_config(config_path: str | None, overrides: list[str], out_dir: Path, resume: bool) -> SftConfig:
-    """Resolve the config: run.json's when resuming without --config, else file + overrides.
+    """Resolve the config (see ``load_stage_config``)."""
+    return load_stage_config(SftConfig, config_path, overrides, out_dir, resume)
 
-    train.seq_len defaults to the init model's block_size: conversations are as long as the
-    model can read.
-    """
+
+def load_stage_config(config_class, config_path: str | None, overrides: list[str], out_dir: Path, resume: bool):
+    """A fine-tuning stage's config (``config_class`` has ``init`` and ``train``): run.json's when
+    resuming without --config, else file + overrides. train.seq_len defaults to the init model's
+    block_size: sequences are as long as the model can read."""
     raw = read_run_raw(config_path, overrides, out_dir, resume)
-    cfg = build(SftConfig, raw)  # refuses unknown keys before any file is read
+    cfg = build(config_class, raw)  # refuses unknown keys before any file is read
     if get_dotted(raw, "train.seq_len") is None:
         block_size = init_block_size(Path(cfg.init))
         if block_size is not None:
             set_dotted(raw, "train.seq_len", block_size)
-            cfg = build(SftConfig, raw)
+            cfg = build(config_class, raw)
     return cfg
 
 
