@@ -138,6 +138,24 @@ def test_ipo_compares_per_token_log_probs_and_the_metrics_follow_trl():
     }
 
 
+def test_rpo_alpha_adds_the_chosen_answers_nll_per_token():
+    """RPO (TRL's rpo_alpha): the DPO loss plus α times the chosen answers' negative log-likelihood
+    per answer token; at the start (policy = reference) that is ln 2 + α·NLL exactly."""
+    scores = {
+        "policy": torch.tensor([[-6.0, -12.0], [-3.0, -1.0]], dtype=torch.float64),
+        "reference": torch.tensor([[-6.0, -12.0], [-3.0, -1.0]], dtype=torch.float64),
+        "tokens": torch.tensor([[2, 3], [1, 4]]),
+        "logits": torch.zeros(2, 2),
+    }
+    loss, metrics = dpo_objective(DpoConfig(rpo_alpha=0.5), scores)
+    nll = (6.0 + 3.0) / (2 + 1)
+    assert metrics["nll_loss"].item() == pytest.approx(nll, abs=1e-12)
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * nll, abs=1e-12)
+    assert "nll_loss" not in dpo_objective(DpoConfig(), scores)[1]
+    with pytest.raises(ValueError, match="rpo_alpha must be a finite number >= 0"):
+        DpoConfig(rpo_alpha=-1.0)
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="loss_type must be one of sigmoid, ipo, hinge, robust"):
         DpoConfig(loss_type="kto")

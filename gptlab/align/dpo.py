@@ -82,6 +82,7 @@ class DpoConfig:
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0  # ε of cDPO (sigmoid) and Robust DPO (robust), in [0, 0.5)
     precompute_ref: bool = True  # TRL's precompute_ref_log_probs: one reference pass before training
+    rpo_alpha: float | None = None  # TRL's: weight of the chosen answers' NLL added to the loss (RPO)
     train: DpoTrainConfig = field(default_factory=DpoTrainConfig)
 
     def __post_init__(self):
@@ -93,6 +94,8 @@ class DpoConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in SMOOTHED_LOSS_TYPES:
             raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not to {self.loss_type!r}")
+        if self.rpo_alpha is not None and not 0 <= self.rpo_alpha < math.inf:
+            raise ValueError(f"rpo_alpha must be a finite number >= 0 or unset, got {self.rpo_alpha}")
 
     @property
     def reference(self) -> str:
@@ -167,7 +170,7 @@ def dpo_objective(cfg: DpoConfig, scores: dict[str, torch.Tensor]) -> tuple[torc
     loss = dpo_losses(p[:, 0], p[:, 1], r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing).mean()
     rewards = cfg.beta * (policy - reference).detach()
     logits = scores["logits"].sum(0) / tokens.sum(0).clamp(min=1)
-    return loss, {
+    metrics = {
         "rewards/chosen": rewards[:, 0].mean(),
         "rewards/rejected": rewards[:, 1].mean(),
         "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float().mean(),
@@ -177,6 +180,11 @@ def dpo_objective(cfg: DpoConfig, scores: dict[str, torch.Tensor]) -> tuple[torc
         "logits/chosen": logits[0],
         "logits/rejected": logits[1],
     }
+    if cfg.rpo_alpha is not None:
+        nll = -policy[:, 0].sum() / tokens[:, 0].sum().clamp(min=1)  # per chosen answer token, as TRL
+        loss = loss + cfg.rpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
+    return loss, metrics
 
 
 def dpo_loss(cfg: DpoConfig, reference):
