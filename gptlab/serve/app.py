@@ -1,0 +1,295 @@
+"""The FastAPI app: OpenAI's ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``,
+``/health``, ``/metrics`` (Prometheus text) and the chat page at ``/``.
+
+Every refusal is in OpenAI's shape with the right status: 400 naming the parameter (FastAPI's own
+validation errors and unreadable JSON included), 401 for a missing or wrong key when the server
+has one (compared in constant time; ``/v1/`` paths only, as vLLM), 404 for an unknown model or
+path, 429 when a model's slots and queue are full. Bad input never reaches a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+
+from gptlab.engine import Engine
+from gptlab.errors import UserError
+from gptlab.serve import generate
+from gptlab.serve.generate import Limits, ServedModel
+from gptlab.serve.metrics import Metrics
+from gptlab.serve.protocol import ApiError, ChatRequest, CompletionRequest, invalid
+from gptlab.serve.shapes import TokenTexts
+from gptlab.serve.worker import ModelWorker
+
+log = logging.getLogger("gptlab.serve")
+
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+DEFAULT_MAX_QUEUE = 256  # sequences waiting for a slot, per model, before requests get 429
+# The chat page: its own script and styles only; it talks to this server and nothing else.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+def create_app(
+    models: dict[str, str | os.PathLike],
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_prompt_tokens: int | None = None,
+    max_new_tokens: int | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+) -> FastAPI:
+    """An app serving ``models`` (served name -> model folder), each loaded now on the CPU with a
+    scheduler thread that starts with the app. A folder that cannot be served is a ``UserError``."""
+    check_options(models, api_key, max_batch, max_prompt_tokens, max_new_tokens, max_queue)
+    metrics = Metrics()
+    served = {name: load_model(name, path, max_batch, max_queue, metrics) for name, path in models.items()}
+    limits = Limits(max_prompt_tokens, max_new_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for model in served.values():
+            model.worker.start()
+        try:
+            yield
+        finally:
+            for model in served.values():
+                model.worker.stop()
+
+    app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.served, app.state.metrics = served, metrics
+    add_error_handlers(app, metrics)
+    add_routes(app, served, limits, metrics)
+    app.add_middleware(Gate, api_key=api_key, metrics=metrics)
+    return app
+
+
+def check_options(models, api_key, max_batch, max_prompt_tokens, max_new_tokens, max_queue) -> None:
+    if not models:
+        raise UserError("no model to serve: give --model DIR (or --model NAME=DIR)")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty: give a key, or leave the option out to serve without one")
+    for option, value, least in (
+        ("--max-batch", max_batch, 1),
+        ("--max-prompt-tokens", max_prompt_tokens, 1),
+        ("--max-new-tokens", max_new_tokens, 1),
+        ("max_queue", max_queue, 0),
+    ):
+        if value is not None and value < least:
+            raise UserError(f"{option} must be at least {least}, got {value}")
+
+
+def load_model(name: str, path: str | os.PathLike, max_batch: int, max_queue: int, metrics: Metrics) -> ServedModel:
+    engine = Engine.from_pretrained(path)
+    config = engine.model.config
+    if engine.tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"{path}: the tokenizer has {engine.tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
+            "they do not belong together"
+        )
+    worker = ModelWorker(name, engine, max_batch, max_queue, metrics)
+    for gauge in ("gptlab_running_sequences", "gptlab_waiting_sequences"):
+        metrics.set(gauge, 0, model=name)
+    return ServedModel(
+        name, worker, TokenTexts(engine.tokenizer), config.block_size, config.vocab_size, int(time.time())
+    )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return error_response(error, {"Retry-After": "1"} if error.status == 429 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, error: RequestValidationError):
+        return error_response(validation_problem(error.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):
+        if error.status_code == 404:
+            return error_response(ApiError(404, f"no such path: {request.url.path}", code="not_found"))
+        return error_response(ApiError(error.status_code, str(error.detail)), getattr(error, "headers", None))
+
+    @app.exception_handler(UserError)
+    async def user_error(request, error: UserError):
+        return error_response(ApiError(400, str(error)))
+
+    @app.exception_handler(Exception)
+    async def bug(request, error: Exception):  # outside the Gate's counting: count it here
+        log.exception("internal error on %s", request.url.path)
+        metrics.add("gptlab_requests_total", path=route_label(request.url.path), status="500")
+        return error_response(ApiError(500, f"internal server error ({type(error).__name__}); see the server's log"))
+
+
+def validation_problem(errors) -> ApiError:
+    """FastAPI's validation errors as one 400 naming the first bad parameter."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return invalid(None, "the request body is not valid JSON")
+    if not loc:
+        return invalid(None, f"the request body must be a JSON object: {first['msg']}")
+    param = loc[0] if first.get("type") != "extra_forbidden" else ".".join(loc)
+    if first.get("type") == "extra_forbidden":
+        return invalid(param, f"unknown parameter {param!r}")
+    if first.get("type") == "missing":
+        return invalid(param, f"missing required parameter {param!r}")
+    return invalid(param, f"invalid value for {'.'.join(loc)!r}: {first['msg']}")
+
+
+class Gate:
+    """ASGI middleware: the API key on ``/v1/`` paths, and every response counted by path and status."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = route_label(scope["path"])
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.add("gptlab_requests_total", path=path, status=str(message["status"]))
+            await send(message)
+
+        if self.key is not None and scope["path"].startswith("/v1/") and not self.authorized(scope):
+            error = ApiError(
+                401, "a valid API key is required: send the header 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
+            response = error_response(error, {"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+    def authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+def route_label(path: str) -> str:
+    """The path as a metrics label: a route, or 'other' (so unknown paths cannot grow the metrics)."""
+    if path in ROUTES:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def add_routes(app: FastAPI, served: dict[str, ServedModel], limits: Limits, metrics: Metrics) -> None:
+    def model_of(name: str) -> ServedModel:
+        if name not in served:
+            raise ApiError(
+                404, f"model {name!r} is not served here; models: {', '.join(served)}", "model", "model_not_found"
+            )
+        return served[name]
+
+    def card(model: ServedModel) -> dict:
+        return {
+            "id": model.name,
+            "object": "model",
+            "created": model.created,
+            "owned_by": "gptlab",
+            "max_model_len": model.block_size,
+        }
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [card(m) for m in served.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        return card(model_of(name))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        model = model_of(body.model)
+        prompts = generate.completion_prompts(model, body, limits)
+        asked = body.max_tokens
+        budget = generate.reply_budget(
+            model, limits, max(len(p.ids) for p in prompts), asked, generate.COMPLETION_DEFAULT_MAX_TOKENS
+        )
+        eos = model.tokenizer.eos_id
+        sequences = generate.sequences_for(
+            model.worker,
+            body,
+            prompts,
+            budget,
+            stop_ids=() if eos is None else (eos,),
+            logprobs=body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+        )
+        generate.admit(model.worker, sequences)
+        if body.stream:
+            chunks = generate.completion_chunks(model, body, prompts, sequences)
+            return event_stream(generate.server_sent_events(sequences, chunks))
+        gathered = await generate.results(http, sequences)
+        if gathered is None:
+            return Response(status_code=499)  # the client closed the connection: nobody reads this
+        return generate.completion_response(model, body, prompts, gathered)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: HttpRequest):
+        model = model_of(body.model)
+        prompt = generate.chat_prompt(model, body, limits)
+        budget = generate.reply_budget(model, limits, len(prompt.ids), body.reply_limit(), None)
+        if budget < 1:
+            raise invalid(
+                "messages", f"the conversation fills model {model.name}'s context of {model.block_size} tokens"
+            )
+        tokenizer = model.tokenizer
+        stop_ids = tuple(t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        sequences = generate.sequences_for(model.worker, body, [prompt], budget, stop_ids, logprobs, False)
+        generate.admit(model.worker, sequences)
+        if body.stream:
+            chunks = generate.chat_chunks(model, body, prompt, sequences)
+            return event_stream(generate.server_sent_events(sequences, chunks))
+        gathered = await generate.results(http, sequences)
+        if gathered is None:
+            return Response(status_code=499)
+        return generate.chat_response(model, body, prompt, gathered)
+
+    @app.get("/health")
+    async def health():
+        dead = [name for name, model in served.items() if not model.worker.alive]
+        if dead:
+            return JSONResponse({"status": "error", "stopped": dead}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def chat_page():
+        if not CHAT_PAGE.is_file():
+            raise ApiError(404, "the chat page is not installed here (gptlab/serve/static/chat.html is missing)")
+        headers = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"}
+        return Response(CHAT_PAGE.read_bytes(), media_type="text/html; charset=utf-8", headers=headers)
+
+
+def event_stream(events) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -1,0 +1,46 @@
+"""A gptlab server for tests: ``with running_server({"tiny": folder}) as base_url: ...``.
+
+uvicorn runs the app in a thread of the test process on 127.0.0.1 and a free port; leaving the
+block stops it (the scheduler threads too). Model folders: the session fixture ``tiny_model``
+(tests/conftest.py) is a random two-layer GPT with a gptlab tokenizer, so it has the chat
+template and the end-of-turn token, and transformers loads it as it is.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 60  # loading tiny models and starting uvicorn takes well under a second alone
+
+
+@contextmanager
+def running_server(models: dict[str, Path], **create_app_options) -> Iterator[str]:
+    """Serve ``models`` (name -> folder) with ``create_app(models, **create_app_options)``; yields
+    the base URL, ``http://127.0.0.1:PORT`` (clients add ``/v1``)."""
+    import uvicorn
+
+    from gptlab.serve import create_app
+
+    app = create_app(models, **create_app_options)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
