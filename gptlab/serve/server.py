@@ -1,0 +1,86 @@
+"""``gptlab serve``: load the models, listen, say where, and run uvicorn until interrupted."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from gptlab.errors import UserError
+from gptlab.serve.app import create_app
+
+
+def serve(
+    model_specs: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_prompt_tokens: int | None = None,
+    max_new_tokens: int | None = None,
+) -> None:
+    """Serve the models of ``--model DIR`` / ``--model NAME=DIR`` on ``host:port``; the first line
+    on stderr says where it listens and whether a key is required."""
+    models = parse_models(model_specs)
+    app = create_app(
+        models,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+    )
+    sock = listen(host, port)
+    print(listening_line(sock, list(models), api_key is not None), file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    """Served name -> folder. ``NAME=DIR`` names a model; a bare ``DIR`` is served under the path as
+    given (as vLLM does), and so is a folder whose own path holds an '='."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or Path(spec).is_dir():
+            name, folder = spec.rstrip("/") or spec, spec
+        if not name or not folder:
+            raise UserError(f"--model {spec!r}: give a model folder, or NAME=DIR to serve it under a name")
+        if name in models:
+            raise UserError(f"--model: the name {name!r} is given twice; serve each model under its own NAME=DIR")
+        if not Path(folder).is_dir():
+            raise UserError(f"--model {spec}: {folder} is not a folder; give a model folder such as runs/sft/model")
+        models[name] = Path(folder)
+    return models
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket for ``host:port`` (IPv4 or IPv6), or one line on why there cannot be one."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be from 0 to 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host"
+        ) from None
+    return sock
+
+
+def listening_line(sock: socket.socket, names: list[str], key_required: bool) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    line = f"gptlab serve: listening on http://{shown}:{port} (models: {', '.join(names)}); "
+    if key_required:
+        return line + "an API key is required (Authorization: Bearer KEY)"
+    if ipaddress.ip_address(host).is_loopback:
+        return line + "no API key required"
+    return line + "no API key required: anyone who can reach this address can use the models (see --api-key)"
