@@ -1,6 +1,6 @@
 """Reports: each stage's part of a report is a ``Section`` (its markdown and the plots it wrote),
 and a report is sections in pipeline order. ``gptlab report`` writes a run folder's report.md for
-the kind of run its run.json records: a training run's card (pretrain, SFT, reward, DPO), a ladder's scaling
+the kind of run its run.json records: a training run's card (pretrain, SFT, reward, DPO, PPO, GRPO), a ladder's scaling
 report with its phenomena table, or, for a demo's folder, one for each run inside it.
 
 Every claim of the lecture is stated, measured on the ladder's own samples with a seeded 95%
@@ -375,6 +375,20 @@ def plot_dpo_rewards(metrics: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(title)
+    _save(plt, fig, path)
+
+
+def plot_rl_curves(metrics: list[dict], path: Path, names: Sequence[str], title: str) -> None:
+    """One panel per metric (those logged) over the steps: an RL run's reward and KL curves."""
+    plt = _plt()
+    shown = [name for name in names if any(name in m for m in metrics)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], shown):
+        ax.plot(*zip(*[(m["step"], m[name]) for m in metrics if name in m]), "-")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
     fig.suptitle(title)
     _save(plt, fig, path)
 
@@ -816,6 +830,74 @@ def _dpo_rows(metrics: list[dict]) -> list[str]:
     return rows
 
 
+def first_to_last_rows(metrics: list[dict], formats: Sequence[tuple[str, str]]) -> list[str]:
+    """A row per (metric, number format): its first and last logged values, with their steps."""
+    rows = []
+    for name, form in formats:
+        logged = [m for m in metrics if name in m]
+        if logged:
+            first, last = logged[0], logged[-1]
+            rows.append(
+                f"| {name}, first → last logged | {first[name]:{form}} (step {first['step']:,}) → "
+                f"{last[name]:{form}} (step {last['step']:,}) |"
+            )
+    return rows
+
+
+# What an RL run's card shows of its metrics (TRL's names), and the curves it plots.
+GRPO_ROWS = (
+    ("reward", ".3f"),
+    ("reward_std", ".3f"),
+    ("kl", ".4f"),
+    ("completions/mean_length", ".1f"),
+    ("completions/clipped_ratio", ".1%"),
+    ("frac_reward_zero_std", ".1%"),
+    ("entropy", ".3f"),
+)
+GRPO_CURVES = ("reward", "kl", "completions/mean_length")
+PPO_ROWS = (
+    ("objective/scores", ".3f"),
+    ("objective/kl", ".3f"),
+    ("objective/non_score_reward", ".3f"),
+    ("objective/rlhf_reward", ".3f"),
+    ("objective/entropy", ".2f"),
+    ("completions/mean_length", ".1f"),
+    ("val/num_eos_tokens", ".1f"),
+    ("policy/clipfrac_avg", ".1%"),
+    ("policy/approxkl_avg", ".4f"),
+    ("loss/value_avg", ".4f"),
+)
+PPO_CURVES = ("objective/scores", "objective/kl", "objective/rlhf_reward")
+
+
+def write_grpo_report(run_dir: Path) -> Path:
+    """A GRPO run's card: the training card with its rewards, KL and lengths, first and last, and their curves."""
+    run = RunFolder(run_dir)
+    metrics = run.read_metrics()
+    functions = sorted({name for m in metrics for name in m if name.startswith("rewards/") and name.endswith("/mean")})
+    rows = first_to_last_rows(metrics, [*GRPO_ROWS[:2], *((name, ".3f") for name in functions), *GRPO_ROWS[2:]])
+    return _write_rl_report(run, rows, GRPO_CURVES, "GRPO", "reward is the weighted sum of the reward functions")
+
+
+def write_ppo_report(run_dir: Path) -> Path:
+    """A PPO run's card: the training card with TRL's objective metrics, first and last, and their curves."""
+    run = RunFolder(run_dir)
+    note = (
+        "objective/scores is the reward model's score (after any missing-EOS penalty), objective/kl the KL to the "
+        "reference summed over an answer's tokens, objective/rlhf_reward the score minus kl_coef times that KL"
+    )
+    return _write_rl_report(run, first_to_last_rows(run.read_metrics(), PPO_ROWS), PPO_CURVES, "PPO", note)
+
+
+def _write_rl_report(run: RunFolder, rows: list[str], curves: Sequence[str], stage: str, note: str) -> Path:
+    card = training_run_section(run, rows)
+    plot = run.path / "rl.png"
+    plot_rl_curves(run.read_metrics(), plot, curves, f"{stage} run {run.path.name}")
+    section = Section(f"## Rewards and KL\n\nOver the rollouts: {note}.\n\n![rewards and KL]({plot.name})", [plot])
+    write_text_atomic(run.report_path, concatenate([card, section]))
+    return run.report_path
+
+
 # ---------------------------------------------------------------------------------------------
 # Which report a folder gets
 
@@ -825,6 +907,8 @@ REPORTS = {
     "sft": write_run_report,
     "reward": write_reward_report,
     "dpo": write_dpo_report,
+    "ppo": write_ppo_report,
+    "grpo": write_grpo_report,
     "ladder": write_ladder_report,
 }
 
