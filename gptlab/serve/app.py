@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -24,6 +25,7 @@ from starlette.requests import Request as HttpRequest
 
 from gptlab.engine import Engine
 from gptlab.errors import UserError
+from gptlab.eval.backends import check_device
 from gptlab.serve import generate
 from gptlab.serve.generate import Limits, ServedModel
 from gptlab.serve.metrics import Metrics
@@ -40,6 +42,7 @@ PAGE_POLICY = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection: nobody reads the response
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
@@ -50,13 +53,14 @@ def create_app(
     max_prompt_tokens: int | None = None,
     max_new_tokens: int | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    device: str = "cpu",
 ) -> FastAPI:
-    """An app serving ``models`` (served name -> model folder), each loaded now on the CPU with a
+    """An app serving ``models`` (served name -> model folder), each loaded now on ``device`` with a
     scheduler thread that starts with the app. A folder that cannot be served is a ``UserError``."""
     check_options(models, api_key, max_batch, max_prompt_tokens, max_new_tokens, max_queue)
+    device = check_device(device)
     metrics = Metrics()
-    served = {name: load_model(name, path, max_batch, max_queue, metrics) for name, path in models.items()}
-    limits = Limits(max_prompt_tokens, max_new_tokens)
+    served = {name: load_model(name, path, device, max_batch, max_queue, metrics) for name, path in models.items()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,9 +73,9 @@ def create_app(
                 model.worker.stop()
 
     app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.served, app.state.metrics = served, metrics
+    app.state.server = ServerState(served, Limits(max_prompt_tokens, max_new_tokens), metrics)
     add_error_handlers(app, metrics)
-    add_routes(app, served, limits, metrics)
+    add_routes(app)
     app.add_middleware(Gate, api_key=api_key, metrics=metrics)
     return app
 
@@ -91,8 +95,10 @@ def check_options(models, api_key, max_batch, max_prompt_tokens, max_new_tokens,
             raise UserError(f"{option} must be at least {least}, got {value}")
 
 
-def load_model(name: str, path: str | os.PathLike, max_batch: int, max_queue: int, metrics: Metrics) -> ServedModel:
-    engine = Engine.from_pretrained(path)
+def load_model(
+    name: str, path: str | os.PathLike, device: str, max_batch: int, max_queue: int, metrics: Metrics
+) -> ServedModel:
+    engine = Engine.from_pretrained(path, device=device)
     config = engine.model.config
     if engine.tokenizer.vocab_size > config.vocab_size:
         raise UserError(
@@ -197,99 +203,119 @@ def route_label(path: str) -> str:
 # --------------------------------------------------------------------------- routes
 
 
-def add_routes(app: FastAPI, served: dict[str, ServedModel], limits: Limits, metrics: Metrics) -> None:
-    def model_of(name: str) -> ServedModel:
-        if name not in served:
-            raise ApiError(
-                404, f"model {name!r} is not served here; models: {', '.join(served)}", "model", "model_not_found"
-            )
-        return served[name]
+@dataclass
+class ServerState:
+    """What the routes read (``app.state.server``)."""
 
-    def card(model: ServedModel) -> dict:
-        return {
-            "id": model.name,
-            "object": "model",
-            "created": model.created,
-            "owned_by": "gptlab",
-            "max_model_len": model.block_size,
-        }
+    served: dict[str, ServedModel]
+    limits: Limits
+    metrics: Metrics
 
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [card(m) for m in served.values()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str):
-        return card(model_of(name))
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HttpRequest):
-        model = model_of(body.model)
-        prompts = generate.completion_prompts(model, body, limits)
-        asked = body.max_tokens
-        budget = generate.reply_budget(
-            model, limits, max(len(p.ids) for p in prompts), asked, generate.COMPLETION_DEFAULT_MAX_TOKENS
-        )
-        eos = model.tokenizer.eos_id
-        sequences = generate.sequences_for(
-            model.worker,
-            body,
-            prompts,
-            budget,
-            stop_ids=() if eos is None else (eos,),
-            logprobs=body.logprobs,
-            prompt_logprobs=body.echo and body.logprobs is not None,
-        )
-        generate.admit(model.worker, sequences)
-        if body.stream:
-            chunks = generate.completion_chunks(model, body, prompts, sequences)
-            return event_stream(generate.server_sent_events(sequences, chunks))
-        gathered = await generate.results(http, sequences)
-        if gathered is None:
-            return Response(status_code=499)  # the client closed the connection: nobody reads this
-        return generate.completion_response(model, body, prompts, gathered)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, http: HttpRequest):
-        model = model_of(body.model)
-        prompt = generate.chat_prompt(model, body, limits)
-        budget = generate.reply_budget(model, limits, len(prompt.ids), body.reply_limit(), None)
-        if budget < 1:
-            raise invalid(
-                "messages", f"the conversation fills model {model.name}'s context of {model.block_size} tokens"
-            )
-        tokenizer = model.tokenizer
-        stop_ids = tuple(t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        sequences = generate.sequences_for(model.worker, body, [prompt], budget, stop_ids, logprobs, False)
-        generate.admit(model.worker, sequences)
-        if body.stream:
-            chunks = generate.chat_chunks(model, body, prompt, sequences)
-            return event_stream(generate.server_sent_events(sequences, chunks))
-        gathered = await generate.results(http, sequences)
-        if gathered is None:
-            return Response(status_code=499)
-        return generate.chat_response(model, body, prompt, gathered)
-
-    @app.get("/health")
-    async def health():
-        dead = [name for name, model in served.items() if not model.worker.alive]
-        if dead:
-            return JSONResponse({"status": "error", "stopped": dead}, status_code=503)
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/")
-    async def chat_page():
-        if not CHAT_PAGE.is_file():
-            raise ApiError(404, "the chat page is not installed here (gptlab/serve/static/chat.html is missing)")
-        headers = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"}
-        return Response(CHAT_PAGE.read_bytes(), media_type="text/html; charset=utf-8", headers=headers)
+    def model(self, name: str) -> ServedModel:
+        if name not in self.served:
+            models = ", ".join(self.served)
+            raise ApiError(404, f"model {name!r} is not served here; models: {models}", "model", "model_not_found")
+        return self.served[name]
 
 
-def event_stream(events) -> StreamingResponse:
+def add_routes(app: FastAPI) -> None:
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/", chat_page, methods=["GET"])
+
+
+def state(http: HttpRequest) -> ServerState:
+    return http.app.state.server
+
+
+def card(model: ServedModel) -> dict:
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "gptlab",
+        "max_model_len": model.block_size,
+    }
+
+
+async def list_models(http: HttpRequest):
+    return {"object": "list", "data": [card(m) for m in state(http).served.values()]}
+
+
+async def get_model(name: str, http: HttpRequest):
+    return card(state(http).model(name))
+
+
+async def completions(body: CompletionRequest, http: HttpRequest):
+    server = state(http)
+    model = server.model(body.model)
+    prompts = generate.completion_prompts(model, body, server.limits)
+    longest = max(len(p.ids) for p in prompts)
+    budget = generate.reply_budget(
+        model, server.limits, longest, body.max_tokens, generate.COMPLETION_DEFAULT_MAX_TOKENS
+    )
+    eos = model.tokenizer.eos_id
+    sequences = generate.sequences_for(
+        model.worker,
+        body,
+        prompts,
+        budget,
+        stop_ids=() if eos is None else (eos,),
+        logprobs=body.logprobs,
+        prompt_logprobs=body.echo and body.logprobs is not None,
+    )
+    generate.admit(model.worker, sequences)
+    if body.stream:
+        return event_stream(sequences, generate.completion_chunks(model, body, prompts, sequences))
+    gathered = await generate.results(http, sequences)
+    if gathered is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return generate.completion_response(model, body, prompts, gathered)
+
+
+async def chat_completions(body: ChatRequest, http: HttpRequest):
+    server = state(http)
+    model = server.model(body.model)
+    prompt = generate.chat_prompt(model, body, server.limits)
+    budget = generate.reply_budget(model, server.limits, len(prompt.ids), body.reply_limit(), None)
+    if budget < 1:
+        raise invalid("messages", f"the conversation fills model {model.name}'s context of {model.block_size} tokens")
+    tokenizer = model.tokenizer
+    stop_ids = tuple(t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    sequences = generate.sequences_for(model.worker, body, [prompt], budget, stop_ids, logprobs, False)
+    generate.admit(model.worker, sequences)
+    if body.stream:
+        return event_stream(sequences, generate.chat_chunks(model, body, prompt, sequences))
+    gathered = await generate.results(http, sequences)
+    if gathered is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return generate.chat_response(model, body, prompt, gathered)
+
+
+async def health(http: HttpRequest):
+    dead = [name for name, model in state(http).served.items() if not model.worker.alive]
+    if dead:
+        return JSONResponse({"status": "error", "stopped": dead}, status_code=503)
+    return {"status": "ok"}
+
+
+async def prometheus(http: HttpRequest):
+    return PlainTextResponse(state(http).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def chat_page():
+    if not CHAT_PAGE.is_file():
+        raise ApiError(404, "the chat page is not installed here (gptlab/serve/static/chat.html is missing)")
+    headers = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"}
+    return Response(CHAT_PAGE.read_bytes(), media_type="text/html; charset=utf-8", headers=headers)
+
+
+def event_stream(sequences, chunks) -> StreamingResponse:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+    events = generate.server_sent_events(sequences, chunks)
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -21,6 +21,7 @@ def serve(
     max_batch: int = 8,
     max_prompt_tokens: int | None = None,
     max_new_tokens: int | None = None,
+    device: str = "cpu",
 ) -> None:
     """Serve the models of ``--model DIR`` / ``--model NAME=DIR`` on ``host:port``; the first line
     on stderr says where it listens and whether a key is required."""
@@ -31,10 +32,14 @@ def serve(
         max_batch=max_batch,
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,
+        device=device,
     )
     sock = listen(host, port)
     print(listening_line(sock, list(models), api_key is not None), file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then raised the Ctrl-C again: the normal way out
+        print("gptlab serve: stopped", file=sys.stderr)
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
@@ -56,7 +61,7 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A bound socket for ``host:port`` (IPv4 or IPv6), or one line on why there cannot be one."""
+    """A listening socket on ``host:port`` (IPv4 or IPv6), or one line on why there cannot be one."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be from 0 to 65535, got {port}")
     try:
@@ -67,6 +72,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # connections made before uvicorn starts wait in the backlog (2048: uvicorn's)
     except OSError as e:
         sock.close()
         raise UserError(
