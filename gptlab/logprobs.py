@@ -31,6 +31,14 @@ def scored_targets(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return _picked(logprobs, targets), logprobs.argmax(-1) == targets
 
 
+def top_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """``token_logprobs`` of ``targets``, with the ``k`` largest log-probs at every position and
+    their token ids, most likely first (OpenAI's ``top_logprobs``): (picked, values, ids)."""
+    logprobs = logits.float().log_softmax(-1)
+    top = logprobs.topk(k, dim=-1)
+    return _picked(logprobs, targets), top.values, top.indices
+
+
 def _picked(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     kept = targets != IGNORE
     picked = logprobs.gather(-1, torch.where(kept, targets, 0).unsqueeze(-1)).squeeze(-1)

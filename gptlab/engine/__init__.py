@@ -87,6 +87,53 @@ def sample_next(
     return (index.gather(-1, choice) if index is not None else choice).squeeze(-1)
 
 
+class TextStream:
+    """One sequence's new text, released token by token: incremental detokenization and stop strings.
+
+    Decoding token by token would cut multi-byte UTF-8 characters in half, so ``push`` decodes a
+    short window of recent ids and releases only the stable new suffix, holding back a trailing
+    U+FFFD until the character completes (the windowed scheme of vLLM's detokenizer, whose cost
+    per token does not grow with the length of the text). Text ends before the first of the
+    ``stop`` strings (as OpenAI's and vLLM's ``stop``), and text that could still turn into one is
+    held back until it cannot. The pieces that ``push`` and ``finish`` return join to the decoded
+    text, cut at the stop string.
+    """
+
+    def __init__(self, tokenizer, stop: str | Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+        self.ids: list[int] = []
+        self.start = self.done = 0  # ids[start:done] were released and give context to the next decode
+        self.held = ""  # decoded but not yet released: it may begin a stop string
+        self.stopped = False  # a stop string was found: nothing more is released
+
+    def push(self, token: int) -> str:
+        """The text that ``token`` releases ('' while a character or a possible stop string is incomplete)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        emitted = self.tokenizer.decode(self.ids[self.start : self.done])
+        current = self.tokenizer.decode(self.ids[self.start :])
+        if len(current) <= len(emitted) or current.endswith(REPLACEMENT_CHAR):
+            return ""
+        self.held += current[len(emitted) :]
+        self.start, self.done = self.done, len(self.ids)
+        ready, self.held, self.stopped = _split_at_stops(self.held, self.stops)
+        return ready
+
+    def finish(self) -> str:
+        """The rest, once no token follows: held text, and bytes that never completed a character
+        rendered as the full decode would."""
+        if self.stopped:
+            return ""
+        tail = self.tokenizer.decode(self.ids[self.start :])[
+            len(self.tokenizer.decode(self.ids[self.start : self.done])) :
+        ]
+        ready, held, self.stopped = _split_at_stops(self.held + tail, self.stops)
+        self.held = ""
+        return ready + held
+
+
 def _onednn_linear(packed, key, module, x):
     weight = module.weight
     # Plain layer when training, when the weight changed since packing (in place, or swapped by
@@ -393,44 +440,31 @@ class Engine:
         and vLLM's ``stop``); text that could still turn into a stop string is held back until it
         cannot.
 
-        Decoding token by token would cut multi-byte UTF-8 characters in half, so this decodes a
-        short window of recent ids and emits only the stable new suffix, holding back a trailing
-        U+FFFD until the character completes (the windowed scheme of vLLM's detokenizer, whose
-        cost per step does not grow with the length of the text).
+        The text comes out of a ``TextStream``, the same per-sequence stream the continuous-batching
+        scheduler uses.
         """
         tok = self._require_tokenizer()
         if kwargs.get("n", 1) != 1:
             raise UserError("the text helpers continue one prompt once; for several samples use generate(..., n=...)")
         stop_ids = [tok.eos_id] if stop_ids is None else stop_ids
-        stop_strings = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
         stops = set(stop_ids)
-        ids: list[int] = []
-        start = done = 0  # ids[start:done] were emitted as text and give context to the next decode
-        held = ""  # decoded but not yet emitted: it may begin a stop string
+        text_stream = TextStream(tok, stop)
         prompt = tok.encode(text) if isinstance(text, str) else list(text)
         steps = self.stream([prompt], max_new_tokens, stop_ids=stop_ids, **kwargs)
         try:
             for (token,) in steps:
                 if token in stops:
                     break
-                ids.append(token)
-                emitted = tok.decode(ids[start:done])
-                current = tok.decode(ids[start:])
-                if len(current) > len(emitted) and not current.endswith(REPLACEMENT_CHAR):
-                    held += current[len(emitted) :]
-                    start, done = done, len(ids)
-                    ready, held, stopped = _split_at_stops(held, stop_strings)
-                    if ready:
-                        yield ready
-                    if stopped:
-                        return
+                piece = text_stream.push(token)
+                if piece:
+                    yield piece
+                if text_stream.stopped:
+                    return
         finally:
             steps.close()  # a stop string ends the model's stream too
-        # Bytes that never completed a character: render them as the full decode would.
-        held += tok.decode(ids[start:])[len(tok.decode(ids[start:done])) :]
-        ready, held, _ = _split_at_stops(held, stop_strings)
-        if ready + held:
-            yield ready + held
+        rest = text_stream.finish()
+        if rest:
+            yield rest
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -438,25 +472,9 @@ class Engine:
         return self.tokenizer
 
     def _check(self, prompts, max_new_tokens: int, n: int, sampling: Sampling) -> None:
-        config = self.model.config
-        if max_new_tokens < 0:
-            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UserError(f"n (samples per prompt) must be a positive integer, got {n!r}")
-        sampling.check()
-        if isinstance(prompts, torch.Tensor) or any(isinstance(p, torch.Tensor) for p in prompts):
-            raise UserError("prompts are lists of token ids, one list per prompt; pass tensor.tolist()")
-        for row, prompt in enumerate(prompts):
-            if not prompt:
-                raise UserError(f"prompt {row} is empty: give at least one token (e.g. BOS)")
-            if min(prompt) < 0 or max(prompt) >= config.vocab_size:
-                raise UserError(f"prompt {row} has token ids outside the model's vocabulary [0, {config.vocab_size})")
-        longest = max((len(p) for p in prompts), default=0)
-        if longest + max_new_tokens > config.block_size:
-            raise UserError(
-                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's block_size "
-                f"{config.block_size}: shorten the prompt or lower max_new_tokens"
-            )
+        check_prompts(self.model.config, prompts, max_new_tokens, sampling)
 
     def _steps(self, prompts, max_new_tokens, stop_ids, return_logprobs, n, sampling):
         """The decode loop: yields (tokens, logprobs) per step; logprobs entries are None unless asked for."""
@@ -563,16 +581,45 @@ class Engine:
     def _pick(self, logits, sampling: Sampling, generator, seen, return_logprobs):
         """Each row's next token (B,) and its raw log-prob (B,) or None; ``seen`` (B, V) marks the
         tokens the repetition penalty applies to, and learns the new ones."""
-        scores = logits
-        if seen is not None:
-            p = sampling.repetition_penalty
-            scores = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        scores = penalized(logits, seen, sampling.repetition_penalty) if seen is not None else logits
         token = sample_next(scores, sampling.temperature, sampling.top_k, sampling.top_p, generator)
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         if not return_logprobs:
             return token, None
         return token, token_logprobs(logits, token)
+
+
+def check_prompts(config, prompts, max_new_tokens: int, sampling: Sampling, max_len: int | None = None) -> None:
+    """Refuse, in one line, what a generation cannot run: a negative ``max_new_tokens``, bad
+    ``sampling``, prompts that are not lists of the vocabulary's ids, or a prompt that with its new
+    tokens would not fit ``max_len`` (default: the model's block_size)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    sampling.check()
+    if isinstance(prompts, torch.Tensor) or any(isinstance(p, torch.Tensor) for p in prompts):
+        raise UserError("prompts are lists of token ids, one list per prompt; pass tensor.tolist()")
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise UserError(f"prompt {row} is empty: give at least one token (e.g. BOS)")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise UserError(f"prompt {row} holds something other than integer token ids")
+        if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+            raise UserError(f"prompt {row} has token ids outside the model's vocabulary [0, {config.vocab_size})")
+    longest = max((len(p) for p in prompts), default=0)
+    max_len = config.block_size if max_len is None else max_len
+    limit = f"the model's block_size {max_len}" if max_len == config.block_size else f"the cache's {max_len} slots"
+    if longest + max_new_tokens > max_len:
+        raise UserError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds {limit}: "
+            "shorten the prompt or lower max_new_tokens"
+        )
+
+
+def penalized(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as transformers applies it: the logit of every token marked in
+    ``seen`` (same shape) is divided by ``penalty`` when positive and multiplied by it when negative."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def _left_padded(prompts, max_new_tokens: int, device) -> tuple:
