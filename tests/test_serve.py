@@ -26,6 +26,7 @@ import torch
 
 from gptlab.cli import main as gptlab_main
 from gptlab.engine import Engine
+from gptlab.eval import GptlabBackend, OpenAIBackend
 from gptlab.tokenizer import Tokenizer
 from helpers import ROOT, WORDS, assert_user_error, gptlab_in_process, write_jsonl
 from serving import running_server
@@ -540,3 +541,16 @@ def assert_close(ours, theirs, where: str) -> None:
         assert math.isclose(ours, theirs, rel_tol=1e-4, abs_tol=1e-5), (where, ours, theirs)
     else:
         assert ours == theirs, where
+
+
+def test_openai_backend_is_greedy_where_token_texts_coincide(base_url, tiny_model):
+    """Byte tokens of a split character all read as U+FFFD: a continuation whose first byte is not the
+    most likely one must not pass as greedy because the two tokens' texts are the same."""
+    local = GptlabBackend.from_pretrained(tiny_model)
+    remote = OpenAIBackend(base_url + "/v1", "tiny")
+    rng = random.Random(0)
+    contexts = ["beta alpha"] + [words(rng, rng.randint(1, 6)) for _ in range(20)]
+    pairs = [(context, char) for context in contexts for char in "éü東🙂"]
+    ours, theirs = remote.loglikelihood(pairs), local.loglikelihood(pairs)
+    assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-4)

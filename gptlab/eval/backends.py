@@ -638,9 +638,9 @@ class OpenAIBackend(Backend):
                     if offset >= len(context) and lp["token_logprobs"][i] is not None
                 ]
                 total = sum(lp["token_logprobs"][i] for i in picked)
-                greedy = all(
-                    max(lp["top_logprobs"][i].items(), key=lambda kv: kv[1])[0] == lp["tokens"][i] for i in picked
-                )
+                # Greedy where no alternative is more likely; compared by log-prob, not by token text, as
+                # different tokens can read the same (the bytes of a split character all read U+FFFD).
+                greedy = all(lp["token_logprobs"][i] >= max(lp["top_logprobs"][i].values()) for i in picked)
                 out.append((total, greedy))
         return out
 

@@ -54,15 +54,17 @@ def completion_logprobs(
     texts: TokenTexts, tokens: list[int], entries: list[TokenLogprob | None], offsets: list[int]
 ) -> dict:
     """The legacy completions' log-probs: the chosen token is always among a position's
-    ``top_logprobs`` (so there may be k + 1 of them, as OpenAI documents); None where a token
-    has no log-prob (an echoed prompt's first)."""
+    ``top_logprobs`` (so there may be k + 1 of them, as OpenAI documents); tokens whose texts are
+    the same (byte tokens read as U+FFFD) share one entry, the most likely one's. None where a
+    token has no log-prob (an echoed prompt's first)."""
     top = []
     for entry in entries:
         if entry is None:
             top.append(None)
             continue
-        alternatives = {texts(t): lp for t, lp in entry.top}
-        alternatives.setdefault(texts(entry.token), entry.logprob)
+        alternatives: dict[str, float] = {}
+        for token, logprob in [*entry.top, (entry.token, entry.logprob)]:  # most likely first: it keeps a shared text
+            alternatives.setdefault(texts(token), logprob)
         top.append(alternatives)
     return {
         "tokens": [texts(t) for t in tokens],
