@@ -43,7 +43,7 @@ PRESET ?= default
 demo: install
 	$(VENV)/bin/gptlab demo --preset $(PRESET) --out runs/demo
 
-BENCHMARKS := train_step decode pretrain_throughput prepare_throughput pretrain_memory eval_mmlu
+BENCHMARKS := train_step decode pretrain_throughput prepare_throughput pretrain_memory eval_mmlu serve_throughput
 bench: install
 	set -e; for name in $(BENCHMARKS); do $(PY) benchmarks/$$name.py; done
 
