@@ -284,7 +284,9 @@ def grpo(cfg: GrpoConfig, out_dir: str | Path, resume: bool = False, overwrite: 
             tcfg.batch_size, runtime.world_size, cfg.steps_per_generation, cfg.num_generations
         )
         functions = load_reward_functions(cfg.reward, cfg.world, runtime.device)
-        prompts, stats = load_prompts(cfg.data.prompts, tokenizer, prompt_tokens, warn=runtime.is_main)
+        prompts, stats = load_prompts(
+            cfg.data.prompts, tokenizer, prompt_tokens, cfg.data.families, warn=runtime.is_main
+        )
         model.to(runtime.device)
         if reference is not None:
             reference.model.to(runtime.device)

@@ -349,7 +349,9 @@ def ppo(cfg: PpoConfig, out_dir: str | Path, resume: bool = False, overwrite: bo
     try:
         micro, _ = runtime.micro_batching(tcfg)
         prompts_per_rollout = check_rollout_shape(tcfg.batch_size, runtime.world_size, cfg.num_mini_batches, 1)
-        prompts, stats = load_prompts(cfg.data.prompts, tokenizer, prompt_tokens, warn=runtime.is_main)
+        prompts, stats = load_prompts(
+            cfg.data.prompts, tokenizer, prompt_tokens, cfg.data.families, warn=runtime.is_main
+        )
         for part in (model, reward_model, reference.model):
             part.to(runtime.device)
         batches = RolloutBatches(

@@ -49,10 +49,13 @@ class PromptDataConfig:
 
     prompts: str = "data/world/sft/train.jsonl"
     max_prompt_length: int | None = None  # cut every prompt from its left to this many tokens
+    families: list[str] | None = None  # keep only records whose "family" is one of these (TinyWorld's carry one)
 
     def __post_init__(self):
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.families is not None and not self.families:
+            raise ValueError("data.families is empty: name at least one family, or leave it unset for all records")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Prompt:
 @dataclass
 class PromptStats:
     records: int = 0
+    skipped: int = 0  # of another family than data.families
     truncated: int = 0  # cut from the left to fit
 
     def to_dict(self) -> dict:
@@ -110,12 +114,20 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict]) -> list[int]:
 
 
 def load_prompts(
-    path: str | os.PathLike, tokenizer: Tokenizer, max_tokens: int, warn: bool = True
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    max_tokens: int,
+    families: list[str] | None = None,
+    warn: bool = True,
 ) -> tuple[list[Prompt], PromptStats]:
-    """Every prompt of a JSONL file, rendered and cut from the left to ``max_tokens``. A malformed
-    record is a UserError naming the file and line; a file with no prompt is one too."""
+    """Every prompt of a JSONL file (of ``families``, when given), rendered and cut from the left to
+    ``max_tokens``. A malformed record is a UserError naming the file and line; a file with no
+    prompt is one too."""
     prompts, stats = [], PromptStats()
     for number, record in read_records(path):
+        if families is not None and record.get("family") not in families:
+            stats.skipped += 1
+            continue
         try:
             prompt = record_prompt(record)
             ids = encode_prompt(tokenizer, prompt)
@@ -127,7 +139,8 @@ def load_prompts(
         prompts.append(Prompt(stats.records, prompt, ids, columns))
         stats.records += 1
     if not prompts:
-        raise UserError(f"{path} holds no prompts; give one JSON object per line with a 'prompt'")
+        of = f" of the families {', '.join(families)}" if families is not None else ""
+        raise UserError(f"{path} holds no prompts{of}; give one JSON object per line with a 'prompt'")
     if stats.truncated and warn:
         print(
             f"gptlab: warning: {path}: cut {stats.truncated} of {stats.records} prompts from the left to "
