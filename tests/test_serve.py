@@ -554,3 +554,17 @@ def test_openai_backend_is_greedy_where_token_texts_coincide(base_url, tiny_mode
     ours, theirs = remote.loglikelihood(pairs), local.loglikelihood(pairs)
     assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
     assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-4)
+
+
+def test_eval_through_the_server_names_the_servers_refusal(base_url, tmp_path, capsys):
+    """A text longer than the model's window: the in-process backend scores it in windows, the server
+    refuses it, and eval ends with one line giving the server's reason (not 'is the server running?')."""
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(WORDS * 40))
+    code = gptlab_main(
+        ["eval", "--backend", "openai", "--base-url", base_url, "--model", "tiny", "--tasks", "ppl"]
+        + ["--data", str(text)]
+    )
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert "answered 400" in lines[0] and "over this server's limit" in lines[0] and "running" not in lines[0]

@@ -605,7 +605,7 @@ class OpenAIBackend(Backend):
         base_url = base_url.rstrip("/")
         self.url = base_url if base_url.endswith("/v1") else base_url + "/v1"
         self.model = model
-        self._errors = (openai.APIStatusError, openai.APIConnectionError)
+        self._refused, self._unreachable = openai.APIStatusError, openai.APIConnectionError
         self.client = openai.OpenAI(
             base_url=self.url,
             api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
@@ -617,7 +617,10 @@ class OpenAIBackend(Backend):
         """The response's choices in index order, as plain dicts."""
         try:
             response = self.client.completions.create(model=self.model, **body)
-        except self._errors as e:
+        except self._refused as e:  # the server's own reason (OpenAI's shape), e.g. a prompt over its window
+            reason = e.body.get("message") if isinstance(e.body, dict) else None
+            raise UserError(f"{self.url}/completions answered {e.status_code}: {str(reason or e)[:300]}") from None
+        except self._unreachable as e:
             raise UserError(f"{self.url}/completions failed ({str(e)[:200]}): is the server running?") from None
         return sorted((c.model_dump() for c in response.choices), key=lambda c: c["index"])
 
