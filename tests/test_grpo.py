@@ -21,6 +21,7 @@ from gptlab.align.rl import group_advantages
 from gptlab.align.rollouts import (
     FrozenPolicy,
     PromptDataConfig,
+    RolloutBatches,
     RolloutSampling,
     forward_inputs,
     load_prompts,
@@ -34,10 +35,12 @@ from gptlab.engine import Engine
 from gptlab.model import GPT
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
+from gptlab.train.loop import Runtime
 from helpers import (
     KILL_AFTER_FIRST_SAVE,
     ONE_THREAD,
     ROOT,
+    TORCHRUN_TWO_RANKS,
     WORDS,
     assert_user_error,
     gptlab,
@@ -174,6 +177,54 @@ def test_a_group_of_equal_rewards_gives_no_policy_gradient(tiny_model: Path, tok
     per_row = logits.grad.abs().sum((1, 2))
     assert (per_row[:3] == 0).all() and (per_row[3:] > 0).all()
     assert {"entropy", "clip_ratio/region_mean"} <= metrics.keys() and "kl" not in metrics
+
+
+class TwoRanks(Runtime):
+    """Rank ``rank`` of two, without a process group: the other rank's counts are taken to be this one's."""
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+def test_each_rank_rolls_out_its_share_of_the_prompts(tok: Tokenizer, data: Path):
+    """A rollout of 4 prompts: one process takes all 4, two ranks 2 each, the same 4 between them;
+    the next rollout takes the next 4 prompts of the shuffled order."""
+    prompts, _ = load_prompts(data / "prompts.jsonl", tok, max_tokens=100)
+    seen: dict[int, list[list[int]]] = {}
+
+    def collector(rank: int):
+        def collect(chosen, index):
+            seen.setdefault(rank, []).append([p.index for p in chosen])
+            rows = {
+                "input_ids": torch.zeros(len(chosen), 3, dtype=torch.long),
+                "attention_mask": torch.ones(len(chosen), 3),
+            }
+            rows["response_mask"] = torch.ones(len(chosen), 1)
+            return {"rows": rows, "prompt_width": 2, "metrics": {}}
+
+        return collect
+
+    for rank, runtime in (
+        (-1, Runtime(torch.device("cpu"), None)),
+        *((r, TwoRanks(torch.device("cpu"), None, r, r, 2)) for r in (0, 1)),
+    ):
+        share = 4 if rank < 0 else 2
+        batches = RolloutBatches(
+            prompts,
+            collector(rank),
+            prompts_per_rollout=4,
+            rows_per_step=4,
+            micro_batch_size=share,
+            minibatches=1,
+            epochs=1,
+            seed=3,
+            runtime=runtime,
+        )
+        for _ in range(2):
+            batch = batches.next_batch()
+            assert batch["input_ids"].shape == (share, 3) and batch["tokens_share"].item() == share
+        assert batches.state_dict() == {"rollouts": 2, "prompt_epoch": 0, "prompt_position": 8}
+    assert [seen[0][k] + seen[1][k] for k in range(2)] == seen[-1] and seen[-1][0] != seen[-1][1]
 
 
 # ----------------------------------------------------------------------------- reward functions
@@ -377,3 +428,25 @@ def test_bad_input_is_one_clear_line(capfd, tiny_model: Path, data: Path, tmp_pa
     refused("reward=arith", f"data.prompts={empty}", words=("holds no prompts",))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "alpha"}, {"answer": "no prompt"}])
     refused("reward=arith", f"data.prompts={bad}", words=("bad.jsonl:2", "expected a 'prompt'"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train(tiny_model: Path, data: Path, tmp_path: Path):
+    """Under torchrun each rank rolls out its share of a rollout's prompts; the ranks step together."""
+    sets = [
+        f"init={tiny_model}",
+        f"data.prompts={data / 'prompts.jsonl'}",
+        f"reward={data / 'rewards.py'}:letter_a",
+        "num_generations=4",
+        "max_new_tokens=8",
+        "train.max_steps=4",
+        "train.batch_size=16",
+        "train.log_every=1",
+        "train.device=cpu",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    two = run_python(*TORCHRUN_TWO_RANKS, "-m", "gptlab", "grpo", "--out", tmp_path / "two", *args, env=ONE_THREAD)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logged = metrics_of(tmp_path / "two")
+    assert len(logged) == 4 and all(0 <= m["reward"] <= 1 for m in logged)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2

@@ -189,6 +189,15 @@ def test_group_advantages_sum_to_zero_in_each_group(scale: str):
         torch.testing.assert_close(advantages[4:8], tensor([-0.3, -0.1, 0.1, 0.3]), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(scale: str):
+    """0.4 is not a float32: the group's mean comes out 0.40000004, and divided by the std's 1e-4 that
+    rounding would be an advantage of 3e-4, which AdamW turns into a full-sized step on noise."""
+    rewards = torch.tensor([0.4] * 8 + [0.1] * 7 + [0.7])
+    advantages = group_advantages(rewards, 8, scale)
+    assert advantages[:8].tolist() == [0.0] * 8 and (advantages[8:] != 0).all()
+
+
 def test_the_loss_types_normalise_as_trl_does():
     losses = tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = tensor([[1, 1, 1], [1, 0, 0]])

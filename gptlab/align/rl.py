@@ -126,9 +126,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     """GRPO's advantages (B,) from rewards (B,) in consecutive groups of ``group_size`` answers to one
     prompt: each reward minus its group's mean, divided by the group's standard deviation + 1e-4
     (``scale_rewards="group"``, DeepSeekMath), the whole batch's (``"batch"``) or not at all
-    (``"none"``, Dr. GRPO). Standard deviations are unbiased, as ``torch.std`` (TRL's)."""
+    (``"none"``, Dr. GRPO). Standard deviations are unbiased, as ``torch.std`` (TRL's).
+
+    A group whose rewards are all equal gets exactly 0: its mean, rounded (0.4 is no float32), would
+    leave a residue of ~1e-8 that the 1e-4 turns into ~1e-3, and AdamW into a full step on noise."""
     grouped = rewards.view(-1, group_size)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    varied = (grouped.amax(dim=1, keepdim=True) > grouped.amin(dim=1, keepdim=True)).to(rewards.dtype)
+    centred = ((grouped - grouped.mean(dim=1, keepdim=True)) * varied).view(-1)
     if scale_rewards == "group":
         return centred / (grouped.std(dim=1).repeat_interleave(group_size) + 1e-4)
     if scale_rewards == "batch":
