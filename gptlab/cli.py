@@ -187,6 +187,25 @@ def cmd_report(args) -> None:
         print(f"report -> {path}")
 
 
+def cmd_serve(args) -> None:
+    try:
+        from gptlab.serve.server import serve
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise UserError(f"gptlab serve needs {e.name}, which is not installed: pip install 'gptlab[serve]'") from None
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+
+
 def cmd_demo(args) -> None:
     from gptlab.demo import run_demo
 
@@ -343,6 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder written by `gptlab ladder`, `pretrain` or `sft`, or one holding such folders (a demo's)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible server (continuous batching) and a chat page")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="a model folder to serve, under NAME or else under the path as given (repeatable)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the model's window)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="most tokens per reply (default: what the window leaves)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")
     p.add_argument("--out", default="runs/demo")
