@@ -12,6 +12,8 @@ import uvicorn
 from gptlab.errors import UserError
 from gptlab.serve.app import create_app
 
+SHUTDOWN_GRACE_S = 10  # on Ctrl-C, replies still streaming get this long to finish before they are cut
+
 
 def serve(
     model_specs: list[str],
@@ -37,7 +39,8 @@ def serve(
     sock = listen(host, port)
     print(listening_line(sock, list(models), api_key is not None), file=sys.stderr, flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
+        config = uvicorn.Config(app, log_level="info", lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then raised the Ctrl-C again: the normal way out
         print("gptlab serve: stopped", file=sys.stderr)
 
