@@ -322,6 +322,19 @@ def test_bodies_that_are_not_json_objects_are_400s(base_url):
     assert_error(*call(base_url, "POST", "/v1/completions", raw=b'{"model": "tiny", "prompt": "a", "top_p": NaN}'), 400)
 
 
+def test_a_body_over_the_limit_is_refused_unread(base_url):
+    address = urlsplit(base_url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(1 << 30))
+    connection.endheaders()  # and no body: the answer comes without it
+    response = connection.getresponse()
+    error = assert_error(response.status, json.loads(response.read()), 413)
+    assert "at most" in error["message"]
+    connection.close()
+
+
 def test_unknown_models_and_paths_are_404s(base_url, client):
     assert_error(*call(base_url, "POST", "/v1/completions", completion_body(model="gpt-4")), 404, "model")
     assert_error(*call(base_url, "POST", "/v1/chat/completions", chat_body(model="gpt-4")), 404, "model")

@@ -36,6 +36,7 @@ from gptlab.serve.worker import ModelWorker
 log = logging.getLogger("gptlab.serve")
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused unread (the longest prompts are far smaller)
 DEFAULT_MAX_QUEUE = 256  # sequences waiting for a slot, per model, before requests get 429
 # The chat page: its own script and styles only; it talks to this server and nothing else.
 PAGE_POLICY = (
@@ -179,13 +180,23 @@ class Gate:
                 self.metrics.add("gptlab_requests_total", path=path, status=str(message["status"]))
             await send(message)
 
-        if self.key is not None and scope["path"].startswith("/v1/") and not self.authorized(scope):
-            error = ApiError(
-                401, "a valid API key is required: send the header 'Authorization: Bearer KEY'", code="invalid_api_key"
-            )
-            response = error_response(error, {"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, counted)
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, counted)
         await self.app(scope, receive, counted)
+
+    def refusal(self, scope) -> JSONResponse | None:
+        """A 401 without the key; a 413 for a body announced over ``MAX_BODY_BYTES`` (before it is read)."""
+        if self.key is not None and scope["path"].startswith("/v1/") and not self.authorized(scope):
+            message = "a valid API key is required: send the header 'Authorization: Bearer KEY'"
+            return error_response(ApiError(401, message, code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            message = (
+                f"the request body must be at most {MAX_BODY_BYTES} bytes (Content-Length: {length.decode()[:20]})"
+            )
+            return error_response(ApiError(413, message, code="request_too_large"))
+        return None
 
     def authorized(self, scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
