@@ -110,6 +110,18 @@ def cmd_dpo(args) -> None:
     train_stage(args, load_config, dpo)
 
 
+def cmd_grpo(args) -> None:
+    from gptlab.align.grpo import grpo, load_config
+
+    train_stage(args, load_config, grpo)
+
+
+def cmd_ppo(args) -> None:
+    from gptlab.align.ppo import load_config, ppo
+
+    train_stage(args, load_config, ppo)
+
+
 def cmd_chat(args) -> None:
     from gptlab.chat import ChatSession, piped_lines, run_chat, typed_lines
     from gptlab.engine import Engine
@@ -218,7 +230,7 @@ def add_config_options(p: argparse.ArgumentParser, config_help: str = "a TOML fi
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
-    """The options of every command that trains through the one loop (pretrain, sft, reward, dpo)."""
+    """The options of every command that trains through the one loop (pretrain, sft, reward, dpo, ppo, grpo)."""
     add_config_options(p)
     p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
     fresh_or_not = p.add_mutually_exclusive_group()
@@ -301,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("dpo", help="align a model on preference pairs with DPO (torchrun for several processes)")
     add_training_options(p)
     p.set_defaults(func=cmd_dpo)
+
+    p = commands.add_parser(
+        "ppo", help="RLHF: PPO against a reward model on sampled answers (torchrun for several processes)"
+    )
+    add_training_options(p)
+    p.set_defaults(func=cmd_ppo)
+
+    p = commands.add_parser(
+        "grpo", help="GRPO: groups of sampled answers scored by reward functions (torchrun for several processes)"
+    )
+    add_training_options(p)
+    p.set_defaults(func=cmd_grpo)
 
     p = commands.add_parser("chat", help="talk to a model in the terminal (one message per line from a pipe)")
     p.add_argument("--model", required=True, help="a model folder with its tokenizer (e.g. runs/sft/model)")
