@@ -79,7 +79,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_builds_for_the_command_its_first_line_names(path, tmp_path, monkeypatch):
     from gptlab import ladder, pretrain
-    from gptlab.align import dpo, reward, sft
+    from gptlab.align import dpo, grpo, ppo, reward, sft
 
     command = path.read_text().splitlines()[0].split("gptlab ")[1].split()[0]
     if command == "pretrain":
@@ -87,8 +87,8 @@ def test_every_shipped_config_builds_for_the_command_its_first_line_names(path, 
         cfg = pretrain.load_config(str(path), [], tmp_path, resume=False)
         assert cfg.train.seq_len <= cfg.model.block_size
         assert cfg.train.batch_size % (cfg.train.micro_batch_size or 1) == 0
-    elif command in ("sft", "reward", "dpo"):
-        stage = {"sft": sft, "reward": reward, "dpo": dpo}[command]
+    elif command in ("sft", "reward", "dpo", "ppo", "grpo"):
+        stage = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo}[command]
         stage.load_config(str(path), [], tmp_path, resume=False)
     else:
         assert command == "ladder", f"{path.name}: first line names no command gptlab has a config for"

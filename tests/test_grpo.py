@@ -39,7 +39,6 @@ from gptlab.train.loop import Runtime
 from helpers import (
     KILL_AFTER_FIRST_SAVE,
     ONE_THREAD,
-    ROOT,
     TORCHRUN_TWO_RANKS,
     WORDS,
     assert_user_error,
@@ -343,11 +342,6 @@ def test_equal_rewards_leave_the_policy_as_it_was(tiny_model: Path, data: Path, 
     )
     assert all(torch.equal(init[name], trained[name]) for name in init)
     assert metrics_of(tmp_path / "run")[-1]["frac_reward_zero_std"] == 1.0
-
-
-def test_the_example_config_builds(tmp_path: Path):
-    cfg = grpo_module.load_config(str(ROOT / "configs" / "grpo.toml"), [], tmp_path, resume=False)
-    assert cfg.reward == ["arith"] and cfg.data.families == ["add", "subtract", "multiply"] and cfg.loss_type == "dapo"
 
 
 def test_resume_after_sigkill_equals_the_uninterrupted_run(capfd, tiny_model: Path, data: Path, tmp_path: Path):

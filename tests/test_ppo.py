@@ -24,7 +24,6 @@ from gptlab.tokenizer import Tokenizer
 from helpers import (
     KILL_AFTER_FIRST_SAVE,
     ONE_THREAD,
-    ROOT,
     WORDS,
     assert_user_error,
     gptlab,
@@ -159,11 +158,6 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(capfd, tiny_model: Pa
     assert gptlab_in_process(capfd, "report", out).returncode == 0
     report = (out / "report.md").read_text()
     assert "| objective/scores, first → last logged |" in report and "objective/kl" in report and "(rl.png)" in report
-
-
-def test_the_example_config_builds(tmp_path: Path):
-    cfg = ppo_module.load_config(str(ROOT / "configs" / "ppo.toml"), [], tmp_path, resume=False)
-    assert cfg.reward_model == "runs/reward/model" and cfg.kl_estimator == "k1" and cfg.missing_eos_penalty == 1.0
 
 
 @pytest.fixture(scope="module")
