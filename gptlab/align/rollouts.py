@@ -342,10 +342,6 @@ class RolloutBatches:
         self.queue: list[dict] = []  # the current rollout's micro-batches not handed out yet
         self._order: tuple[int, np.ndarray] | None = None
 
-    @property
-    def steps_per_rollout(self) -> int:
-        return self.epochs * self.minibatches
-
     def next_batch(self) -> dict:
         if not self.queue:
             self.queue = self._schedule(self.collect(self._next_prompts(), self.rollouts))
