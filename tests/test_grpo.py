@@ -32,7 +32,7 @@ from gptlab.align.rollouts import (
     stop_ids_of,
 )
 from gptlab.engine import Engine
-from gptlab.model import GPT
+from gptlab.model import GPT, ModelConfig
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime
@@ -122,11 +122,11 @@ def test_prompt_files_in_every_format(tok: Tokenizer, tmp_path: Path, capsys):
     assert [p.prompt for p in only] == [records[0]["prompt"]] and stats.skipped == 4
 
 
-def rollout_of(model: GPT, tok: Tokenizer, prompts_file: Path, temperature: float, seed: int = 0):
+def rollout_of(model: GPT, tok: Tokenizer, prompts_file: Path, temperature: float, seed: int = 0, engine=None):
     """Three answers to each of three prompts of different lengths, up to 12 tokens each."""
-    prompts, _ = load_prompts(prompts_file, tok, max_tokens=100)
+    prompts, _ = load_prompts(prompts_file, tok, max_tokens=40)
     sampling = RolloutSampling(max_new_tokens=12, temperature=temperature)
-    return sample_rollout(Engine(model, tok), prompts[:3], 3, sampling, seed, stop_ids_of(tok))
+    return sample_rollout(engine or Engine(model, tok), prompts[:3], 3, sampling, seed, stop_ids_of(tok))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -145,6 +145,25 @@ def test_the_engines_log_probs_equal_the_training_forward(
     torch.testing.assert_close(forward, rollout.logprobs, rtol=0, atol=1e-4)
     assert (rollout.logprobs[batch["response_mask"] == 0] == 0).all()
     assert rollout.ended.tolist() == [bool(r) and r[-1] in stop_ids_of(tok) for r in rollout.responses]
+
+
+def test_the_engine_samples_from_the_weights_being_trained(tok: Tokenizer, data: Path):
+    """Linear layers this large go through the engine's prepacked copies on the CPU; after an optimizer
+    step the same engine samples what a new one does, with the log-probs of the updated weights."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=4, n_embd=384))
+    engine = Engine(model, tok)
+    before = rollout_of(model, tok, data / "prompts.jsonl", 1.0, engine=engine)
+    assert len(engine.packed.linears) == 4  # packed, where this CPU build packs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    policy_logprobs(model, before.batch(), 1.0).sum().backward()
+    optimizer.step()
+    after = rollout_of(model, tok, data / "prompts.jsonl", 1.0, engine=engine)
+    fresh = rollout_of(model, tok, data / "prompts.jsonl", 1.0, engine=Engine(model, tok))
+    assert after.responses == fresh.responses and after.responses != before.responses
+    torch.testing.assert_close(after.logprobs, fresh.logprobs, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logprobs(model, after.batch(), 1.0), after.logprobs, rtol=0, atol=1e-4)
 
 
 def test_rollouts_are_seeded_by_run_seed_rollout_and_rank(tiny_model: Path, tok: Tokenizer, data: Path):
