@@ -142,9 +142,12 @@ def test_items_only_one_run_answered_are_not_compared(tmp_path):
 )
 def test_dpo_is_reproduced_only_when_its_win_rate_interval_is_above_one_half(win_rate, expected):
     instruct = {"groups": {"held-out families": {"effect": (0.1, -0.05, 0.25)}}}
-    claims = {c.claim: c for c in alignment_claims(instruct, {"win_rate": win_rate})}
+    preferences = {"win_rate": win_rate, "verdicts": {"tie (bothbad)": 270}, "prompts": 330}
+    claims = {c.claim: c for c in alignment_claims(instruct, preferences)}
     dpo = claims["DPO moves a model toward human preferences"]
     assert dpo.effect == pytest.approx(win_rate[0] - 0.5)
     assert verdict(dpo) == expected
     assert (dpo.note == "") == (expected == "yes")
+    if expected == "no":
+        assert "both replies are wrong on 82% of prompts" in dpo.note
     assert verdict(claims["Instruction tuning gives zero-shot gains on unseen tasks"]) == "no"
