@@ -3,6 +3,7 @@ that needs to change one copies it into its own tmp_path first."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -13,6 +14,20 @@ from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.world import write_world
 from helpers import TINY_MODEL_BLOCK, WORDS
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_bypasses_proxies():
+    """The tests' servers listen on 127.0.0.1: with HTTP(S)_PROXY or ALL_PROXY set, as on many company machines,
+    clients (httpx under openai, urllib, requests) would send those requests to the proxy. NO_PROXY (both cases:
+    urllib reads the lower-case one first) keeps loopback direct, for this process and the commands it starts."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("NO_PROXY", "no_proxy"):
+            given = [host for host in os.environ.get(name, "").split(",") if host.strip()]
+            mp.setenv(name, ",".join([*given, *LOOPBACK]))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptlab.world import WorldSize
 
@@ -49,9 +51,9 @@ TINY_WORLD = WorldSize(
 )
 
 TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-ONE_THREAD = {
-    "OMP_NUM_THREADS": "1"
-}  # for subprocesses: tiny models train fastest on one thread, two ranks on two cores
+# For subprocesses: tiny models train fastest on one thread, two ranks on two cores. Both variables: torch built
+# with MKL takes its thread count from MKL_NUM_THREADS when that is set, over OMP_NUM_THREADS.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # `run_python("-c", KILL_AFTER_FIRST_SAVE, COMMAND, ...)` runs a training command that is SIGKILLed right after
 # its first checkpoint is written (under torchrun, each rank once rank 0 has written it: run it as a script file).
@@ -69,6 +71,19 @@ loop.Trainer.save_checkpoint = save_then_die
 from gptlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread in this process, as ONE_THREAD sets it for a subprocess: tiny models train fastest so
+    (several threads mostly wait on each other), and a run here equals, bit for bit, one in a ONE_THREAD subprocess
+    whatever thread count the environment or an earlier test set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_python(

@@ -38,6 +38,7 @@ from helpers import (
     assert_user_error,
     gptlab,
     gptlab_in_process,
+    one_thread,
     run_python,
     snapshot,
     write_jsonl,
@@ -45,12 +46,10 @@ from helpers import (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small train fastest on one thread (several threads mostly wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def on_one_thread():
+    """Every model here trains on one thread, as the ONE_THREAD subprocesses do (helpers.one_thread)."""
+    with one_thread():
+        yield
 
 
 def log_sigmoid(x: float) -> float:

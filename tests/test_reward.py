@@ -36,6 +36,7 @@ from helpers import (
     assert_user_error,
     gptlab,
     gptlab_in_process,
+    one_thread,
     run_python,
     snapshot,
     write_jsonl,
@@ -58,12 +59,10 @@ PERIOD_PAIRS = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small train fastest on one thread (several threads mostly wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def on_one_thread():
+    """Every model here trains on one thread, as the ONE_THREAD subprocesses do (helpers.one_thread)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

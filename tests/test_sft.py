@@ -25,6 +25,7 @@ from helpers import (
     assert_user_error,
     gptlab,
     gptlab_in_process,
+    one_thread,
     run_python,
     write_jsonl,
 )
@@ -64,12 +65,10 @@ def texts() -> list[str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small train fastest on one thread (several threads mostly wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def on_one_thread():
+    """Every model here trains on one thread, as the ONE_THREAD subprocesses do (helpers.one_thread)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
