@@ -101,20 +101,34 @@ class RunFolder:
     # ---- metrics.jsonl -----------------------------------------------------------------------
 
     def read_metrics(self) -> list[dict]:
-        """The records of metrics.jsonl (none when it does not exist). A line that does not parse
-        is the torn tail of a killed run's last write (appends are not atomic), so it is left
-        out, not an error; bytes that are not UTF-8 (a tail cut inside a character) are read as U+FFFD."""
+        """The records of metrics.jsonl (none when it does not exist). Its last line may be torn, the
+        tail of a killed run's last write (appends are not atomic): that line is left out. Any other
+        line that is not a record was damaged or edited after it was written, and leaving it out would
+        hide the records it held, so it is one error line naming the file and the line."""
         if not self.metrics_path.is_file():
             return []
+        lines = [(n, line) for n, line in enumerate(self.metrics_path.read_bytes().split(b"\n"), 1) if line.strip()]
         records = []
-        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for n, line in lines:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
+                record = json.loads(line.decode("utf-8"))
+            except ValueError as e:  # not UTF-8, or not JSON
+                if n == lines[-1][0]:
+                    continue  # the torn tail
+                if isinstance(e, json.JSONDecodeError):
+                    raise self._damaged_metrics(n, f"not JSON: {e.msg} at column {e.colno}") from None
+                raise self._damaged_metrics(n, "bytes that are not UTF-8") from None
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise self._damaged_metrics(n, 'not a JSON object with an integer "step"')
+            records.append(record)
         return records
+
+    def _damaged_metrics(self, line: int, reason: str) -> UserError:
+        return UserError(
+            f"{self.metrics_path}:{line} is not a metrics record ({reason}); only a killed run's last line may be "
+            f"cut short, so the file was damaged or edited: restore it, or delete line {line} to keep the others"
+        )
 
     def append_metrics(self, record: dict) -> None:
         try:
@@ -127,9 +141,10 @@ class RunFolder:
             raise error from e
 
     def keep_metrics_until(self, step: int) -> None:
-        """Drop records past ``step``: a resumed run rewrites what the killed one logged."""
+        """Drop records past ``step``: a resumed run rewrites what the killed one logged. A fresh run
+        (step 0) keeps no record, so it does not read, nor stop at, what an earlier run left."""
         if self.metrics_path.exists():
-            kept = [record for record in self.read_metrics() if record["step"] <= step]
+            kept = [record for record in self.read_metrics() if record["step"] <= step] if step > 0 else []
             write_text_atomic(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
 
     # ---- checkpoints/ and model/ -------------------------------------------------------------

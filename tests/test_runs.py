@@ -8,7 +8,7 @@ from gptlab import report
 from gptlab.errors import UserError
 from gptlab.report import Section, concatenate, write_reports
 from gptlab.runs import RunFolder
-from helpers import run_python
+from helpers import assert_one_line, run_python
 
 
 def test_a_record_round_trips_with_its_kind(tmp_path):
@@ -51,6 +51,46 @@ def test_metrics_leave_out_a_torn_tail_and_keep_until_a_step(tmp_path):
     run.keep_metrics_until(2)
     assert [m["step"] for m in run.read_metrics()] == [1, 2]
     assert run.metrics_path.read_text().endswith("\n")  # the torn line is gone, appends start on a new line
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b'{"step": 2, "lo', "not JSON: Unterminated string"),
+        (b'{"step": 2, "loss": 0.5}\xff', "not UTF-8"),
+        (b"[2, 0.5]", 'not a JSON object with an integer "step"'),
+        (b'{"loss": 0.5}', 'not a JSON object with an integer "step"'),
+        (b'{"step": "2", "loss": 0.5}', 'not a JSON object with an integer "step"'),
+    ],
+    ids=["cut", "not_utf8", "list", "no_step", "text_step"],
+)
+def test_a_damaged_line_before_the_last_is_one_error_naming_it(tmp_path, line, reason):
+    run = RunFolder(tmp_path)
+    run.metrics_path.write_bytes(b'{"step": 1, "loss": 1.0}\n' + line + b'\n{"step": 3, "loss": 0.3}\n')
+    before = run.metrics_path.read_bytes()
+    for read in (run.read_metrics, lambda: run.keep_metrics_until(3)):  # a report, and a resume
+        with pytest.raises(UserError) as e:
+            read()
+        assert_one_line(e, f"{run.metrics_path}:2 is not a metrics record", reason, "delete line 2")
+    assert run.metrics_path.read_bytes() == before  # nothing dropped
+
+
+def test_only_a_last_line_that_does_not_parse_counts_as_torn(tmp_path):
+    run = RunFolder(tmp_path)
+    run.metrics_path.write_bytes(b'{"step": 1, "loss": 1.0}\n\n{"step": 2, "loss": 0.5}\r\n{"step": 3, "lo\xc3\n\n')
+    assert run.read_metrics() == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]  # blank lines hold nothing
+    run.metrics_path.write_bytes(b'{"step": 1, "loss": 1.0}\n[1, 2]\n')  # complete, but no record
+    with pytest.raises(UserError, match=r"metrics.jsonl:2 is not a metrics record"):
+        run.read_metrics()
+    run.metrics_path.write_bytes(b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}')  # whole, but no newline
+    assert [m["step"] for m in run.read_metrics()] == [1, 2]
+
+
+def test_a_fresh_run_empties_the_metrics_an_earlier_run_left_however_damaged(tmp_path):
+    run = RunFolder(tmp_path)
+    run.metrics_path.write_bytes(b'{"step": 1, "lo\n{"step": 2, "loss": 0.5}\n')
+    run.keep_metrics_until(0)
+    assert run.metrics_path.read_text() == "" and run.read_metrics() == []
 
 
 def test_checkpoints_are_listed_oldest_first_without_temp_folders(tmp_path):
