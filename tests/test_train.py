@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import signal
 from collections import Counter
 from pathlib import Path
@@ -13,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptlab.cli import main
 from gptlab.data import iter_documents, open_shard, prepare
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import ChainedOptimizer, Runtime, TrainConfig, Trainer, build_optimizer
-from helpers import KILL_AFTER_FIRST_SAVE, ONE_THREAD, TORCHRUN_TWO_RANKS, gptlab, run_python
+from helpers import KILL_AFTER_FIRST_SAVE, ONE_THREAD, TORCHRUN_TWO_RANKS, gptlab_in_process, one_thread, run_python
 
 TINY = [
     "model.n_layer=2",
@@ -41,6 +43,14 @@ def story(rng: random.Random) -> str:
     verbs = ["sees", "likes", "helps", "calls"]
     things = ["the cat", "a dog", "the sun", "my tree", "a boat"]
     return " ".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}." for _ in range(rng.randint(3, 8)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_one_thread():
+    """Runs here train on one thread, the killed and torchrun ones too (ONE_THREAD): a resume in this process
+    then continues a killed subprocess's run bit for bit, whatever thread count the environment sets."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +75,12 @@ def pretrain_args(out: Path, shards: Path, *sets: str) -> list:
 SAVED_TWICE = ("train.max_steps=20", "train.save_every=10", "train.eval_every=10")
 
 
+def pretrain_here(*args) -> None:
+    """`gptlab ARGS` in this process, for a run that a test only reads: its interpreter is not what is tested
+    (the kills and torchrun are, and run in their own)."""
+    assert main([str(a) for a in args]) == 0
+
+
 def weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
@@ -79,9 +95,8 @@ def test_pretraining_drops_loss_well_below_unigram_entropy(shards, tmp_path):
     counts = np.array(list(Counter(stream.tolist()).values()), dtype=np.float64)
     p = counts / counts.sum()
     unigram_entropy = float(-(p * np.log(p)).sum())
-    gptlab(
-        *pretrain_args(tmp_path / "run", shards, "train.max_steps=250", "train.eval_every=250", "train.save_every=0"),
-        check=True,
+    pretrain_here(
+        *pretrain_args(tmp_path / "run", shards, "train.max_steps=250", "train.eval_every=250", "train.save_every=0")
     )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
@@ -115,21 +130,36 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory) -> Path:
+    """A 20-step run with checkpoints at steps 10 and 20. Tests copy it before changing it."""
     out = tmp_path_factory.mktemp("full") / "run"
-    gptlab(*pretrain_args(out, shards, *SAVED_TWICE), check=True)
+    pretrain_here(*pretrain_args(out, shards, *SAVED_TWICE))
+    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010", "step-0000020"]
     return out
 
 
-def test_resume_after_sigkill_is_bitwise_equal(shards, uninterrupted, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed(shards, tmp_path_factory) -> Path:
+    """The same run SIGKILLed right after its first checkpoint. Tests copy it before resuming it."""
+    out = tmp_path_factory.mktemp("killed") / "run"
     args = pretrain_args(out, shards, *SAVED_TWICE)
-    killed = run_python("-c", KILL_AFTER_FIRST_SAVE, *args)
-    assert killed.returncode == -signal.SIGKILL
-    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010"]
+    assert run_python("-c", KILL_AFTER_FIRST_SAVE, *args, env=ONE_THREAD).returncode == -signal.SIGKILL
+    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010"] and not (out / "model").exists()
+    return out
+
+
+def resume(capfd, out: Path, *args) -> str:
+    """`gptlab pretrain --out OUT --resume ARGS` in this process; its stderr."""
+    result = gptlab_in_process(capfd, "pretrain", "--out", out, "--resume", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    return result.stderr
+
+
+def test_resume_after_sigkill_is_bitwise_equal(killed, uninterrupted, tmp_path, capfd):
+    out = shutil.copytree(killed, tmp_path / "run")
     with (out / "metrics.jsonl").open("a") as metrics:  # as if killed halfway through a line
         metrics.write('{"step": 12, "lo')
-    resumed = gptlab("pretrain", "--out", out, "--resume", check=True)
-    assert "resumed from" in resumed.stderr
+    resume(capfd, out)
     expected, got = weights(uninterrupted / "model"), weights(out / "model")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -162,41 +192,41 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(family):
 
 
 @needs_muon
-def test_muon_resume_after_sigkill_is_bitwise_equal(shards, tmp_path):
+def test_muon_resume_after_sigkill_is_bitwise_equal(shards, tmp_path, capfd):
     muon = ("train.optimizer=muon", *SAVED_TWICE)
-    gptlab(*pretrain_args(tmp_path / "full", shards, *muon), check=True)
+    pretrain_here(*pretrain_args(tmp_path / "full", shards, *muon))
     out = tmp_path / "run"
-    assert run_python("-c", KILL_AFTER_FIRST_SAVE, *pretrain_args(out, shards, *muon)).returncode == -signal.SIGKILL
-    gptlab("pretrain", "--out", out, "--resume", check=True)
+    killed = run_python("-c", KILL_AFTER_FIRST_SAVE, *pretrain_args(out, shards, *muon), env=ONE_THREAD)
+    assert killed.returncode == -signal.SIGKILL
+    resume(capfd, out)
     expected, got = weights(tmp_path / "full" / "model"), weights(out / "model")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert losses(out) == losses(tmp_path / "full")
     record = (out / "run.json").read_text()
-    mixed = gptlab(
-        "pretrain", "--out", out, "--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=30"
+    mixed = gptlab_in_process(
+        capfd, "pretrain", "--out", out, "--resume", "--set", "train.optimizer=adamw", "--set", "train.max_steps=30"
     )
     assert mixed.returncode == 2 and "holds muon's state, but train.optimizer=adamw" in mixed.stderr.splitlines()[-1]
     assert (out / "run.json").read_text() == record  # a later plain --resume still finds the run's own config
 
 
-def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(shards, uninterrupted, tmp_path):
+def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(shards, uninterrupted, tmp_path, capfd):
     out = tmp_path / "run"
     args = pretrain_args(out, shards, *SAVED_TWICE)
-    killed = run_python("-c", KILL_DURING_SAVE, *args)
+    killed = run_python("-c", KILL_DURING_SAVE, *args, env=ONE_THREAD)
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000010"]  # the half-written step 20 is invisible
-    gptlab("pretrain", "--out", out, "--resume", check=True)
+    resume(capfd, out)
     expected, got = weights(uninterrupted / "model"), weights(out / "model")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(shards, uninterrupted, tmp_path):
-    out = tmp_path / "run"
-    gptlab(*pretrain_args(out, shards, *SAVED_TWICE), check=True)
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(uninterrupted, tmp_path, capfd):
+    out = shutil.copytree(uninterrupted, tmp_path / "run")
     newest = out / "checkpoints" / "step-0000020" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
-    resumed = gptlab("pretrain", "--out", out, "--resume", check=True)
-    assert "step-0000020 cannot be loaded" in resumed.stderr and "resumed from" in resumed.stderr
+    (out / "model" / "model.safetensors").unlink()  # so the weights compared below are the resumed run's
+    assert "step-0000020 cannot be loaded" in resume(capfd, out)
     expected, got = weights(uninterrupted / "model"), weights(out / "model")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -246,7 +276,7 @@ def test_a_ddp_run_killed_after_a_save_resumes_under_ddp(shards, uninterrupted, 
 
 
 @pytest.mark.slow
-def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(shards, uninterrupted, tmp_path):
+def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(shards, uninterrupted, tmp_path, capfd):
     """Two FSDP ranks gather their shards into a full checkpoint (optimizer state keyed by parameter name);
     one process reads it back and finishes the run as if it had run alone."""
     out = tmp_path / "run"
@@ -254,18 +284,14 @@ def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(shards, uninterr
     written, expected = (weights(run / "checkpoints" / "step-0000010") for run in (out, uninterrupted))
     assert written.keys() == expected.keys()
     assert all(torch.allclose(written[k], expected[k], atol=1e-4) for k in expected)
-    resumed = gptlab("pretrain", "--out", out, "--resume", env=ONE_THREAD)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    resume(capfd, out)
     assert_same_training(out, uninterrupted)
 
 
 @pytest.mark.slow
-def test_fsdp_resumes_a_one_process_checkpoint(shards, uninterrupted, tmp_path):
+def test_fsdp_resumes_a_one_process_checkpoint(killed, uninterrupted, tmp_path):
     """A checkpoint saved without FSDP (optimizer state keyed by index) resumes on 2 FSDP ranks."""
-    out = tmp_path / "run"
-    args = pretrain_args(out, shards, *SAVED_TWICE)
-    assert run_python("-c", KILL_AFTER_FIRST_SAVE, *args).returncode == -signal.SIGKILL
+    out = shutil.copytree(killed, tmp_path / "run")
     result = run_python(
         *TORCHRUN_TWO_RANKS,
         "-m",
@@ -364,8 +390,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
     common = ("train.max_steps=5", "train.save_every=0", "train.eval_every=0")
-    gptlab(*pretrain_args(tmp_path / "big", shards, *common), check=True)
-    gptlab(*pretrain_args(tmp_path / "accum", shards, *common, "train.micro_batch_size=2"), check=True)
+    pretrain_here(*pretrain_args(tmp_path / "big", shards, *common))
+    pretrain_here(*pretrain_args(tmp_path / "accum", shards, *common, "train.micro_batch_size=2"))
     big, accum = losses(tmp_path / "big"), losses(tmp_path / "accum")
     assert all(math.isclose(big[s], accum[s], abs_tol=1e-5) for s in big)
     for name, tensor in weights(tmp_path / "big" / "model").items():
