@@ -218,10 +218,39 @@ def test_the_texts_of_the_outputs_join_to_the_decoded_text():
     for seq in sequences:
         new = tokens(outputs[seq])
         assert "".join(o.text for o in outputs[seq]) == tok.decode(new)
-        assert all("\ufffd" not in o.text or "\ufffd" in tok.decode(new) for o in outputs[seq])
     text_engine = Engine(tiny("gpt2", vocab_size=258), tok)
     expected = "".join(text_engine.stream_text("héllo", max_new_tokens=40, temperature=1.0, seed=0, stop_ids=[]))
     assert "".join(o.text for o in outputs[sequences[0]]) == expected
+
+
+def test_multi_byte_characters_come_out_whole(monkeypatch):
+    text = "café 🙂 ok ñ"
+    script = iter(text.encode())  # one byte per token: most characters span several steps
+    monkeypatch.setattr(Scheduler, "_choose", lambda self, seqs, logits: torch.tensor([next(script) for _ in seqs]))
+    tok = ByteTokenizer()
+    scheduler = Scheduler(Engine(tiny("llama", vocab_size=258), tok), max_batch=1)
+    seq = scheduler.add(Request(tok.encode("hi"), len(text.encode())))
+    pieces = [o.text for o in drain(scheduler)[seq]]
+    assert "".join(pieces) == text and all("\ufffd" not in piece for piece in pieces)
+    assert sum(map(bool, pieces)) == len(text)  # each character as soon as it is complete
+
+
+def test_text_and_stops_with_a_bpe_tokenizer_equal_the_engines_text_stream(tiny_model):
+    engine = Engine.from_pretrained(tiny_model)
+    tok = engine.tokenizer
+    settings = dict(temperature=1.0, seed=5)
+    full = engine.generate_text("red", max_new_tokens=30, **settings)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    scheduler = Scheduler(engine)
+    plain, stopped = (
+        scheduler.add(Request(tok.encode("red"), 30, Sampling(**settings), stop_ids=(tok.eos_id,), stop=stops))
+        for stops in ((), (stop,))
+    )
+    outputs = drain(scheduler)
+    assert "".join(o.text for o in outputs[plain]) == full
+    expected = engine.generate_text("red", max_new_tokens=30, stop=stop, **settings)
+    assert "".join(o.text for o in outputs[stopped]) == expected == full[: full.find(stop)]
+    assert outputs[stopped][-1].finish_reason == "stop"
 
 
 @pytest.mark.parametrize(
