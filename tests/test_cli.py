@@ -10,7 +10,14 @@ import pytest
 from gptlab.data import iter_documents, prepare
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
-from helpers import assert_user_error, gptlab, gptlab_in_process, snapshot
+from helpers import ONE_THREAD, assert_user_error, gptlab, gptlab_in_process, one_thread, snapshot
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_one_thread():
+    """The tiny models run on one thread here and in the subprocess (ONE_THREAD), so their outputs agree."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -29,33 +36,22 @@ def world(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture
 def cli(capfd):
-    """`gptlab ARGS` run in this process (helpers.gptlab_in_process), for the commands that end in an error line."""
+    """`gptlab ARGS` run in this process (helpers.gptlab_in_process): for every command here but the first sample,
+    which runs as a user runs it; a new interpreter would only import torch again."""
     return lambda *args: gptlab_in_process(capfd, *args)
 
 
-def test_sample_prints_a_continuation(tiny_model):
-    result = gptlab("sample", "--model", tiny_model, "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
+def test_sample_prints_a_continuation(tiny_model, cli):
+    """As a user runs it, then in this process: the seed alone decides the text."""
+    args = ("sample", "--model", tiny_model, "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
+    result = gptlab(*args, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    again = gptlab("sample", "--model", tiny_model, "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1")
+    again = cli(*args)
     assert again.stdout == result.stdout
     text = result.stdout.rstrip("\n")
     stop = text.strip()[1:3]
-    cut = gptlab(
-        "sample",
-        "--model",
-        tiny_model,
-        "--prompt",
-        "alpha beta",
-        "--max-new-tokens",
-        "5",
-        "--seed",
-        "1",
-        "--stop",
-        "never",
-        "--stop",
-        stop,
-    )
+    cut = cli(*args, "--stop", "never", "--stop", stop)
     assert cut.stdout.rstrip("\n") == text[: text.find(stop)]
 
 
@@ -132,10 +128,6 @@ def pretrain_args(world, out, *sets, flags=()) -> list:
     return args
 
 
-def pretrain(world, out, *sets, flags=()):
-    return gptlab(*pretrain_args(world, out, *sets, flags=flags))
-
-
 def test_pretrain_errors(world, tmp_path, cli):
     def error(out, *sets):
         return cli(*pretrain_args(world, out, *sets))
@@ -153,7 +145,7 @@ def test_pretrain_errors(world, tmp_path, cli):
 
 def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world, tmp_path, cli):
     out = tmp_path / "run"
-    assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
+    assert cli(*pretrain_args(world, out, "train.max_steps=4", "train.save_every=2")).returncode == 0
     for folder in (out / "checkpoints").iterdir():
         (folder / "model.safetensors").write_bytes(b"garbage")
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -166,8 +158,8 @@ def test_resume_with_every_checkpoint_corrupt_stops_clearly_and_keeps_them(world
 
 def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path, cli):
     out = tmp_path / "run"
-    assert pretrain(world, out, "train.max_steps=4", "train.save_every=2").returncode == 0
-    assert gptlab("report", out).returncode == 0
+    assert cli(*pretrain_args(world, out, "train.max_steps=4", "train.save_every=2")).returncode == 0
+    assert cli("report", out).returncode == 0
     before = snapshot(out)
     assert_user_error(
         cli(*pretrain_args(world, out, "train.max_steps=2")), "already holds a training run", "--resume", "--overwrite"
@@ -176,7 +168,7 @@ def test_training_into_an_earlier_run_needs_resume_or_overwrite(world, tmp_path,
     both = cli("pretrain", "--out", out, "--resume", "--overwrite")
     assert both.returncode == 2 and "not allowed with" in both.stderr and "Traceback" not in both.stderr
 
-    replaced = pretrain(world, out, "train.max_steps=2", "train.seed=7", flags=["--overwrite"])
+    replaced = cli(*pretrain_args(world, out, "train.max_steps=2", "train.seed=7", flags=["--overwrite"]))
     assert replaced.returncode == 0, replaced.stderr
     # Only the new run's checkpoint is left, and the exported model is its weights, not step 4's.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
@@ -235,7 +227,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(world, tiny_model, tm
 
 def test_resume_with_a_broken_run_record_is_one_line(world, tmp_path, cli):
     out = tmp_path / "run"
-    assert pretrain(world, out, "train.max_steps=2").returncode == 0
+    assert cli(*pretrain_args(world, out, "train.max_steps=2")).returncode == 0
     for broken in ('{"config": {"model"', '{"config": null}'):
         (out / "run.json").write_text(broken)
         assert_user_error(cli("pretrain", "--out", out, "--resume"), "run.json", "--config")
@@ -243,8 +235,10 @@ def test_resume_with_a_broken_run_record_is_one_line(world, tmp_path, cli):
 
 def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path, cli):
     out = tmp_path / "runs" / "base"
-    assert pretrain(world, out, "train.max_steps=4", "train.log_every=2", "train.eval_every=2").returncode == 0
-    result = gptlab("report", tmp_path / "runs")  # a folder holding runs, as a demo's does
+    assert (
+        cli(*pretrain_args(world, out, "train.max_steps=4", "train.log_every=2", "train.eval_every=2")).returncode == 0
+    )
+    result = cli("report", tmp_path / "runs")  # a folder holding runs, as a demo's does
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"report -> {out / 'report.md'}"]
     text = (out / "report.md").read_text()
@@ -259,9 +253,14 @@ def test_report_writes_a_training_runs_card_from_its_records(world, tmp_path, cl
     # A killed run: its last record evaluation only, then the torn tail of a write.
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 5, "val_loss": 0.5}) + '\n{"step": 6, "lo')
-    assert gptlab("report", out).returncode == 0
+    assert cli("report", out).returncode == 0
     again = (out / "report.md").read_text()
     assert f"| tokens | {metrics[-1]['tokens']:,} (to step 4) |" in again and "0.5000 (step 5)" in again
+    # A line before the last that does not parse was not torn by a kill: it is named, not skipped.
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join([lines[0], '{"step": 2, "lo\n', *lines[2:]]))
+    assert_user_error(cli("report", out), f"{out / 'metrics.jsonl'}:2 is not a metrics record", "delete line 2")
+    assert (out / "report.md").read_text() == again
     (tmp_path / "nothing").mkdir()
     assert_user_error(cli("report", tmp_path / "nothing"), "holds no run")
     (out / "run.json").write_text('{"config": ')
