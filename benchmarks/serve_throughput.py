@@ -51,7 +51,7 @@ SHAPE = dict(block_size=1024, n_layer=8, n_head=8, n_embd=512)  # decode.py's "s
 PEERS = {
     "serve": "transformers serve",
     "serve-cb": "transformers serve --continuous-batching",
-    "loop": "transformers generate loop (FastAPI)",
+    "loop": "transformers generate loop",
 }
 STARTUP_TIMEOUT_S = 300
 
@@ -198,7 +198,7 @@ class Runs:
         ttft = [r.chunk_times[0] for r in self.replies if r.chunk_times]
         gaps = [gap for r in self.replies for gap in r.gaps]
         return (
-            f"  {name:44} {statistics.median(self.rates):>8.1f} tok/s   TTFT p50 {percentile(ttft, 50):6.2f} s "
+            f"  {name:52} {statistics.median(self.rates):>8.1f} tok/s   TTFT p50 {percentile(ttft, 50):6.2f} s "
             f"p99 {percentile(ttft, 99):6.2f} s   ITL p50 {1e3 * percentile(gaps, 50):6.1f} ms "
             f"p99 {1e3 * percentile(gaps, 99):7.1f} ms"
         )
@@ -232,10 +232,12 @@ def measure(args, folder: Path, logs: Path) -> None:
             f"tokens, {new_tokens} new tokens, greedy; {args.repeats} interleaved repeats (tok/s medians, "
             f"latencies pooled); torch {torch.__version__}"
         )
-        for _ in range(args.repeats):
+        for repeat in range(1, args.repeats + 1):
             for (kind, at_once), runs in contenders.items():
                 bodies = [chat_request(models[kind], p, new_tokens) for p in prompts]
                 runs.add(*run_load(ports[kind], bodies, at_once))
+                # Printed now, so a run cut short still shows what it measured.
+                print(f"  repeat {repeat}: {name_of(kind, at_once, clients)}: {runs.rates[-1]:.1f} tok/s", flush=True)
     finally:
         for process in processes:
             process.terminate()
@@ -243,9 +245,12 @@ def measure(args, folder: Path, logs: Path) -> None:
     report(contenders, clients)
 
 
+def name_of(kind: str, at_once: bool, clients: int) -> str:
+    return f"{PEERS.get(kind, 'gptlab serve')}, " + (f"{clients} at once" if at_once else "one at a time")
+
+
 def report(contenders: dict[tuple[str, bool], Runs], clients: int) -> None:
-    names = {("gptlab", True): f"gptlab serve, {clients} at once", ("gptlab", False): "gptlab serve, one at a time"}
-    names.update({(peer, True): f"{PEERS[peer]}, {clients} at once" for peer, _ in contenders if peer != "gptlab"})
+    names = {key: name_of(*key, clients) for key in contenders}
     for key, runs in contenders.items():
         print(runs.row(names[key]))
     ours = statistics.median(contenders["gptlab", True].rates)
