@@ -22,7 +22,7 @@ from gptlab.eval.backends import rolling_windows
 from gptlab.eval.tasks import load_task
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
-from helpers import TINY_MODEL_BLOCK, WORDS, gptlab, write_jsonl
+from helpers import TINY_MODEL_BLOCK, WORDS, gptlab_in_process, one_thread, write_jsonl
 
 
 def mmlu_row(rng: random.Random) -> list[str]:
@@ -34,6 +34,14 @@ def write_csv(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_one_thread():
+    """The tiny models score fastest on one thread (helpers.one_thread); lm_eval's own process compares within
+    the tolerances below, whatever its thread count."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -514,9 +522,10 @@ def test_rolling_windows_parity_with_lm_evaluation_harness(lm_eval_run, parity_b
 # --------------------------------------------------------------------------- the command
 
 
-def test_eval_command_writes_results_and_samples(files, tiny_model, tmp_path):
+def test_eval_command_writes_results_and_samples(files, tiny_model, tmp_path, capfd):
     out, samples = tmp_path / "r" / "results.json", tmp_path / "samples.jsonl"
-    run = gptlab(
+    run = gptlab_in_process(
+        capfd,
         "eval",
         "--model",
         tiny_model,
