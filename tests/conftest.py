@@ -13,7 +13,7 @@ import torch
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.world import write_world
-from helpers import TINY_MODEL_BLOCK, WORDS
+from helpers import TINY_MODEL_BLOCK, WORDS, one_thread
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -27,6 +27,15 @@ def loopback_bypasses_proxies():
         for name in ("NO_PROXY", "no_proxy"):
             given = [host for host in os.environ.get(name, "").split(",") if host.strip()]
             mp.setenv(name, ",".join([*given, *LOOPBACK]))
+        yield
+
+
+@pytest.fixture(scope="module")
+def on_one_thread():
+    """torch on one thread for a whole module (helpers.one_thread), which asks with
+    `pytestmark = pytest.mark.usefixtures("on_one_thread")`: tiny models train and decode fastest so, several threads
+    mostly waiting on each other (many times slower when other processes share the cores)."""
+    with one_thread():
         yield
 
 

@@ -10,14 +10,9 @@ import pytest
 from gptlab.data import iter_documents, prepare
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
-from helpers import ONE_THREAD, assert_user_error, gptlab, gptlab_in_process, one_thread, snapshot
+from helpers import ONE_THREAD, assert_user_error, gptlab, gptlab_in_process, snapshot
 
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """The tiny models run on one thread here and in the subprocess (ONE_THREAD), so their outputs agree."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("on_one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

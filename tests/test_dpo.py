@@ -38,18 +38,12 @@ from helpers import (
     assert_user_error,
     gptlab,
     gptlab_in_process,
-    one_thread,
     run_python,
     snapshot,
     write_jsonl,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """Every model here trains on one thread, as the ONE_THREAD subprocesses do (helpers.one_thread)."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("on_one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def log_sigmoid(x: float) -> float:

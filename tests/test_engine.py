@@ -10,18 +10,11 @@ from gptlab.engine import Engine, PackedLinears, StaticDecodeStep, sample_next
 from gptlab.errors import UserError
 from gptlab.model import GPT, ModelConfig
 from gptlab.tokenizer import Tokenizer
-from helpers import WORDS, one_thread
+from helpers import WORDS
+
+pytestmark = pytest.mark.usefixtures("on_one_thread")  # conftest: tiny models run fastest on one thread
 
 VOCAB = 97
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """These tiny models decode fastest on one thread (helpers.one_thread); transformers runs on the same one."""
-    with one_thread():
-        yield
-
-
 PROMPTS = [[5, 17, 3, 90, 41, 8, 22], [11, 2], [60, 61, 62, 7]]  # different lengths: left padding
 
 

@@ -22,7 +22,9 @@ from gptlab.eval.backends import rolling_windows
 from gptlab.eval.tasks import load_task
 from gptlab.model import GPT
 from gptlab.tokenizer import Tokenizer
-from helpers import TINY_MODEL_BLOCK, WORDS, gptlab_in_process, one_thread, write_jsonl
+from helpers import TINY_MODEL_BLOCK, WORDS, gptlab_in_process, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("on_one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def mmlu_row(rng: random.Random) -> list[str]:
@@ -34,14 +36,6 @@ def write_csv(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """The tiny models score fastest on one thread (helpers.one_thread); lm_eval's own process compares within
-    the tolerances below, whatever its thread count."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from gptlab.cli import main as gptlab
 from gptlab.ladder import run_folder
 from gptlab.report import ladder_section
 from gptlab.runs import RunFolder
-from helpers import one_thread
+
+pytestmark = pytest.mark.usefixtures("on_one_thread")  # conftest: tiny models run fastest on one thread
 
 TINY = [
     "sizes.depths=[1, 2]",
@@ -30,13 +31,6 @@ TINY = [
     "eval.word_shots=[0, 2]",
     "eval.arith_tasks=['add_2']",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """The ladder's tiny models train and answer fastest on one thread (helpers.one_thread)."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,12 @@ from helpers import (
     assert_user_error,
     gptlab,
     gptlab_in_process,
-    one_thread,
     run_python,
     snapshot,
     write_jsonl,
 )
+
+pytestmark = pytest.mark.usefixtures("on_one_thread")  # conftest: tiny models run fastest on one thread
 
 FAMILIES = {  # two layers each; llama with grouped-query attention, so the K/V split is checked too
     "llama": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
@@ -56,13 +57,6 @@ PERIOD_PAIRS = [
     }
     for w in ("plomet", "sholgai", "traba", "emum", "uzlits", "holgais")
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """Every model here trains on one thread, as the ONE_THREAD subprocesses do (helpers.one_thread)."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,11 @@ from helpers import (
     assert_user_error,
     gptlab,
     gptlab_in_process,
-    one_thread,
     run_python,
     write_jsonl,
 )
+
+pytestmark = pytest.mark.usefixtures("on_one_thread")  # conftest: tiny models run fastest on one thread
 
 SYSTEM_PROMPT = "Answer in one sentence."
 CONVERSATIONS = [
@@ -62,13 +63,6 @@ CONVERSATIONS = [
 
 def texts() -> list[str]:
     return [m["content"] for c in CONVERSATIONS for m in c] * 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """Every model here trains on one thread, as the ONE_THREAD subprocesses do (helpers.one_thread)."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

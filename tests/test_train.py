@@ -21,7 +21,11 @@ from gptlab.model import GPT, ModelConfig
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import ChainedOptimizer, Runtime, TrainConfig, Trainer, build_optimizer
-from helpers import KILL_AFTER_FIRST_SAVE, ONE_THREAD, TORCHRUN_TWO_RANKS, gptlab_in_process, one_thread, run_python
+from helpers import KILL_AFTER_FIRST_SAVE, ONE_THREAD, TORCHRUN_TWO_RANKS, gptlab_in_process, run_python
+
+# One thread here (conftest's on_one_thread) and in the killed and torchrun runs (ONE_THREAD): a resume in this
+# process then continues a killed subprocess's run bit for bit, whatever thread count the environment sets.
+pytestmark = pytest.mark.usefixtures("on_one_thread")
 
 TINY = [
     "model.n_layer=2",
@@ -43,14 +47,6 @@ def story(rng: random.Random) -> str:
     verbs = ["sees", "likes", "helps", "calls"]
     things = ["the cat", "a dog", "the sun", "my tree", "a boat"]
     return " ".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}." for _ in range(rng.randint(3, 8)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def on_one_thread():
-    """Runs here train on one thread, the killed and torchrun ones too (ONE_THREAD): a resume in this process
-    then continues a killed subprocess's run bit for bit, whatever thread count the environment sets."""
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
