@@ -654,7 +654,9 @@ class _FakeCompletions(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_openai_backend_reads_echoed_logprobs():
+def test_openai_backend_reads_echoed_logprobs(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy"):  # a proxy that is down, as a company
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # machine may set one: loopback goes around it (conftest)
     server = http.server.HTTPServer(("127.0.0.1", 0), _FakeCompletions)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -385,9 +385,11 @@ def test_exact_resume(base: Path, tmp_path: Path):
     ]
 
 
-def test_sft_killed_after_a_save_resumes_from_its_run_json(base: Path, tmp_path: Path):
+def test_sft_killed_after_a_save_resumes_from_its_run_json(base: Path, tmp_path: Path, monkeypatch):
     """`gptlab sft` SIGKILLed right after its first checkpoint; `gptlab sft --out RUN --resume`, with the
     config read back from run.json, ends with the weights and logs of a run never stopped."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # as a user's shell may set them: the subprocesses still
+        monkeypatch.setenv(name, "2")  # run on one thread (ONE_THREAD), as the straight run here does
     data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in CONVERSATIONS])
     sets = [f"init={base}", f"data.train={data}", f"data.val={data}", "train.device=cpu", "train.lr=3e-3"]
     sets += [
