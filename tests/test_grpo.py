@@ -425,6 +425,7 @@ def test_bad_input_is_one_clear_line(capfd, tiny_model: Path, data: Path, tmp_pa
 
     refused(f"reward={tiny_model}", words=("holds a causal language model", "not a reward model"))
     refused("reward=arith", "num_generations=1", words=("num_generations must be at least 2",))
+    refused("reward=arith", "reward_weights=[nan]", words=("reward_weights must be finite numbers",))
     refused(f"reward={tmp_path / 'missing.py'}:f", words=("missing.py does not exist",))
     refused(f"reward={rewards}:nope", words=("has no function 'nope'", "letter_a"))
     # A function that raises does so at the first rollout, under the progress bar: its line ends the output.

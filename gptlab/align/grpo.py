@@ -114,6 +114,9 @@ class GrpoConfig:
             raise ValueError("reward names no reward function; e.g. reward=arith")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.reward)} rewards")
+        if self.reward_weights is not None and not all(map(math.isfinite, self.reward_weights)):
+            # a NaN weight would silently drop its reward from the sum (nansum), an infinite one make advantages NaN
+            raise ValueError(f"reward_weights must be finite numbers, got {self.reward_weights}")
         check_sampling(self.max_new_tokens, self.temperature, self.top_p)
         checks = [
             (self.loss_type in GRPO_LOSS_TYPES, f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}"),
