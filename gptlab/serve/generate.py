@@ -187,6 +187,8 @@ def sequences_for(
     queue: asyncio.Queue = asyncio.Queue()
     arrived = time.monotonic()
     stop = body.stop_strings()
+    # Text without special tokens (vLLM's default, and how eval's in-process backend decodes) once the
+    # scheduler's Request takes that setting; until then special tokens stay in the text.
     optional = {"skip_special_tokens": True} if "skip_special_tokens" in _REQUEST_FIELDS else {}
     sequences = []
     for p, prompt in enumerate(prompts):
