@@ -1,12 +1,14 @@
 """`gptlab demo`: the whole pipeline on TinyWorld, through the same commands a user would run.
 
 world -> tokenizer -> shards -> a ladder of model sizes (pretraining + evaluation of each) -> SFT of
-the largest -> a reward model and DPO from the SFT model -> instruction following of the base model
-(few-shot) and the SFT model (zero-shot), the reward model's held-out accuracy and DPO against SFT
--> ``report.md`` with plots: data statistics, the pretraining curve, the scaling ladder and its
-phenomena table, in-context learning with intervals, instruction tuning, learning from
-preferences, samples, timings and the machine. The report is one ``Section`` per stage in pipeline order: a later stage
-(preferences, arena) adds its section function and one line in ``run_demo``.
+the largest -> a reward model and DPO from the SFT model -> PPO of the SFT model against the reward
+model, and GRPO of the SFT model on arithmetic questions (``reward=arith``) -> instruction following
+of the base model (few-shot) and the SFT model (zero-shot), the reward model's held-out accuracy, DPO
+and PPO against SFT, and held-out arithmetic before and after GRPO -> ``report.md`` with plots: data
+statistics, the pretraining curve, the scaling ladder and its phenomena table, in-context learning
+with intervals, instruction tuning, learning from preferences, RL from feedback, samples, timings and
+the machine. The report is one ``Section`` per stage in pipeline order: a later stage (the arena)
+adds its section function and one line in ``run_demo``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 
 from gptlab import stats
 from gptlab.align.reward import RewardScorer
+from gptlab.align.reward_functions import arith, gold_number
+from gptlab.align.rollouts import record_prompt
 from gptlab.chat import ChatSession
 from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.engine import Engine
@@ -33,7 +37,19 @@ from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.fileio import write_text_atomic
 from gptlab.ladder import run_folder
 from gptlab.model import GPT
-from gptlab.report import NOT_YET, Claim, Section, concatenate, format_points, ladder_section, plot_pretraining_loss
+from gptlab.report import (
+    GRPO_ROWS,
+    NOT_YET,
+    PPO_ROWS,
+    Claim,
+    Section,
+    concatenate,
+    first_to_last_rows,
+    format_points,
+    ladder_section,
+    plot_pretraining_loss,
+    plot_rl_curves,
+)
 from gptlab.runs import RunFolder
 from gptlab.world.oracle import Oracle
 
@@ -43,6 +59,17 @@ Command = Callable[[list[str]], int]
 
 INSTRUCT_SHOTS = 3  # examples that show the base model the answer format the SFT model learned
 REPLY_TOKENS = 48  # longer than any reference answer of the families the preference pairs cover
+ARITH_FAMILIES = ("add", "subtract", "multiply")  # TinyWorld's arithmetic instruction families
+ARITH_REPLY_TOKENS = 24  # "The answer is 223355." and its end-of-turn token, with room to spare
+# What the report shows of the PPO and GRPO runs' metrics (of their cards' rows, gptlab.report)
+PPO_DEMO_ROWS = (
+    "objective/scores",
+    "objective/kl",
+    "objective/rlhf_reward",
+    "completions/mean_length",
+    "val/num_eos_tokens",
+)
+GRPO_DEMO_ROWS = ("reward", "frac_reward_zero_std", "completions/mean_length")
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,8 @@ class DemoPreset:
     sft_sets: tuple[str, ...]
     reward_sets: tuple[str, ...]
     dpo_sets: tuple[str, ...]  # a live reference: cheaper than precomputing every pair for runs under an epoch
+    ppo_sets: tuple[str, ...]  # train.max_steps: a multiple of ppo_epochs (4) x num_mini_batches (1)
+    grpo_sets: tuple[str, ...]
     instruct_limit: int  # test conversations per instruction family
 
 
@@ -66,6 +95,8 @@ PRESETS = {
         sft_sets=("train.max_steps=60", "train.eval_every=0", "train.save_every=0"),
         reward_sets=("train.max_steps=40", "train.eval_every=0", "train.save_every=0"),
         dpo_sets=("train.max_steps=40", "train.eval_every=0", "train.save_every=0", "precompute_ref=false"),
+        ppo_sets=("train.max_steps=8", "train.batch_size=8", "train.log_every=4", "train.save_every=0"),
+        grpo_sets=("train.max_steps=2", "train.batch_size=16", "train.log_every=1", "train.save_every=0"),
         instruct_limit=10,
     ),
     "default": DemoPreset(
@@ -78,6 +109,10 @@ PRESETS = {
         # on a 2-core CPU (100 steps each with a mid-run evaluation took 108 s + 158 s).
         reward_sets=("train.max_steps=80", "train.eval_every=0", "train.save_every=0"),
         dpo_sets=("train.max_steps=80", "train.eval_every=0", "train.save_every=0", "precompute_ref=false"),
+        # PPO and GRPO within the 6 minutes [rl] allows them on a 2-core CPU: together 281 s of CPU time (140 to 281 s
+        # of wall time on an idle machine), 492 s of wall time measured with the machine at load 8 (2026-12-03).
+        ppo_sets=("train.max_steps=32", "train.log_every=4", "train.save_every=0"),
+        grpo_sets=("train.max_steps=16", "train.log_every=2", "train.save_every=0"),
         instruct_limit=50,
     ),
 }
@@ -132,27 +167,16 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
     if demo.has_record() and demo.read_record().get("kind") != "demo":
         raise UserError(f"{out} holds another gptlab run (see its run.json); give the demo a new --out")
     demo.write_record("demo", {"preset": preset, **asdict(spec)}, seed=seed)
-    world = out / "world"
     timings: dict[str, float] = {}
     started = time.perf_counter()
     base, tuned = run_stages(gptlab, out, spec, seed, timings)
     reward_run, dpo_run = preference_stages(gptlab, out, spec, tuned, seed, timings)
+    ppo_run, grpo_run = rl_stages(gptlab, out, spec, tuned, reward_run, seed, timings)
+    runs = {"base": base, "sft": tuned, "reward": reward_run, "dpo": dpo_run, "ppo": ppo_run, "grpo": grpo_run}
 
-    print("== demo: instruction following and samples", flush=True)
+    print("== demo: evaluation and samples", flush=True)
     start = time.perf_counter()
-    base_engine, tuned_engine = Engine.from_pretrained(base.model_dir), Engine.from_pretrained(tuned.model_dir)
-    truth = json.loads((world / "world.json").read_text())
-    held_out = truth["sft"]["held_out"]
-    with warnings_as_lines():
-        instruct = instruction_following(world, held_out, base_engine, tuned_engine, spec.instruct_limit)
-    samples = [
-        (prompt, expected, base_engine.generate_text(prompt, max_new_tokens=60, temperature=0.0).split("\n")[0])
-        for prompt, expected in sample_prompts(world, truth)
-    ]
-    conversations = chat_samples(world, held_out, tuned_engine)
-    preferences = preference_results(
-        world, reward_run.model_dir, tuned_engine, Engine.from_pretrained(dpo_run.model_dir)
-    )
+    results = measure(out / "world", spec, runs)
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
@@ -160,19 +184,45 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
         [
             Section(f"# gptlab demo report\n\nPreset `{preset}`, seed {seed}. Machine: {machine()}."),
             data_section(json.loads((out / "shards" / "meta.json").read_text())),
-            pretraining_section(base, base_engine.model, out / "loss.png"),
+            pretraining_section(base, results["base_model"], out / "loss.png"),
             ladder_section(
-                out / "ladder", extra=alignment_claims(instruct, preferences), heading="##", link_prefix="ladder/"
+                out / "ladder",
+                extra=alignment_claims(results["instruct"], results["preferences"]),
+                heading="##",
+                link_prefix="ladder/",
             ),
-            instruction_tuning_section(instruct, conversations),
-            preferences_section(preferences),
-            samples_section(samples),
+            instruction_tuning_section(results["instruct"], results["conversations"]),
+            preferences_section(results["preferences"]),
+            rl_section(ppo_run, grpo_run, results["preferences"]["ppo"], results["arithmetic"], out / "ppo.png"),
+            samples_section(results["samples"]),
             timings_section(timings),
         ]
     )
     write_text_atomic(demo.report_path, report)
     print(report)
     return demo.report_path
+
+
+def measure(world: Path, spec: DemoPreset, runs: dict[str, RunFolder]) -> dict:
+    """The demo's models on held-out data: instruction following (base few-shot, SFT zero-shot), the
+    reward model's accuracy, DPO and PPO against SFT, arithmetic before and after GRPO, and samples."""
+    engines = {name: Engine.from_pretrained(runs[name].model_dir) for name in ("base", "sft", "dpo", "ppo", "grpo")}
+    truth = json.loads((world / "world.json").read_text())
+    held_out = truth["sft"]["held_out"]
+    with warnings_as_lines():
+        instruct = instruction_following(world, held_out, engines["base"], engines["sft"], spec.instruct_limit)
+    tuned = {"dpo": engines["dpo"], "ppo": engines["ppo"]}
+    return {
+        "instruct": instruct,
+        "samples": [
+            (prompt, expected, engines["base"].generate_text(prompt, max_new_tokens=60, temperature=0.0).split("\n")[0])
+            for prompt, expected in sample_prompts(world, truth)
+        ],
+        "conversations": chat_samples(world, held_out, engines["sft"]),
+        "preferences": preference_results(world, runs["reward"].model_dir, engines["sft"], tuned),
+        "arithmetic": arithmetic_results(world, engines["sft"], engines["grpo"]),
+        "base_model": engines["base"].model,
+    }
 
 
 def run_stages(gptlab: Command, out: Path, spec: DemoPreset, seed: int, timings: dict) -> tuple[RunFolder, RunFolder]:
@@ -262,6 +312,34 @@ def preference_stages(
     return runs
 
 
+def rl_stages(
+    gptlab: Command, out: Path, spec: DemoPreset, tuned: RunFolder, reward: RunFolder, seed: int, timings: dict
+) -> tuple[RunFolder, RunFolder]:
+    """PPO of the SFT model against the reward model on the preference prompts, and GRPO of the SFT
+    model on the SFT data's arithmetic questions, rewarded when the stated number is right."""
+    world = out / "world"
+    ppo_sets = [
+        f"reward_model={reward.model_dir}",
+        f"data.prompts={world / 'prefs' / 'train.jsonl'}",
+        f"max_new_tokens={REPLY_TOKENS}",  # as long as the replies the oracle judges
+        "missing_eos_penalty=1.0",
+        *spec.ppo_sets,
+    ]
+    grpo_sets = [
+        "reward=arith",
+        f"data.prompts={world / 'sft' / 'train.jsonl'}",
+        f"data.families={json.dumps(list(ARITH_FAMILIES))}",
+        f"max_new_tokens={ARITH_REPLY_TOKENS}",
+        *spec.grpo_sets,
+    ]
+    runs = RunFolder(out / "ppo"), RunFolder(out / "grpo")
+    for name, run, sets in (("ppo", runs[0], ppo_sets), ("grpo", runs[1], grpo_sets)):
+        sets = [f"init={tuned.model_dir}", f"train.seed={seed}", *sets]
+        overrides = sum((["--set", s] for s in sets), [])
+        stage(gptlab, name, [name, "--out", str(run.path), "--overwrite", *overrides], timings)
+    return runs
+
+
 def instruction_following(world: Path, held_out: list[str], base: Engine, tuned: Engine, limit: int) -> dict:
     """The base model prompted with a few examples vs the SFT model asked zero-shot, on the
     held-out test conversations of every instruction family, scored by the oracle."""
@@ -325,9 +403,9 @@ def replies(engine: Engine, prompts: list[list[dict]]) -> list[str]:
     return out
 
 
-def preference_results(world: Path, reward_dir: Path, sft: Engine, dpo: Engine) -> dict:
-    """The reward model's accuracy on the held-out pairs per kind of rejected answer, and the DPO
-    model against the SFT model on the held-out prompts, judged by the oracle."""
+def preference_results(world: Path, reward_dir: Path, sft: Engine, tuned: dict[str, Engine]) -> dict:
+    """The reward model's accuracy on the held-out pairs per kind of rejected answer, and each model
+    of ``tuned`` (name -> engine: DPO, PPO) against the SFT model on the held-out prompts."""
     pairs = read_jsonl(world / "prefs" / "test.jsonl")
     scorer = RewardScorer.from_pretrained(reward_dir)
     chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
@@ -337,13 +415,22 @@ def preference_results(world: Path, reward_dir: Path, sft: Engine, dpo: Engine) 
         correct.setdefault(pair["kind"], []).append(float(c > r))
     correct["all"] = [v for values in correct.values() for v in values]
     prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
-    answers = {"sft": replies(sft, prompts), "dpo": replies(dpo, prompts)}
-    oracle = Oracle(world)
-    verdicts = [oracle.judge(p, d, s) for p, d, s in zip(prompts, answers["dpo"], answers["sft"])]
-    points = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
+    oracle, sft_replies = Oracle(world), replies(sft, prompts)
     return {
         "reward_accuracy": {kind: stats.bootstrap_mean_interval(v) for kind, v in correct.items()},
         "reward_n": {kind: len(v) for kind, v in correct.items()},
+        **{name: against_sft(oracle, prompts, sft_replies, replies(engine, prompts)) for name, engine in tuned.items()},
+    }
+
+
+def against_sft(oracle: Oracle, prompts: list[list[dict]], sft_replies: list[str], model_replies: list[str]) -> dict:
+    """A model's greedy replies against the SFT model's, judged by the oracle (ties count half): its
+    win rate with a 95% interval, the verdicts, both models' oracle score and reply length, and the
+    first prompt they answer differently (the first prompt if none)."""
+    verdicts = [oracle.judge(p, m, s) for p, m, s in zip(prompts, model_replies, sft_replies)]
+    points = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
+    shown = next((i for i, (m, s) in enumerate(zip(model_replies, sft_replies)) if m != s), 0)
+    return {
         "win_rate": stats.bootstrap_mean_interval([points[v] for v in verdicts]),
         "verdicts": {v: verdicts.count(v) for v in points},
         "prompts": len(prompts),
@@ -352,9 +439,26 @@ def preference_results(world: Path, reward_dir: Path, sft: Engine, dpo: Engine) 
                 "score": sum(oracle.score(p, a) for p, a in zip(prompts, texts)) / len(prompts),
                 "words": sum(len(a.split()) for a in texts) / len(prompts),
             }
-            for name, texts in answers.items()
+            for name, texts in (("sft", sft_replies), ("model", model_replies))
         },
-        "example": (prompts[0], answers["sft"][0], answers["dpo"][0]),
+        "example": (prompts[shown], sft_replies[shown], model_replies[shown]),
+    }
+
+
+def arithmetic_results(world: Path, sft: Engine, grpo: Engine) -> dict:
+    """Exact match of the SFT and GRPO models' greedy replies to the held-out arithmetic questions of
+    the SFT test set (``subtract`` is a family SFT never saw), scored by GRPO's own ``arith`` reward:
+    1 when the stated number is right. Per model a 95% interval, and the paired GRPO - SFT effect."""
+    records = [r for r in read_jsonl(world / "sft" / "test.jsonl") if r.get("family") in ARITH_FAMILIES]
+    prompts = [record_prompt(r) for r in records]
+    answers = {"sft": replies(sft, prompts), "grpo": replies(grpo, prompts)}
+    exact = {name: [float(v == 1.0) for v in arith(prompts, texts)] for name, texts in answers.items()}
+    return {
+        "problems": len(prompts),
+        "families": sorted({r["family"] for r in records}),
+        "exact_match": {name: stats.bootstrap_mean_interval(values) for name, values in exact.items()},
+        "effect": stats.difference_interval(exact["sft"], exact["grpo"], paired=True),
+        "example": (prompts[0], gold_number(prompts[0]), answers["sft"][0], answers["grpo"][0]),
     }
 
 
@@ -436,7 +540,7 @@ def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
 
 
 def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
-    """The phenomena table's rows after the ladder's: instruction tuning and DPO as measured here,
+    """The phenomena table's rows after the ladder's: instruction tuning, DPO and PPO as measured here,
     then what later stages will measure."""
     claim = Claim(
         "Instruction tuning gives zero-shot gains on unseen tasks",
@@ -447,21 +551,38 @@ def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
         claim.effect, claim.lo, claim.hi = held["effect"]
         if claim.lo <= 0:
             claim.note = "if no: a larger base model or more SFT steps"
-    win, lo, hi = preferences["win_rate"]
-    dpo = Claim(
+    dpo = win_rate_claim(
         "DPO moves a model toward human preferences",
-        "DPO's win rate against the SFT model minus 50%, held-out prompts (oracle-judged, ties half)",
-        win - 0.5,
-        lo - 0.5,
-        hi - 0.5,
+        "DPO",
+        preferences["dpo"],
+        "a model that knows more facts, not more DPO steps (docs/alignment.md)",
     )
+    ppo = win_rate_claim(
+        "RLHF (reward model + PPO) moves a model toward human preferences",
+        "PPO",
+        preferences["ppo"],
+        f"the reward model it climbs ranks a right answer above a wrong one in only "
+        f"{preferences['reward_accuracy']['wrong'][0]:.0%} of held-out pairs: it rewards style more than facts "
+        "(docs/alignment.md)",
+    )
+    measured = ("Instruction", "DPO", "RLHF")
+    return [claim, dpo, ppo, *(c for c in NOT_YET if not c.claim.startswith(measured))]
+
+
+def win_rate_claim(claim: str, model: str, comparison: dict, if_not: str) -> Claim:
+    """A claim measured by a model's oracle-judged win rate against the SFT model (``against_sft``):
+    reproduced when its interval lies above 50%; if not, the note says how many prompts both models
+    answer wrong (where neither can win) and ``if_not``."""
+    win, lo, hi = comparison["win_rate"]
+    measure = f"{model}'s win rate against the SFT model minus 50%, held-out prompts (oracle-judged, ties half)"
+    result = Claim(claim, measure, win - 0.5, lo - 0.5, hi - 0.5)
     if lo <= 0.5:
-        both_wrong = preferences["verdicts"]["tie (bothbad)"] / preferences["prompts"]
-        dpo.note = (
-            f"if no: both replies are wrong on {both_wrong:.0%} of prompts, and DPO wins only where it fixes a "
-            "wrong SFT answer: a model that knows more facts, not more DPO steps (docs/alignment.md)"
+        both_wrong = comparison["verdicts"]["tie (bothbad)"] / comparison["prompts"]
+        result.note = (
+            f"if no: both replies are wrong on {both_wrong:.0%} of prompts, and {model} wins only where it fixes a "
+            f"wrong SFT answer: {if_not}"
         )
-    return [claim, dpo, *(c for c in NOT_YET if not c.claim.startswith(("Instruction", "DPO")))]
+    return result
 
 
 def instruction_tuning_section(instruct: dict, conversations: list[tuple[str, str, str]]) -> Section:
@@ -507,9 +628,6 @@ def instruction_tuning_section(instruct: dict, conversations: list[tuple[str, st
 
 def preferences_section(result: dict) -> Section:
     """The reward model's held-out accuracy and DPO against SFT (``preference_results``)."""
-    mean, lo, hi = result["win_rate"]
-    sft, dpo = result["models"]["sft"], result["models"]["dpo"]
-    prompt, sft_reply, dpo_reply = result["example"]
     return Section(
         "\n".join(
             [
@@ -528,28 +646,136 @@ def preferences_section(result: dict) -> Section:
                     for kind, (acc, low, high) in result["reward_accuracy"].items()
                 ),
                 "",
-                (
-                    f"DPO against SFT on {result['prompts']} held-out prompts (greedy replies, judged by the "
-                    f"oracle; ties count half): DPO wins **{mean * 100:.1f}%** [{lo * 100:.1f}, {hi * 100:.1f}]."
-                ),
-                "",
-                "| DPO better | tie | SFT better | both wrong (tie) |",
-                "|---|---|---|---|",
-                "| {model_a} | {tie} | {model_b} | {tie (bothbad)} |".format_map(result["verdicts"]),
-                "",
-                "| model | oracle score | mean reply length (words) |",
-                "|---|---|---|",
-                f"| SFT | {sft['score']:.3f} | {sft['words']:.1f} |",
-                f"| DPO | {dpo['score']:.3f} | {dpo['words']:.1f} |",
+                *comparison_lines("DPO", result["dpo"]),
                 "",
                 "A longer DPO reply at an equal or lower score is DPO's known length exploitation.",
-                "",
-                "| user | SFT | DPO |",
-                "|---|---|---|",
-                f"| {cell(prompt[-1]['content'])} | {cell(sft_reply)} | {cell(dpo_reply)} |",
             ]
         )
     )
+
+
+def comparison_lines(model: str, comparison: dict) -> list[str]:
+    """A model against the SFT model (``against_sft``): the win rate, the verdicts, both models'
+    oracle score and reply length, and one prompt they answer differently."""
+    mean, lo, hi = comparison["win_rate"]
+    sft, tuned = comparison["models"]["sft"], comparison["models"]["model"]
+    prompt, sft_reply, model_reply = comparison["example"]
+    return [
+        (
+            f"{model} against SFT on {comparison['prompts']} held-out prompts (greedy replies, judged by the "
+            f"oracle; ties count half): {model} wins **{mean * 100:.1f}%** [{lo * 100:.1f}, {hi * 100:.1f}]."
+        ),
+        "",
+        f"| {model} better | tie | SFT better | both wrong (tie) |",
+        "|---|---|---|---|",
+        "| {model_a} | {tie} | {model_b} | {tie (bothbad)} |".format_map(comparison["verdicts"]),
+        "",
+        "| model | oracle score | mean reply length (words) |",
+        "|---|---|---|",
+        f"| SFT | {sft['score']:.3f} | {sft['words']:.1f} |",
+        f"| {model} | {tuned['score']:.3f} | {tuned['words']:.1f} |",
+        "",
+        f"| user | SFT | {model} |",
+        "|---|---|---|",
+        f"| {cell(prompt[-1]['content'])} | {cell(sft_reply)} | {cell(model_reply)} |",
+    ]
+
+
+def rl_section(ppo: RunFolder, grpo: RunFolder, comparison: dict, arithmetic: dict, plot: Path) -> Section:
+    """PPO (its reward and KL curves, written to ``plot``, and its win rate against SFT) and GRPO (held-out
+    arithmetic before and after), each with [rl]'s target, recorded and not asserted."""
+    return Section(
+        "\n".join(
+            [
+                "## RL from feedback: PPO and GRPO",
+                "",
+                *ppo_lines(ppo, comparison, plot),
+                "",
+                *grpo_lines(grpo, arithmetic),
+            ]
+        ),
+        [plot],
+    )
+
+
+def ppo_lines(run: RunFolder, comparison: dict, plot: Path) -> list[str]:
+    """The PPO run (its config, metrics and curves) and the PPO model against SFT (``against_sft``)."""
+    metrics, config = run.read_metrics(), run.read_record()["config"]
+    train = config["train"]
+    plot_rl_curves(metrics, plot, ("objective/scores", "objective/kl"), "PPO against the demo's reward model")
+    kl = [m["objective/kl"] for m in metrics if "objective/kl" in m]
+    mean_kl = sum(kl) / len(kl)
+    win, lo, _ = comparison["win_rate"]
+    met = win >= 0.6 and lo > 0.5 and mean_kl < 10
+    return [
+        (
+            f"PPO starts from the SFT model, answers the prompts of `prefs/train.jsonl` (temperature "
+            f"{config['temperature']}) and is scored by the reward model above, with a KL penalty to the SFT model "
+            f"(kl_coef {config['kl_coef']}): {train['max_steps']} steps of {train['batch_size']} answers, "
+            f"{config['ppo_epochs']} passes over each rollout. Per rollout: objective/scores (the reward model's "
+            f"score, less {config['missing_eos_penalty']} for an answer that never ends) and objective/kl (KL to the "
+            "SFT model, summed over an answer's tokens)."
+        ),
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *first_to_last_rows(metrics, [row for row in PPO_ROWS if row[0] in PPO_DEMO_ROWS]),
+        f"| objective/kl, mean over the rollouts | {mean_kl:.3f} |",
+        "",
+        f"![PPO reward and KL]({plot.name})",
+        "",
+        *comparison_lines("PPO", comparison),
+        "",
+        (
+            f"[rl]'s target (recorded, not asserted): PPO wins >= 60% with the interval above 50% and mean KL below "
+            f"10 nats: **{'met' if met else 'not met'}** ({win * 100:.1f}%, lower bound {lo * 100:.1f}%, mean KL "
+            f"{mean_kl:.2f})."
+        ),
+    ]
+
+
+def grpo_lines(run: RunFolder, arithmetic: dict) -> list[str]:
+    """The GRPO run (its config and metrics) and held-out arithmetic before and after (``arithmetic_results``)."""
+    metrics, config = run.read_metrics(), run.read_record()["config"]
+    steps, answers, generations = config["train"]["max_steps"], config["train"]["batch_size"], config["num_generations"]
+    equal = [m["frac_reward_zero_std"] for m in metrics if "frac_reward_zero_std" in m]
+    no_signal = sum(equal) / len(equal)
+    prompt, gold, sft_reply, grpo_reply = arithmetic["example"]
+    effect = arithmetic["effect"]
+    return [
+        (
+            f"GRPO starts from the SFT model, answers the arithmetic questions of `sft/train.jsonl` (temperature "
+            f"{config['temperature']}) and is rewarded 1 when the stated number is right (`reward=arith`): {steps} "
+            f"steps of {answers // generations} questions x {generations} answers. Held out: the "
+            f"{arithmetic['problems']} arithmetic questions of `sft/test.jsonl` ({', '.join(arithmetic['families'])}), "
+            "greedy replies, exact match of the stated number (the same `arith` reward), 95% bootstrap intervals."
+        ),
+        "",
+        "| model | exact match, % [95% CI] |",
+        "|---|---|",
+        *(
+            f"| {name} | {mean * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}] |"
+            for name, (mean, lo, hi) in (
+                ("SFT", arithmetic["exact_match"]["sft"]),
+                ("GRPO", arithmetic["exact_match"]["grpo"]),
+            )
+        ),
+        f"| GRPO - SFT (paired, points) | {format_points(effect)} |",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *first_to_last_rows(metrics, [row for row in GRPO_ROWS if row[0] in GRPO_DEMO_ROWS]),
+        f"| frac_reward_zero_std (groups of equal rewards: no gradient), mean over the run | {no_signal:.1%} |",
+        "",
+        "| user | right answer | SFT | GRPO |",
+        "|---|---|---|---|",
+        f"| {cell(prompt[-1]['content'])} | {gold} | {cell(sft_reply)} | {cell(grpo_reply)} |",
+        "",
+        (
+            "[rl]'s target (recorded, not asserted): GRPO raises held-out exact match with an interval that excludes "
+            f"zero: **{'met' if effect[1] > 0 else 'not met'}**."
+        ),
+    ]
 
 
 def samples_section(samples: list[tuple[str, str, str]]) -> Section:

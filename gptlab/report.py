@@ -311,7 +311,7 @@ NOT_YET = [
     Claim(
         "RLHF (reward model + PPO) moves a model toward human preferences",
         "PPO's oracle win rate vs the SFT model",
-        note="PPO stage not built yet",
+        note="measured by `gptlab demo` (PPO stage)",
     ),
     Claim(
         "The arena ranks models by preference",

@@ -136,18 +136,40 @@ def test_items_only_one_run_answered_are_not_compared(tmp_path):
     assert claims[SCALE].effect is None and verdict(claims[SCALE]) == "—"
 
 
+DPO_CLAIM = "DPO moves a model toward human preferences"
+PPO_CLAIM = "RLHF (reward model + PPO) moves a model toward human preferences"
+
+
+def comparison(win_rate: tuple[float, float, float], both_wrong: int) -> dict:
+    """What ``against_sft`` gives the claims: a win rate and how many of 330 prompts both models answer wrong."""
+    return {"win_rate": win_rate, "verdicts": {"tie (bothbad)": both_wrong}, "prompts": 330}
+
+
+@pytest.mark.parametrize(("model", "claim"), [("dpo", DPO_CLAIM), ("ppo", PPO_CLAIM)])
 @pytest.mark.parametrize(
     ("win_rate", "expected"),
     [((0.7, 0.6, 0.8), "yes"), ((0.55, 0.45, 0.65), "no"), ((0.3, 0.2, 0.4), "no"), ((0.6, 0.5, 0.7), "no")],
 )
-def test_dpo_is_reproduced_only_when_its_win_rate_interval_is_above_one_half(win_rate, expected):
+def test_dpo_and_ppo_are_reproduced_only_when_their_win_rate_interval_is_above_one_half(
+    model, claim, win_rate, expected
+):
     instruct = {"groups": {"held-out families": {"effect": (0.1, -0.05, 0.25)}}}
-    preferences = {"win_rate": win_rate, "verdicts": {"tie (bothbad)": 270}, "prompts": 330}
-    claims = {c.claim: c for c in alignment_claims(instruct, preferences)}
-    dpo = claims["DPO moves a model toward human preferences"]
-    assert dpo.effect == pytest.approx(win_rate[0] - 0.5)
-    assert verdict(dpo) == expected
-    assert (dpo.note == "") == (expected == "yes")
+    other = "ppo" if model == "dpo" else "dpo"
+    preferences = {
+        model: comparison(win_rate, both_wrong=270),
+        other: comparison((0.75, 0.7, 0.8), both_wrong=264),
+        "reward_accuracy": {"wrong": (0.569, 0.448, 0.69), "all": (0.782, 0.741, 0.826)},
+    }
+    claims = alignment_claims(instruct, preferences)
+    assert [c.claim for c in claims].count(PPO_CLAIM) == 1  # measured here, no longer a row of NOT_YET
+    by_name = {c.claim: c for c in claims}
+    measured = by_name[claim]
+    assert measured.effect == pytest.approx(win_rate[0] - 0.5)
+    assert verdict(measured) == expected
+    assert (measured.note == "") == (expected == "yes")
     if expected == "no":
-        assert "both replies are wrong on 82% of prompts" in dpo.note
-    assert verdict(claims["Instruction tuning gives zero-shot gains on unseen tasks"]) == "no"
+        assert f"both replies are wrong on 82% of prompts, and {model.upper()} wins only" in measured.note
+    if expected == "no" and model == "ppo":
+        assert "ranks a right answer above a wrong one in only 57% of held-out pairs" in measured.note
+    assert verdict(by_name[PPO_CLAIM if model == "dpo" else DPO_CLAIM]) == "yes"
+    assert verdict(by_name["Instruction tuning gives zero-shot gains on unseen tasks"]) == "no"
