@@ -39,7 +39,7 @@ from gptlab.data.documents import jsonl_records
 from gptlab.data.prefs import load_pref_data
 from gptlab.errors import UserError
 from gptlab.ladder import LadderConfig
-from gptlab.model import GPT, ModelConfig
+from gptlab.model import GPT, ModelConfig, RewardModel
 from gptlab.pretrain import PretrainConfig
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import TrainConfig, build_optimizer, learning_rate
@@ -114,6 +114,8 @@ def write_bad_files(bad: Path) -> None:
         "toml_latin1.toml": b'[train]\ndevice = "caf\xe9"\n',
         "list.json": b"[1, 2, 3]\n",
         "task.toml": BINARY,
+        "syntax.py": b"def reward(prompts, completions:\n",
+        "raises.py": b"def reward(prompts, completions, **kwargs):\n    raise RuntimeError('no reward today')\n",
     }
     for name, data in files.items():
         (bad / name).write_bytes(data)
@@ -188,6 +190,13 @@ def write_configs(paths: dict[str, str], root: Path) -> None:
         "sft": f'init = "{paths["model"]}"\n[data]\ntrain = "{paths["chat"]}"\n',
         "reward": f'init = "{paths["model"]}"\n[data]\ntrain = "{paths["prefs"]}"\n',
         "dpo": f'init = "{paths["model"]}"\n[data]\ntrain = "{paths["prefs"]}"\n',
+        "ppo": (
+            f'init = "{paths["model"]}"\nreward_model = "{paths["reward_model"]}"\nmax_new_tokens = 4\nppo_epochs = 1\n'
+            f'[data]\nprompts = "{paths["chat"]}"\n'
+        ),
+        "grpo": (
+            f'init = "{paths["model"]}"\nnum_generations = 2\nmax_new_tokens = 4\n[data]\nprompts = "{paths["chat"]}"\n'
+        ),
     }
     for stage, text in configs.items():
         (root / f"{stage}.toml").write_text(f'{text}[train]\n{train}device = "cpu"\n')
@@ -272,7 +281,10 @@ def inputs(tmp_path_factory, tiny_model: Path) -> dict[str, str]:
         "missing": str(root / "bad" / "missing"),
         "missing_toml": str(root / "bad" / "missing.toml"),
         "run": str(root / "run"),
+        "reward_model": str(root / "reward_model"),
     }
+    tokenizer = Tokenizer.from_pretrained(tiny_model)
+    RewardModel.from_causal_lm(tiny_model).save_pretrained(paths["reward_model"], tokenizer=tokenizer)
     write_configs(paths, root)
     assert main(["pretrain", "--config", paths["pretrain_toml"], "--out", paths["run"]]) == 0
     for made in (
@@ -367,6 +379,26 @@ BAD_RUNS = [
 MMLU_FOLDERS = ["mmlu_latin1", "mmlu_short_rows", "mmlu_empty_test", "mmlu_bad_answer", "mmlu_binary"]
 
 STAGE = "{stage} --config {{{stage}_toml}} --out {{out}}"  # a training stage on its tiny config
+TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
+BAD_PPO_SETTINGS = [
+    *("kl_estimator=k2", "kl_coef=nan", "kl_coef=-1", "cliprange=nan", "cliprange=1", "cliprange_value=0"),
+    *("gamma=2", "lam=nan", "vf_coef=inf", "missing_eos_penalty=nan", "ppo_epochs=0", "num_mini_batches=0"),
+    *("ppo_epochs=3", "max_new_tokens=0", "max_new_tokens=32", "temperature=0", "top_p=nan", "value_model={binary}"),
+    *("ref={folder}", "train.parallelism=fsdp"),
+]
+BAD_GRPO_SETTINGS = [
+    *("num_generations=1", "num_generations=0", "reward=[]", "reward=nope", "reward={binary}", "reward={model}"),
+    *(
+        "reward={missing}.py:reward",
+        "reward={syntax_py}:reward",
+        "reward={raises_py}:reward",
+        "reward={raises_py}:nope",
+    ),
+    *("reward=oracle", "reward_weights=[1, 2]", "reward_weights=[nan]", "loss_type=nope"),
+    *("scale_rewards=nope", "beta=nan", "beta=-1", "epsilon=2", "epsilon_high=-1", "num_iterations=0"),
+    *("steps_per_generation=0", "max_new_tokens=0", "temperature=nan", "data.families=[]", "data.max_prompt_length=0"),
+    *("train.batch_size=3", "ref={folder}", "train.parallelism=fsdp"),
+]
 SAMPLE = "sample --model {model} --prompt alpha --max-new-tokens 4"
 EVAL = "eval --model {model} --tasks arith_add_2 --data {world} --limit 2"
 
@@ -410,12 +442,12 @@ CASES = [
     # the training commands: bad config files, bad --set values, bad data and model folders
     *(
         c(f"{stage} --config {{{f}}} --out {{out}}", id=f"{stage}-config-{f}")
-        for stage in ("pretrain", "sft", "reward", "dpo")
+        for stage in TRAINING_STAGES
         for f in ("empty", "binary", "toml_latin1_toml", "toml_shape_toml", "list_json", "folder", "missing")
     ),
     *(
         c(STAGE.format(stage=stage), "--set", item, id=f"{stage}-set-{item}")
-        for stage in ("pretrain", "sft", "reward", "dpo")
+        for stage in TRAINING_STAGES
         for item in BAD_TRAIN_SETTINGS
     ),
     *(c(STAGE.format(stage="pretrain"), "--set", item, id=f"pretrain-set-{item}") for item in BAD_MODEL_SETTINGS),
@@ -436,9 +468,20 @@ CASES = [
     ),
     *(
         c(STAGE.format(stage=stage), "--set", f"init={{{m}}}", id=f"{stage}-init-{m}")
-        for stage in ("sft", "reward", "dpo")
+        for stage in ("sft", "reward", "dpo", "ppo", "grpo")
         for m in BAD_MODEL_FOLDERS
     ),
+    *(
+        c(STAGE.format(stage=stage), "--set", f"data.prompts={{{f}}}", id=f"{stage}-prompts-{f}")
+        for stage in ("ppo", "grpo")
+        for f in (*COMMON_FILES, "bad_messages_jsonl")
+    ),
+    *(
+        c(STAGE.format(stage="ppo"), "--set", f"reward_model={{{m}}}", id=f"ppo-reward-model-{m}")
+        for m in (*BAD_MODEL_FOLDERS, "model")
+    ),
+    *(c(STAGE.format(stage="ppo"), "--set", item, id=f"ppo-set-{item}") for item in BAD_PPO_SETTINGS),
+    *(c(STAGE.format(stage="grpo"), "--set", item, id=f"grpo-set-{item}") for item in BAD_GRPO_SETTINGS),
     *(
         c(STAGE.format(stage="dpo"), "--set", item, id=f"dpo-set-{item}")
         for item in ("beta=nan", "beta=-1", "beta=inf", "label_smoothing=nan", "loss_type=nope", "ref={binary}")
