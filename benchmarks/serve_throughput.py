@@ -5,8 +5,9 @@ A random llama model (the "small" shape of decode.py, with a TinyWorld tokenizer
 temporary folder, and every server is started on it as its own process, as a user starts it:
 
 - ``gptlab serve --max-batch 16`` (continuous batching), sent the requests 16 at once and one at a time;
-- ``transformers serve FOLDER`` (transformers' own OpenAI server; ``serve-cb`` adds its
-  ``--continuous-batching``), 16 at once;
+- ``serve`` (the default peer): ``transformers serve FOLDER``, transformers' own OpenAI server, 16 at
+  once; it runs one ``generate`` at a time on one thread. ``serve-cb`` adds its ``--continuous-batching``
+  (paged attention; on this CPU it took about 0.6 s per token for a single request);
 - ``loop``: transformers' ``generate`` behind a small FastAPI app, one request at a time (the
   server a user writes in 30 lines; concurrent ``generate`` calls would only fight for the cores).
 
@@ -54,6 +55,9 @@ PEERS = {
     "loop": "transformers generate loop",
 }
 STARTUP_TIMEOUT_S = 300
+# A hang guard, not a limit: a server that answers one request at a time sends nothing to the last of
+# 16 clients until the other 15 are done, many minutes on a loaded 2-core machine.
+REQUEST_TIMEOUT_S = 3600
 
 
 @dataclass
@@ -92,7 +96,7 @@ def chat_request(model: str, text: str, new_tokens: int) -> dict:
 
 def stream_chat(port: int, body: dict) -> Reply:
     """Send one streamed chat completion and time each chunk of text as it arrives."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=STARTUP_TIMEOUT_S)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
     start = time.perf_counter()
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -241,7 +245,12 @@ def measure(args, folder: Path, logs: Path) -> None:
     finally:
         for process in processes:
             process.terminate()
-            process.wait(timeout=60)
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # busy generating for a client that is gone
+                process.kill()
+                process.wait()
     report(contenders, clients)
 
 
@@ -317,7 +326,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peers", default="serve,loop", help=f"comma-separated, of {', '.join(PEERS)}")
+    parser.add_argument("--peers", default="serve", help=f"comma-separated, of {', '.join(PEERS)}")
     parser.add_argument("--serve-loop", metavar="FOLDER", help=argparse.SUPPRESS)  # the loop peer's process
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
