@@ -7,7 +7,7 @@ temporary folder, and every server is started on it as its own process, as a use
 - ``gptlab serve --max-batch 16`` (continuous batching), sent the requests 16 at once and one at a time;
 - ``serve`` (the default peer): ``transformers serve FOLDER``, transformers' own OpenAI server, 16 at
   once; it runs one ``generate`` at a time on one thread. ``serve-cb`` adds its ``--continuous-batching``
-  (paged attention; on this CPU it took about 0.6 s per token for a single request);
+  (paged attention);
 - ``loop``: transformers' ``generate`` behind a small FastAPI app, one request at a time (the
   server a user writes in 30 lines; concurrent ``generate`` calls would only fight for the cores).
 
