@@ -26,7 +26,7 @@ import torch
 
 from gptlab.cli import main as gptlab_main
 from gptlab.engine import Engine
-from gptlab.eval import GptlabBackend, OpenAIBackend
+from gptlab.eval import GenerationRequest, GptlabBackend, OpenAIBackend
 from gptlab.tokenizer import Tokenizer
 from helpers import ROOT, WORDS, assert_user_error, gptlab_in_process, write_jsonl
 from serving import running_server
@@ -606,3 +606,14 @@ def test_eval_through_the_server_names_the_servers_refusal(base_url, tmp_path, c
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, lines
     assert "answered 400" in lines[0] and "over this server's limit" in lines[0] and "running" not in lines[0]
+
+
+def test_eval_generation_through_the_server_leaves_special_tokens_out(base_url, tiny_model, tok):
+    """After "iota eta" the tiny model's greedy first token is <|assistant|>: the in-process backend
+    decodes without special tokens, and so must the server's text."""
+    context = "iota eta"
+    (tokens,) = Engine.from_pretrained(tiny_model).generate([tok.encode(context)], 1, temperature=0)
+    assert tok.decode(tokens) == "<|assistant|>"
+    request = GenerationRequest(context, ("\n",), 30)
+    local = GptlabBackend.from_pretrained(tiny_model).generate_until([request])
+    assert OpenAIBackend(base_url + "/v1", "tiny").generate_until([request]) == local

@@ -99,8 +99,9 @@ class TextStream:
     text, cut at the stop string.
     """
 
-    def __init__(self, tokenizer, stop: str | Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: str | Sequence[str] = (), skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stops = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
         self.ids: list[int] = []
         self.start = self.done = 0  # ids[start:done] were released and give context to the next decode
@@ -112,8 +113,8 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        emitted = self.tokenizer.decode(self.ids[self.start : self.done])
-        current = self.tokenizer.decode(self.ids[self.start :])
+        emitted = self._decode(self.ids[self.start : self.done])
+        current = self._decode(self.ids[self.start :])
         if len(current) <= len(emitted) or current.endswith(REPLACEMENT_CHAR):
             return ""
         self.held += current[len(emitted) :]
@@ -126,12 +127,13 @@ class TextStream:
         rendered as the full decode would."""
         if self.stopped:
             return ""
-        tail = self.tokenizer.decode(self.ids[self.start :])[
-            len(self.tokenizer.decode(self.ids[self.start : self.done])) :
-        ]
+        tail = self._decode(self.ids[self.start :])[len(self._decode(self.ids[self.start : self.done])) :]
         ready, held, self.stopped = _split_at_stops(self.held + tail, self.stops)
         self.held = ""
         return ready + held
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
 
 def _onednn_linear(packed, key, module, x):

@@ -48,6 +48,7 @@ class Request:
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one ("stop")
     logprobs: int | None = None  # None: none; k >= 0: each new token's log-prob and its k most likely alternatives
     prompt_logprobs: bool = False  # also every prompt token's log-prob (+ k alternatives), the first one None
+    skip_special_tokens: bool = True  # text without special tokens, as vLLM's default (token_ids keep them)
 
 
 @dataclass
@@ -175,7 +176,11 @@ class Scheduler:
         generator = None
         if request.sampling.temperature > 0 and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        text = TextStream(self.engine.tokenizer, request.stop) if self.engine.tokenizer is not None else None
+        text = (
+            TextStream(self.engine.tokenizer, request.stop, request.skip_special_tokens)
+            if self.engine.tokenizer is not None
+            else None
+        )
         seq = _Sequence(self.next_id, request, generator, text)
         self.next_id += 1
         self.by_id[seq.seq_id] = seq

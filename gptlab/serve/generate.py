@@ -17,7 +17,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from starlette.requests import Request as HttpRequest
 
@@ -171,9 +171,6 @@ def sampling_of(body: CompletionRequest | ChatRequest, seed: int | None) -> Samp
     return sampling
 
 
-_REQUEST_FIELDS = {f.name for f in fields(Request)}
-
-
 def sequences_for(
     worker: ModelWorker,
     body: CompletionRequest | ChatRequest,
@@ -187,9 +184,6 @@ def sequences_for(
     queue: asyncio.Queue = asyncio.Queue()
     arrived = time.monotonic()
     stop = body.stop_strings()
-    # Text without special tokens (vLLM's default, and how eval's in-process backend decodes) once the
-    # scheduler's Request takes that setting; until then special tokens stay in the text.
-    optional = {"skip_special_tokens": True} if "skip_special_tokens" in _REQUEST_FIELDS else {}
     sequences = []
     for p, prompt in enumerate(prompts):
         for i in range(body.n):
@@ -201,7 +195,6 @@ def sequences_for(
                 stop=stop,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
-                **optional,
             )
             sequences.append(Sequence(worker, request, queue, p * body.n + i, arrived))
     return sequences
