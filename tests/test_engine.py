@@ -434,7 +434,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [257, *text.encode()]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:  # EOS and BOS always drop out
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 

@@ -133,7 +133,9 @@ class TextStream:
         return ready + held
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        if self.skip_special_tokens:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids)
 
 
 def _onednn_linear(packed, key, module, x):
@@ -324,8 +326,9 @@ class Engine:
     """Generates from a ``GPT`` on its own device and dtype; a tokenizer is needed only for text.
 
     The tokenizer is duck-typed: ``encode(text) -> list[int]`` (adding BOS), ``decode(ids) -> str``
-    and ``eos_id``. An Engine serves one thread: its generations may interleave as streams, but
-    not run from several threads at once.
+    (the ``Scheduler`` also passes Hugging Face's ``skip_special_tokens=True``) and ``eos_id``. An
+    Engine serves one thread: its generations may interleave as streams, but not run from several
+    threads at once.
 
     With ``cuda_graphs=True``, decode steps on CUDA replay a CUDA graph over a fixed-shape cache.
     The most recent cache and graph are kept for the next generation of the same batch size and
