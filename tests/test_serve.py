@@ -451,6 +451,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(base_url):
 
 def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(base_url):
     aborted = metric(base_url, "gptlab_sequences_finished_total", finish_reason="abort", model="tiny")
+    failed = metric(base_url, "gptlab_requests_total", path="/v1/completions", status="500")
     address = urlsplit(base_url)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
     connection.request("POST", "/v1/completions", json.dumps(LONG), {"Content-Type": "application/json"})
@@ -458,6 +459,7 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(base_url):
     connection.close()
     wait_for(lambda: metric(base_url, "gptlab_running_sequences", model="tiny") == 0, "the slot to be freed")
     assert metric(base_url, "gptlab_sequences_finished_total", finish_reason="abort", model="tiny") == aborted + 1
+    assert metric(base_url, "gptlab_requests_total", path="/v1/completions", status="500") == failed  # no error
 
 
 def test_health_metrics_and_the_chat_page(base_url):

@@ -257,7 +257,8 @@ async def results(http: HttpRequest, sequences: list[Sequence]) -> list[Result] 
         if not work.done():
             work.cancel()
         sequences[0].worker.cancel(sequences)
-    return work.result() if not work.cancelled() else None
+    # A cancelled task is not cancelled() until the loop has run it once more: ask whether it finished.
+    return work.result() if work.done() and not work.cancelled() else None
 
 
 async def server_sent_events(sequences: list[Sequence], chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
