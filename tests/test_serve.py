@@ -6,6 +6,7 @@ error in OpenAI's shape, many clients at once, disconnects, the command line, an
 from __future__ import annotations
 
 import csv
+import gc
 import http.client
 import json
 import math
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from gptlab.cli import main as gptlab_main
-from gptlab.engine import Engine
+from gptlab.engine import Engine, batching
 from gptlab.eval import GenerationRequest, GptlabBackend, OpenAIBackend
 from gptlab.tokenizer import Tokenizer
 from helpers import ROOT, WORDS, assert_user_error, gptlab_in_process, write_jsonl
@@ -377,6 +378,16 @@ def test_a_full_server_answers_429_and_serves_again_after(tiny_model):
 # --------------------------------------------------------------------------- many clients
 
 
+def live_objects() -> dict[str, int]:
+    """The scheduler's sequences and the tensors alive in this process (the server runs in it)."""
+    gc.collect()
+    objects = gc.get_objects()
+    return {
+        "sequences": sum(type(o) is batching._Sequence for o in objects),  # type(): no lazy module attributes read
+        "tensors": sum(issubclass(type(o), torch.Tensor) for o in objects),
+    }
+
+
 def test_32_clients_at_once_get_their_sequential_outputs(base_url, client):
     rng = random.Random(0)
     requests = []
@@ -406,13 +417,19 @@ def test_32_clients_at_once_get_their_sequential_outputs(base_url, client):
         except Exception as e:  # a thread cannot fail the test: it reports here
             failures.append(repr(e))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not failures, failures[:3]
-    assert [answers[i] for i in range(64)] == sequential
+    def burst() -> None:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert not failures, failures[:3]
+        assert [answers[i] for i in range(64)] == sequential
+
+    burst()
+    held = live_objects()
+    burst()  # memory flat across rounds: a second burst leaves no more sequences or tensors alive than the first
+    assert live_objects() == held and held["sequences"] == 0
     wait_for(lambda: metric(base_url, "gptlab_running_sequences", model="tiny") == 0, "running sequences back to 0")
     assert metric(base_url, "gptlab_waiting_sequences", model="tiny") == 0
     counted = [line for line in call(base_url, "GET", "/metrics")[1].splitlines() if "requests_total{" in line]
