@@ -109,8 +109,8 @@ PRESETS = {
         # on a 2-core CPU (100 steps each with a mid-run evaluation took 108 s + 158 s).
         reward_sets=("train.max_steps=80", "train.eval_every=0", "train.save_every=0"),
         dpo_sets=("train.max_steps=80", "train.eval_every=0", "train.save_every=0", "precompute_ref=false"),
-        # PPO and GRPO within the 6 minutes [rl] allows them on a 2-core CPU: together 281 s of CPU time (140 to 281 s
-        # of wall time on an idle machine), 492 s of wall time measured with the machine at load 8 (2026-12-03).
+        # PPO and GRPO within the 6 minutes [rl] allows them on a 2-core CPU: 17 s + 15 s measured on an idle machine
+        # (2026-12-03); with other work on the cores, torch's two threads wait on each other (492 s at load 8).
         ppo_sets=("train.max_steps=32", "train.log_every=4", "train.save_every=0"),
         grpo_sets=("train.max_steps=16", "train.log_every=2", "train.save_every=0"),
         instruct_limit=50,
