@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from gptlab.runs import RunFolder
 from gptlab.world import WorldSize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +173,32 @@ def write_jsonl(path: Path, records) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+VOLATILE_METRICS = ("tok_per_s", "mfu", "peak_mem_mb")  # wall-clock figures: never equal between two runs
+
+
+def straight_and_resumed(command: str, sets: list[str], tmp_path: Path, checkpoint: str) -> tuple[Path, Path]:
+    """``gptlab COMMAND --set ...`` run to its end in ``tmp_path/straight``, and again in
+    ``tmp_path/killed``, SIGKILLed after its first save (which must be ``checkpoint``) and resumed
+    there; both on one thread. Returns the two run folders, for the caller to compare."""
+    args = [a for s in sets for a in ("--set", s)]
+    straight = gptlab(command, "--out", tmp_path / "straight", *args, env=ONE_THREAD)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "killed"
+    killed = run_python("-c", KILL_AFTER_FIRST_SAVE, command, "--out", out, *args, env=ONE_THREAD)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name for p in RunFolder(out).checkpoints()] == [checkpoint] and not (out / "model").exists()
+    resumed = gptlab(command, "--out", out, "--resume", env=ONE_THREAD)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    return tmp_path / "straight", out
+
+
+def assert_same_tensors(*files: Path) -> None:
+    first, second = (load_file(f) for f in files)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def logged_metrics(run: Path) -> list[dict]:
+    """A run's metrics records without the wall-clock figures."""
+    return [{k: v for k, v in m.items() if k not in VOLATILE_METRICS} for m in RunFolder(run).read_metrics()]

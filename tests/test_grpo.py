@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 from pathlib import Path
 
 import pytest
@@ -37,14 +36,15 @@ from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from gptlab.train.loop import Runtime
 from helpers import (
-    KILL_AFTER_FIRST_SAVE,
     ONE_THREAD,
     TORCHRUN_TWO_RANKS,
     WORDS,
+    assert_same_tensors,
     assert_user_error,
-    gptlab,
     gptlab_in_process,
+    logged_metrics,
     run_python,
+    straight_and_resumed,
     write_jsonl,
 )
 
@@ -381,23 +381,9 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(capfd, tiny_model: Pa
         "train.log_every=1",
         "train.device=cpu",
     ]
-    args = [a for s in sets for a in ("--set", s)]
-    straight = gptlab("grpo", "--out", tmp_path / "straight", *args, env=ONE_THREAD)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    out = tmp_path / "killed"
-    killed = run_python("-c", KILL_AFTER_FIRST_SAVE, "grpo", "--out", out, *args, env=ONE_THREAD)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000002"] and not (out / "model").exists()
-    resumed = gptlab("grpo", "--out", out, "--resume", env=ONE_THREAD)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
-    weights = [load_file(run / "model" / "model.safetensors") for run in (tmp_path / "straight", out)]
-    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    volatile = ("tok_per_s", "mfu", "peak_mem_mb")
-    logged = [
-        [{k: v for k, v in m.items() if k not in volatile} for m in metrics_of(run)]
-        for run in (tmp_path / "straight", out)
-    ]
-    assert logged[0] == logged[1] and len(logged[0]) == 6
+    straight, out = straight_and_resumed("grpo", sets, tmp_path, "step-0000002")
+    assert_same_tensors(straight / "model" / "model.safetensors", out / "model" / "model.safetensors")
+    assert logged_metrics(straight) == logged_metrics(out) and len(logged_metrics(out)) == 6
     # The card: the rewards, first and last, and the curves.
     assert gptlab_in_process(capfd, "report", out).returncode == 0
     report = (out / "report.md").read_text()

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import gptlab.align.ppo as ppo_module
 from gptlab.align.ppo import PpoConfig, PpoTrainConfig, ppo
@@ -22,13 +20,12 @@ from gptlab.model import GPT, ModelConfig, RewardModel
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
 from helpers import (
-    KILL_AFTER_FIRST_SAVE,
-    ONE_THREAD,
     WORDS,
+    assert_same_tensors,
     assert_user_error,
-    gptlab,
     gptlab_in_process,
-    run_python,
+    logged_metrics,
+    straight_and_resumed,
     write_jsonl,
 )
 
@@ -135,26 +132,10 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(capfd, tiny_model: Pa
         "train.log_every=1",
         "train.device=cpu",
     ]
-    args = [a for s in sets for a in ("--set", s)]
-    straight = gptlab("ppo", "--out", tmp_path / "straight", *args, env=ONE_THREAD)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    out = tmp_path / "killed"
-    killed = run_python("-c", KILL_AFTER_FIRST_SAVE, "ppo", "--out", out, *args, env=ONE_THREAD)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert [p.name for p in RunFolder(out).checkpoints()] == ["step-0000004"]
-    resumed = gptlab("ppo", "--out", out, "--resume", env=ONE_THREAD)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    straight, out = straight_and_resumed("ppo", sets, tmp_path, "step-0000004")
     for part in ("model/model.safetensors", "checkpoints/step-0000008/value_model/model.safetensors"):
-        weights = [load_file(run / part) for run in (tmp_path / "straight", out)]
-        assert weights[0].keys() == weights[1].keys() and all(
-            torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
-        )
-    volatile = ("tok_per_s", "mfu", "peak_mem_mb")
-    logged = [
-        [{k: v for k, v in m.items() if k not in volatile} for m in RunFolder(run).read_metrics()]
-        for run in (tmp_path / "straight", out)
-    ]
-    assert logged[0] == logged[1] and len(logged[0]) == 8
+        assert_same_tensors(straight / part, out / part)
+    assert logged_metrics(straight) == logged_metrics(out) and len(logged_metrics(out)) == 8
     assert gptlab_in_process(capfd, "report", out).returncode == 0
     report = (out / "report.md").read_text()
     assert "| objective/scores, first → last logged |" in report and "objective/kl" in report and "(rl.png)" in report
