@@ -500,7 +500,9 @@ def test_serve_command_says_where_it_listens_and_serves(tiny_model):
         first = server.stderr.readline()
         assert first.startswith("gptlab serve: listening on http://127.0.0.1:") and "no API key required" in first
         url = first.split("listening on ")[1].split()[0]
-        status, answer = call(url, "POST", "/v1/completions", completion_body(model="tiny", max_tokens=2))
+        # Greedy and ignoring EOS: a sampled first token could be EOS and end the reply after one.
+        body = completion_body(model="tiny", max_tokens=2, temperature=0, ignore_eos=True)
+        status, answer = call(url, "POST", "/v1/completions", body)
         assert status == 200 and answer["usage"]["completion_tokens"] == 2
     finally:
         server.send_signal(signal.SIGINT)
