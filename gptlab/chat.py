@@ -45,7 +45,7 @@ class ChatSession:
         self.engine, self.tokenizer = engine, tokenizer
         self.max_new_tokens, self.temperature, self.seed, self.notify = max_new_tokens, temperature, seed, notify
         self.turns = 0
-        self.stop_ids = [t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None]
+        self.stop_ids = reply_stop_ids(tokenizer)
 
     def reply(self, text: str) -> Iterator[str]:
         """Add a user message and stream the assistant's reply, which joins the history when done."""
@@ -70,6 +70,41 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+
+def reply_stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """Where a reply ends: the end-of-turn token, or EOS."""
+    return [t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None]
+
+
+def chat_replies(
+    engine: Engine,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 32,
+    seed: int | None = None,
+) -> list[str]:
+    """One reply to each conversation of ``prompts`` (lists of messages), generated ``batch_size``
+    conversations at a time: each through the chat template with its generation prompt, ending at
+    the end-of-turn token or EOS (left out, as are special tokens). Greedy by default; with a
+    ``temperature`` and a ``seed``, batch ``i`` samples with seed ``seed + i``, so the replies
+    depend on the batch size but not on anything run before."""
+    tokenizer = engine.tokenizer
+    stops = reply_stop_ids(tokenizer)
+    rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+    replies = []
+    for batch, start in enumerate(range(0, len(rendered), batch_size)):
+        rows = engine.generate(
+            rendered[start : start + batch_size],
+            max_new_tokens,
+            temperature=temperature,
+            seed=None if seed is None else seed + batch,
+            stop_ids=stops,
+        )
+        kept = (row[:-1] if row and row[-1] in stops else row for row in rows)
+        replies += [tokenizer.decode(ids, skip_special_tokens=True) for ids in kept]
+    return replies
 
 
 def _check_room(tokenizer: Tokenizer, system: list[dict], block_size: int, max_new_tokens: int) -> None:

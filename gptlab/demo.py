@@ -29,7 +29,7 @@ from gptlab import stats
 from gptlab.align.reward import RewardScorer
 from gptlab.align.reward_functions import arith, gold_number
 from gptlab.align.rollouts import record_prompt
-from gptlab.chat import ChatSession
+from gptlab.chat import ChatSession, chat_replies
 from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.engine import Engine
 from gptlab.errors import UserError
@@ -390,19 +390,6 @@ def instruction_following(world: Path, held_out: list[str], base: Engine, tuned:
     return result
 
 
-def replies(engine: Engine, prompts: list[list[dict]]) -> list[str]:
-    """Greedy chat replies to ``prompts`` (message lists), one batch per 32 prompts."""
-    tokenizer = engine.tokenizer
-    rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
-    out = []
-    for start in range(0, len(rendered), 32):
-        tokens = engine.generate(
-            rendered[start : start + 32], REPLY_TOKENS, temperature=0.0, stop_ids=[tokenizer.end_id]
-        )
-        out += [tokenizer.decode([t for t in row if t != tokenizer.end_id], skip_special_tokens=True) for row in tokens]
-    return out
-
-
 def preference_results(world: Path, reward_dir: Path, sft: Engine, tuned: dict[str, Engine]) -> dict:
     """The reward model's accuracy on the held-out pairs per kind of rejected answer, and each model
     of ``tuned`` (name -> engine: DPO, PPO) against the SFT model on the held-out prompts."""
@@ -415,11 +402,14 @@ def preference_results(world: Path, reward_dir: Path, sft: Engine, tuned: dict[s
         correct.setdefault(pair["kind"], []).append(float(c > r))
     correct["all"] = [v for values in correct.values() for v in values]
     prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
-    oracle, sft_replies = Oracle(world), replies(sft, prompts)
+    oracle, sft_replies = Oracle(world), chat_replies(sft, prompts, REPLY_TOKENS)
     return {
         "reward_accuracy": {kind: stats.bootstrap_mean_interval(v) for kind, v in correct.items()},
         "reward_n": {kind: len(v) for kind, v in correct.items()},
-        **{name: against_sft(oracle, prompts, sft_replies, replies(engine, prompts)) for name, engine in tuned.items()},
+        **{
+            name: against_sft(oracle, prompts, sft_replies, chat_replies(engine, prompts, REPLY_TOKENS))
+            for name, engine in tuned.items()
+        },
     }
 
 
@@ -451,7 +441,7 @@ def arithmetic_results(world: Path, sft: Engine, grpo: Engine) -> dict:
     1 when the stated number is right. Per model a 95% interval, and the paired GRPO - SFT effect."""
     records = [r for r in read_jsonl(world / "sft" / "test.jsonl") if r.get("family") in ARITH_FAMILIES]
     prompts = [record_prompt(r) for r in records]
-    answers = {"sft": replies(sft, prompts), "grpo": replies(grpo, prompts)}
+    answers = {"sft": chat_replies(sft, prompts, REPLY_TOKENS), "grpo": chat_replies(grpo, prompts, REPLY_TOKENS)}
     exact = {name: [float(v == 1.0) for v in arith(prompts, texts)] for name, texts in answers.items()}
     return {
         "problems": len(prompts),

@@ -68,7 +68,7 @@ def test_held_out_arithmetic_is_exact_match_of_the_stated_number_before_and_afte
     answers = dict(questions)
     learned = {"What is 12+35?", "Multiply 6 by 7."}  # what GRPO got right: half of the four
 
-    def scripted(engine, prompts):  # here an "engine" is a function of the question
+    def scripted(engine, prompts, max_new_tokens):  # here an "engine" is a function of the question
         return [engine(prompt[-1]["content"]) for prompt in prompts]
 
     def sft(question: str) -> str:
@@ -77,7 +77,7 @@ def test_held_out_arithmetic_is_exact_match_of_the_stated_number_before_and_afte
     def grpo(question: str) -> str:
         return f"The answer is {answers[question]}." if question in learned else "9"
 
-    monkeypatch.setattr(demo, "replies", scripted)
+    monkeypatch.setattr(demo, "chat_replies", scripted)
     result = demo.arithmetic_results(tmp_path, sft, grpo)
     assert result["problems"] == 4 and result["families"] == ["add", "multiply", "subtract"]
     assert result["exact_match"]["sft"] == (0.0, 0.0, 0.0)
