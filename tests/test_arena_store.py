@@ -64,10 +64,8 @@ def test_eight_processes_voting_at_once_lose_and_duplicate_no_vote(tmp_path):
 
 
 def test_a_vote_is_stored_once_and_battles_come_back_in_time_order(tmp_path):
-    late, early, same_time_first, same_time_second = battle(1, tstamp=20.0), battle(2, "tie"), battle(3), battle(4)
-    early = Battle(**{**early.__dict__, "tstamp": 10.0})
-    same_time_first = Battle(**{**same_time_first.__dict__, "tstamp": 15.0})
-    same_time_second = Battle(**{**same_time_second.__dict__, "tstamp": 15.0})
+    late, early = battle(1, tstamp=20.0), battle(2, "tie", tstamp=10.0)
+    same_time_first, same_time_second = battle(3, tstamp=15.0), battle(4, tstamp=15.0)
     with ArenaStore(tmp_path / "arena.db") as store:
         assert store.add(late) and store.add(same_time_first)
         assert not store.add(late)  # a replayed vote
