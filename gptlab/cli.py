@@ -215,6 +215,8 @@ def cmd_serve(args) -> None:
         max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        arena_specs=args.arena,
+        arena_db=args.arena_db,
     )
 
 
@@ -391,13 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         action="append",
-        required=True,
+        default=[],
         metavar="[NAME=]DIR",
-        help="a model folder to serve, under NAME or else under the path as given (repeatable)",
+        help="a model folder to serve, under NAME or else under the path as given (repeatable; optional with --arena)",
     )
+    p.add_argument(
+        "--arena",
+        action="append",
+        default=[],
+        metavar="NAME=DIR,...",
+        help="two or more models for the arena page at /arena (served on /v1 too; repeatable)",
+    )
+    p.add_argument("--arena-db", default="arena.db", metavar="FILE", help="the SQLite file the arena's votes go to")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ and /arena/api/ requests"
+    )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the model's window)")
     p.add_argument(

@@ -1,4 +1,5 @@
-"""A gptlab server for tests: ``with running_server({"tiny": folder}) as base_url: ...``.
+"""A gptlab server for tests: ``with running_server({"tiny": folder}) as base_url: ...``, or
+``with serving(create_app(...)) as base_url: ...``.
 
 uvicorn runs the app in a thread of the test process on 127.0.0.1 and a free port; leaving the
 block stops it (the scheduler threads too). Model folders: the session fixture ``tiny_model``
@@ -22,11 +23,17 @@ STARTUP_TIMEOUT_S = 60  # loading tiny models and starting uvicorn takes well un
 def running_server(models: dict[str, Path], **create_app_options) -> Iterator[str]:
     """Serve ``models`` (name -> folder) with ``create_app(models, **create_app_options)``; yields
     the base URL, ``http://127.0.0.1:PORT`` (clients add ``/v1``)."""
-    import uvicorn
-
     from gptlab.serve import create_app
 
-    app = create_app(models, **create_app_options)
+    with serving(create_app(models, **create_app_options)) as url:
+        yield url
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve an app made by ``create_app`` (for a test that reaches into ``app.state``); yields the base URL."""
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -44,3 +51,21 @@ def running_server(models: dict[str, Path], **create_app_options) -> Iterator[st
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def twin_models(tiny_model: Path, root: Path, names: list[str]) -> dict[str, Path]:
+    """Name -> a model folder of ``tiny_model``'s shape and tokenizer with weights of its own (seeded by
+    its place in ``names``): models whose answers differ, as an arena's do."""
+    import torch
+
+    from gptlab.model import GPT
+    from gptlab.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(tiny_model)
+    config = GPT.from_pretrained(tiny_model).config
+    folders = {}
+    for seed, name in enumerate(names, start=1):
+        torch.manual_seed(seed)
+        folders[name] = root / name
+        GPT(config).save_pretrained(folders[name], tokenizer=tokenizer)
+    return folders

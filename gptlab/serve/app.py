@@ -1,10 +1,11 @@
 """The FastAPI app: OpenAI's ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``,
-``/health``, ``/metrics`` (Prometheus text) and the chat page at ``/``.
+``/health``, ``/metrics`` (Prometheus text), the chat page at ``/``, and with ``arena`` models the
+arena's pages and endpoints (``arena.py``).
 
 Every refusal is in OpenAI's shape with the right status: 400 naming the parameter (FastAPI's own
 validation errors and unreadable JSON included), 401 for a missing or wrong key when the server
-has one (compared in constant time; ``/v1/`` paths only, as vLLM), 404 for an unknown model or
-path, 429 when a model's slots and queue are full. Bad input never reaches a 500.
+has one (compared in constant time; ``/v1/`` paths, as vLLM, and the arena's ``/arena/api/``),
+404 for an unknown model or path, 429 when a model's slots and queue are full. Bad input never reaches a 500.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 
 from gptlab.engine import Engine
 from gptlab.errors import UserError
 from gptlab.eval.backends import check_device
-from gptlab.serve import generate
+from gptlab.serve import arena as arena_routes
+from gptlab.serve import generate, pages
 from gptlab.serve.generate import Limits, ServedModel
 from gptlab.serve.metrics import Metrics
 from gptlab.serve.protocol import ApiError, ChatRequest, CompletionRequest, invalid
@@ -35,16 +37,11 @@ from gptlab.serve.worker import ModelWorker
 
 log = logging.getLogger("gptlab.serve")
 
-CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused unread (the longest prompts are far smaller)
 DEFAULT_MAX_QUEUE = 256  # sequences waiting for a slot, per model, before requests get 429
-# The chat page: its own script and styles only; it talks to this server and nothing else.
-PAGE_POLICY = (
-    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection: nobody reads the response
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", *arena_routes.ROUTES)
+KEYED = ("/v1/", arena_routes.API)  # the paths that need the API key, when the server has one
 
 
 def create_app(
@@ -55,13 +52,28 @@ def create_app(
     max_new_tokens: int | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     device: str = "cpu",
+    arena: dict[str, str | os.PathLike] | None = None,
+    arena_db: str | os.PathLike | None = None,
 ) -> FastAPI:
     """An app serving ``models`` (served name -> model folder), each loaded now on ``device`` with a
-    scheduler thread that starts with the app. A folder that cannot be served is a ``UserError``."""
-    check_options(models, api_key, max_batch, max_prompt_tokens, max_new_tokens, max_queue)
+    scheduler thread that starts with the app. ``arena`` (name -> folder, at least two) adds the
+    arena's pages over those models, served as the others are, its votes kept in ``arena_db``
+    (SQLite). A folder that cannot be served is a ``UserError``."""
+    arena = arena or {}
+    check_options(models | arena, api_key, max_batch, max_prompt_tokens, max_new_tokens, max_queue)
+    check_arena(models, arena, arena_db)
     device = check_device(device)
     metrics = Metrics()
-    served = {name: load_model(name, path, device, max_batch, max_queue, metrics) for name, path in models.items()}
+    arena_state = arena_routes.open_arena(list(arena), arena_db) if arena else None
+    try:
+        served = {
+            name: load_model(name, path, device, max_batch, max_queue, metrics)
+            for name, path in (models | arena).items()
+        }
+    except BaseException:
+        if arena_state is not None:
+            arena_state.store.close()
+        raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,18 +84,23 @@ def create_app(
         finally:
             for model in served.values():
                 model.worker.stop()
+            if arena_state is not None:
+                arena_state.store.close()
 
     app = FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(served, Limits(max_prompt_tokens, max_new_tokens), metrics)
+    app.state.arena = arena_state
     add_error_handlers(app, metrics)
     add_routes(app)
+    if arena_state is not None:
+        arena_routes.add_routes(app)
     app.add_middleware(Gate, api_key=api_key, metrics=metrics)
     return app
 
 
 def check_options(models, api_key, max_batch, max_prompt_tokens, max_new_tokens, max_queue) -> None:
     if not models:
-        raise UserError("no model to serve: give --model DIR (or --model NAME=DIR)")
+        raise UserError("no model to serve: give --model DIR (or --model NAME=DIR), or --arena NAME=DIR,NAME=DIR")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty: give a key, or leave the option out to serve without one")
     for option, value, least in (
@@ -94,6 +111,25 @@ def check_options(models, api_key, max_batch, max_prompt_tokens, max_new_tokens,
     ):
         if value is not None and value < least:
             raise UserError(f"{option} must be at least {least}, got {value}")
+
+
+def check_arena(models, arena, arena_db) -> None:
+    """Two arena models at least, a name for one folder only, and a file for the votes."""
+    if not arena:
+        return
+    if len(arena) < 2:
+        raise UserError(
+            f"--arena needs at least two models to pit against each other, got {len(arena)} ({', '.join(arena)}); "
+            "give --arena NAME=DIR,NAME=DIR"
+        )
+    for name, folder in arena.items():
+        if name in models and Path(models[name]).resolve() != Path(folder).resolve():
+            raise UserError(
+                f"the name {name!r} is given to two folders ({models[name]} by --model, {folder} by --arena); "
+                "give one of them another NAME"
+            )
+    if arena_db is None:
+        raise UserError("--arena needs --arena-db FILE, the SQLite file the votes go to")
 
 
 def load_model(
@@ -187,7 +223,7 @@ class Gate:
 
     def refusal(self, scope) -> JSONResponse | None:
         """A 401 without the key; a 413 for a body announced over ``MAX_BODY_BYTES`` (before it is read)."""
-        if self.key is not None and scope["path"].startswith("/v1/") and not self.authorized(scope):
+        if self.key is not None and scope["path"].startswith(KEYED) and not self.authorized(scope):
             message = "a valid API key is required: send the header 'Authorization: Bearer KEY'"
             return error_response(ApiError(401, message, code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
         length = dict(scope["headers"]).get(b"content-length", b"0")
@@ -281,7 +317,7 @@ async def completions(body: CompletionRequest, http: HttpRequest):
     )
     generate.admit(model.worker, sequences)
     if body.stream:
-        return event_stream(sequences, generate.completion_chunks(model, body, prompts, sequences))
+        return generate.event_stream(sequences, generate.completion_chunks(model, body, prompts, sequences))
     gathered = await generate.results(http, sequences)
     if gathered is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -291,17 +327,10 @@ async def completions(body: CompletionRequest, http: HttpRequest):
 async def chat_completions(body: ChatRequest, http: HttpRequest):
     server = state(http)
     model = server.model(body.model)
-    prompt = generate.chat_prompt(model, body, server.limits)
-    budget = generate.reply_budget(model, server.limits, len(prompt.ids), body.reply_limit(), None)
-    if budget < 1:
-        raise invalid("messages", f"the conversation fills model {model.name}'s context of {model.block_size} tokens")
-    tokenizer = model.tokenizer
-    stop_ids = tuple(t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    sequences = generate.sequences_for(model.worker, body, [prompt], budget, stop_ids, logprobs, False)
+    prompt, sequences = generate.chat_sequences(model, body, server.limits)
     generate.admit(model.worker, sequences)
     if body.stream:
-        return event_stream(sequences, generate.chat_chunks(model, body, prompt, sequences))
+        return generate.event_stream(sequences, generate.chat_chunks(model, body, prompt, sequences))
     gathered = await generate.results(http, sequences)
     if gathered is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -320,13 +349,4 @@ async def prometheus(http: HttpRequest):
 
 
 async def chat_page():
-    if not CHAT_PAGE.is_file():
-        raise ApiError(404, "the chat page is not installed here (gptlab/serve/static/chat.html is missing)")
-    headers = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"}
-    return Response(CHAT_PAGE.read_bytes(), media_type="text/html; charset=utf-8", headers=headers)
-
-
-def event_stream(sequences, chunks) -> StreamingResponse:
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
-    events = generate.server_sent_events(sequences, chunks)
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return pages.page("chat.html")

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from starlette.requests import Request as HttpRequest
+from starlette.responses import StreamingResponse
 
 from gptlab.engine import Sampling
 from gptlab.engine.batching import Output, Request, TokenLogprob
@@ -179,9 +180,11 @@ def sequences_for(
     stop_ids: tuple[int, ...],
     logprobs: int | None,
     prompt_logprobs: bool,
+    queue: asyncio.Queue | None = None,
 ) -> list[Sequence]:
-    """``n`` sequences per prompt, choice index ``prompt * n + i`` (OpenAI's order), on one queue."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """``n`` sequences per prompt, choice index ``prompt * n + i`` (OpenAI's order), on one queue
+    (a new one, or ``queue``: the arena reads two models' answers from one)."""
+    queue = asyncio.Queue() if queue is None else queue
     arrived = time.monotonic()
     stop = body.stop_strings()
     sequences = []
@@ -198,6 +201,21 @@ def sequences_for(
             )
             sequences.append(Sequence(worker, request, queue, p * body.n + i, arrived))
     return sequences
+
+
+def chat_sequences(
+    model: ServedModel, body: ChatRequest, limits: Limits, queue: asyncio.Queue | None = None
+) -> tuple[Prompt, list[Sequence]]:
+    """The prompt and the ``n`` sequences of a chat request, checked against the limits (not admitted
+    yet); each stops at the end-of-turn token or EOS."""
+    prompt = chat_prompt(model, body, limits)
+    budget = reply_budget(model, limits, len(prompt.ids), body.reply_limit(), None)
+    if budget < 1:
+        raise invalid("messages", f"the conversation fills model {model.name}'s context of {model.block_size} tokens")
+    tokenizer = model.tokenizer
+    stop_ids = tuple(t for t in (tokenizer.end_id, tokenizer.eos_id) if t is not None)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return prompt, sequences_for(model.worker, body, [prompt], budget, stop_ids, logprobs, False, queue)
 
 
 def admit(worker: ModelWorker, sequences: list[Sequence]) -> None:
@@ -256,7 +274,7 @@ async def results(http: HttpRequest, sequences: list[Sequence]) -> list[Result] 
         gone.cancel()
         if not work.done():
             work.cancel()
-        sequences[0].worker.cancel(sequences)
+        cancel(sequences)
     # A cancelled task is not cancelled() until the loop has run it once more: ask whether it finished.
     return work.result() if work.done() and not work.cancelled() else None
 
@@ -270,8 +288,20 @@ async def server_sent_events(sequences: list[Sequence], chunks: AsyncIterator[di
     except ApiError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
     finally:
-        sequences[0].worker.cancel(sequences)
+        cancel(sequences)
     yield "data: [DONE]\n\n"
+
+
+def event_stream(sequences: list[Sequence], chunks: AsyncIterator[dict]) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+    return StreamingResponse(server_sent_events(sequences, chunks), media_type="text/event-stream", headers=headers)
+
+
+def cancel(sequences: list[Sequence]) -> None:
+    """Cancel the sequences not finished yet, each through its own model's worker (an arena battle's
+    two sequences belong to two models: a scheduler knows only its own sequence ids)."""
+    for worker in {id(s.worker): s.worker for s in sequences}.values():
+        worker.cancel([s for s in sequences if s.worker is worker])
 
 
 def response_id(prefix: str) -> str:

@@ -12,6 +12,7 @@ import uvicorn
 from gptlab.errors import UserError
 from gptlab.serve.app import create_app
 
+DEFAULT_ARENA_DB = "arena.db"  # in the folder gptlab serve starts in, as `--arena-db arena.db`
 SHUTDOWN_GRACE_S = 10  # on Ctrl-C, replies still streaming get this long to finish before they are cut
 
 
@@ -24,10 +25,14 @@ def serve(
     max_prompt_tokens: int | None = None,
     max_new_tokens: int | None = None,
     device: str = "cpu",
+    arena_specs: list[str] = (),
+    arena_db: str | Path = DEFAULT_ARENA_DB,
 ) -> None:
-    """Serve the models of ``--model DIR`` / ``--model NAME=DIR`` on ``host:port``; the first line
-    on stderr says where it listens and whether a key is required."""
+    """Serve the models of ``--model DIR`` / ``--model NAME=DIR`` on ``host:port``, and with
+    ``--arena NAME=DIR,...`` the arena's pages over those; the first line on stderr says where it
+    listens and whether a key is required, the next where the arena is and where its votes go."""
     models = parse_models(model_specs)
+    arena = parse_models([spec for specs in arena_specs for spec in specs.split(",") if spec], "--arena")
     app = create_app(
         models,
         api_key=api_key,
@@ -35,9 +40,18 @@ def serve(
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,
         device=device,
+        arena=arena,
+        arena_db=arena_db,
     )
     sock = listen(host, port)
-    print(listening_line(sock, list(models), api_key is not None), file=sys.stderr, flush=True)
+    print(listening_line(sock, list(models | arena), api_key is not None), file=sys.stderr, flush=True)
+    if arena:
+        print(
+            f"gptlab serve: the arena of {', '.join(arena)} at /arena, its leaderboard at /leaderboard; votes go to "
+            f"{arena_db}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         config = uvicorn.Config(app, log_level="info", lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         uvicorn.Server(config).run(sockets=[sock])
@@ -45,20 +59,21 @@ def serve(
         print("gptlab serve: stopped", file=sys.stderr)
 
 
-def parse_models(specs: list[str]) -> dict[str, Path]:
+def parse_models(specs: list[str], option: str = "--model") -> dict[str, Path]:
     """Served name -> folder. ``NAME=DIR`` names a model; a bare ``DIR`` is served under the path as
-    given (as vLLM does), and so is a folder whose own path holds an '='."""
+    given (as vLLM does), and so is a folder whose own path holds an '='. ``option`` is the one the
+    user gave them with, for the errors."""
     models: dict[str, Path] = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep or Path(spec).is_dir():
             name, folder = spec.rstrip("/") or spec, spec
         if not name or not folder:
-            raise UserError(f"--model {spec!r}: give a model folder, or NAME=DIR to serve it under a name")
+            raise UserError(f"{option} {spec!r}: give a model folder, or NAME=DIR to serve it under a name")
         if name in models:
-            raise UserError(f"--model: the name {name!r} is given twice; serve each model under its own NAME=DIR")
+            raise UserError(f"{option}: the name {name!r} is given twice; serve each model under its own NAME=DIR")
         if not Path(folder).is_dir():
-            raise UserError(f"--model {spec}: {folder} is not a folder; give a model folder such as runs/sft/model")
+            raise UserError(f"{option} {spec}: {folder} is not a folder; give a model folder such as runs/sft/model")
         models[name] = Path(folder)
     return models
 
