@@ -31,12 +31,12 @@ class ChatSession:
         seed: int | None = None,
         notify: Callable[[str], None] = lambda message: None,
     ):
-        """``max_new_tokens``: the longest reply; default half the model's block size, at most 256."""
+        """``max_new_tokens``: the longest reply; default ``default_reply_tokens(engine)``."""
         Sampling(temperature=temperature, seed=seed).check()
         tokenizer = engine.tokenizer
         block_size = engine.model.config.block_size
         if max_new_tokens is None:
-            max_new_tokens = min(256, block_size // 2)
+            max_new_tokens = default_reply_tokens(engine)
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.budget = block_size - max_new_tokens  # prompt tokens that leave room for a full reply
@@ -70,6 +70,12 @@ class ChatSession:
             pieces.append(piece)
             yield piece
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+
+def default_reply_tokens(engine: Engine) -> int:
+    """The longest reply when none is asked for: half the model's block size (the other half for the
+    conversation), at most 256."""
+    return min(256, engine.model.config.block_size // 2)
 
 
 def reply_stop_ids(tokenizer: Tokenizer) -> list[int]:

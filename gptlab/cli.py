@@ -220,6 +220,61 @@ def cmd_serve(args) -> None:
     )
 
 
+def cmd_arena_run(args) -> None:
+    from gptlab.arena.judges import load_judge
+    from gptlab.arena.run import check_battles, format_summary, parse_models, read_prompts, run_arena
+    from gptlab.fileio import read_text
+
+    models, prompts = parse_models(args.models), read_prompts(args.prompts)
+    check_battles(args.battles)
+    template = None if args.judge_template is None else read_text(args.judge_template)
+    judge = load_judge(args.judge, world=args.world, device=args.device, template=template, tie_band=args.tie_band)
+    battles, total = run_arena(
+        models,
+        prompts,
+        judge,
+        args.battles,
+        args.db,
+        device=args.device,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+    )
+    print(format_summary(battles, args.db, total))
+
+
+def cmd_arena_board(args) -> None:
+    from gptlab.arena.board import Board, board_format, write_board
+    from gptlab.arena.store import ArenaStore
+
+    fmt = board_format(args.format, args.out)
+    with ArenaStore(args.db, create=False) as store:
+        battles = store.battles()
+    text = write_board(Board(battles, rounds=args.bootstrap, seed=args.seed), fmt, args.out)
+    print(text if text is not None else f"board -> {args.out}", end="" if text is not None else "\n")
+
+
+def cmd_arena_import(args) -> None:
+    from gptlab.arena.store import ArenaStore, read_fastchat
+
+    battles = read_fastchat(args.fastchat)  # every row checked before the database is touched
+    with ArenaStore(args.db) as store:
+        added = store.add_many(battles)
+        total = len(store)
+    print(f"imported {added} new of {len(battles)} battles from {args.fastchat} -> {args.db} ({total} battles in all)")
+
+
+def cmd_arena_export(args) -> None:
+    from gptlab.arena.store import ArenaStore, write_fastchat
+
+    with ArenaStore(args.db, create=False) as store:
+        battles = store.battles()
+    Path(args.fastchat).parent.mkdir(parents=True, exist_ok=True)
+    written = write_fastchat(battles, args.fastchat)
+    print(f"exported {written} battles from {args.db} -> {args.fastchat} (FastChat battle JSON)")
+
+
 def cmd_demo(args) -> None:
     from gptlab.demo import run_demo
 
@@ -418,12 +473,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_serve)
 
+    add_arena_parser(commands)
+
     p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--preset", default="quick", help="quick (2 min on a 2-core CPU) | default (about 25 min)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def add_arena_parser(commands) -> None:
+    """`gptlab arena run | board | import | export`."""
+    arena = commands.add_parser(
+        "arena", help="battles between models, judged, rated with Elo and Bradley-Terry (Chatbot Arena's conventions)"
+    )
+    actions = arena.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = actions.add_parser("run", help="play battles between model folders, judged, into a database")
+    p.add_argument("--models", required=True, metavar="NAME=DIR,...", help="two or more chat models, comma-separated")
+    p.add_argument("--prompts", required=True, help="JSONL: a 'prompt' (text or messages) or 'messages' per line")
+    p.add_argument(
+        "--judge", required=True, help="oracle (with --world), reward:DIR or llm:DIR (humans vote on serve --arena)"
+    )
+    p.add_argument("--battles", type=int, default=100, help="how many, spread evenly over the pairs of models")
+    p.add_argument("--db", required=True, help="the arena's SQLite file (made if missing; battles are added to it)")
+    p.add_argument("--world", default=None, help="the TinyWorld folder the oracle judges with")
+    p.add_argument(
+        "--judge-template",
+        default=None,
+        metavar="FILE",
+        help="llm judge: a template with {question}, "
+        "{answer_1}, {answer_2} (default: gptlab.arena.judges.DEFAULT_TEMPLATE)",
+    )
+    p.add_argument(
+        "--tie-band", type=float, default=None, help="reward judge: a tie when |r_a - r_b| is below this (default 0.1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the pairs, the sides and the prompts dealt")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="longest answer (default: half the block size, at most 256)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy answers")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts answered together")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_arena_run)
+
+    p = actions.add_parser("board", help="the leaderboard: Bradley-Terry with 95%% intervals, Elo, win rates")
+    p.add_argument("--db", required=True)
+    p.add_argument(
+        "--format", choices=["md", "json", "csv", "png"], default=None, help="default: from --out's suffix, else md"
+    )
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap rounds of the intervals")
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
+    p.add_argument("--out", default=None, help="write the board here (png needs it) instead of printing it")
+    p.set_defaults(func=cmd_arena_board)
+
+    for action, verb, func in (("import", "add", cmd_arena_import), ("export", "write", cmd_arena_export)):
+        p = actions.add_parser(action, help=f"{verb} battles in FastChat's battle JSON")
+        p.add_argument("--fastchat", required=True, metavar="FILE", help="a JSON list, or JSONL, of FastChat battles")
+        p.add_argument("--db", required=True)
+        p.set_defaults(func=func)
 
 
 def path_problem(e: OSError) -> str:
