@@ -297,7 +297,7 @@ def test_arena_run_end_to_end_writes_its_battles_to_the_database(tiny_model, oth
     assert "7 battles among 2 models, judged by oracle" in result.stdout and "(7 battles in all)" in result.stdout
 
 
-def test_arena_run_bad_input_is_one_line_and_exit_2(capfd, tiny_model, other_model, tmp_path):
+def test_arena_run_bad_input_is_one_line_and_exit_2(capfd, tiny_model, other_model, reward_model, tmp_path):
     prompts, db = prompts_file(tmp_path / "prompts.jsonl"), tmp_path / "arena.db"
     two = f"a={tiny_model},b={other_model}"
     (tmp_path / "empty.jsonl").write_text("\n\n", encoding="utf-8")
@@ -309,6 +309,10 @@ def test_arena_run_bad_input_is_one_line_and_exit_2(capfd, tiny_model, other_mod
         (["--models", two, "--prompts", prompts, "--judge", f"reward:{tiny_model}"], (str(tiny_model),)),
         (["--models", two, "--prompts", prompts, "--judge", f"reward:{tmp_path / 'no'}"], ("does not exist",)),
         (["--models", two, "--prompts", prompts, "--judge", "oracle", "--battles", "0"], ("--battles",)),
+        (
+            ["--models", f"a={tiny_model},r={reward_model}", "--prompts", prompts, "--judge", f"reward:{reward_model}"],
+            ("reward model", "causal LM"),
+        ),
     ]
     for args, fragments in cases:
         assert_user_error(gptlab_in_process(capfd, "arena", "run", *args, "--db", db), *fragments)

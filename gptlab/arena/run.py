@@ -156,11 +156,12 @@ def run_arena(
 ) -> tuple[list[Battle], int]:
     """`gptlab arena run`: the models' folders loaded on ``device``, ``play``ed (``options``: its
     keyword arguments), the battles added to the store ``db``. Returns the battles and the number of
-    battles the store holds now. The store is opened first, so a file that is not an arena fails
-    before any answer is generated."""
+    battles the store holds now. The store is opened once the models have loaded and before any
+    answer is generated: a model that cannot load leaves no database behind, and a file that is not
+    an arena fails before the work."""
     check_battles(battles)
+    engines = {name: Engine.from_pretrained(folder, device=device) for name, folder in models.items()}
     with ArenaStore(db) as store:
-        engines = {name: Engine.from_pretrained(folder, device=device) for name, folder in models.items()}
         played = play(engines, prompts, judge, battles, **options)
         store.add_many(played)
         return played, len(store)
