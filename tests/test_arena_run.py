@@ -362,6 +362,9 @@ def test_arena_board_in_four_formats(capfd, arena_db, tmp_path):
     for row in board["leaderboard"]:
         assert row["ci_low"] <= row["bt"] <= row["ci_high"]
 
+    printed = gptlab_in_process(capfd, "arena", "board", "--db", arena_db, "--format", "json", "--bootstrap", 20).stdout
+    assert json.loads(printed) == board and printed.endswith("}\n")  # printed as written, the prompt on a new line
+
     result = gptlab_in_process(capfd, "arena", "board", "--db", arena_db, "--format", "csv", "--bootstrap", 20)
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert list(rows[0]) == list(COLUMNS) and [r["model"] for r in rows] == ["strong", "middle", "weak"]

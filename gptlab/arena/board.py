@@ -118,14 +118,15 @@ def board_format(fmt: str | None, out: str | os.PathLike | None) -> str:
 
 
 def write_board(board: Board, fmt: str, out: str | os.PathLike | None) -> str | None:
-    """The board in ``fmt`` written to ``out``, or returned as text when ``out`` is None."""
+    """The board in ``fmt`` written to ``out``, or returned as text (ending in a newline) when ``out`` is None."""
     if fmt == "png":
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         board.plot(out)
         return None
     text = {"md": board.markdown, "json": board.json, "csv": board.csv}[fmt]()
+    text = text if text.endswith("\n") else text + "\n"
     if out is None:
         return text
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, text if text.endswith("\n") else text + "\n")
+    write_text_atomic(out, text)
     return None
