@@ -19,6 +19,93 @@ def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
 
 
+# The most logits ``linear_cross_entropy`` holds at once: 2**26 is 256 MiB in fp32, where GPT-2's
+# 50,304-token vocabulary over a batch of 16 x 1,024 tokens would hold 3.3 GB, and as much again for
+# their gradient.
+LOGITS_CHUNK_ELEMENTS = 2**26
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """``mean_cross_entropy(F.linear(hidden, weight), targets)`` without ever holding all the logits:
+    a language-model head's loss over hidden states (..., d) and its weight (V, d).
+
+    When all the logits fit in ``chunk_elements`` (default ``LOGITS_CHUNK_ELEMENTS``) this is that
+    plain loss. Otherwise the rows of ``hidden`` meet the head a chunk at a time, and each chunk's
+    gradients (of the hidden states and the head) are taken while its logits exist, so that
+    neither all the fp32 logits nor their gradient are ever held, and the backward pass has no
+    logits to recompute: the FLOPs are the plain loss's. Under autocast the matmuls run in its
+    dtype and the softmax in fp32, as the plain loss's do; the loss and gradients equal the plain
+    ones to rounding.
+    """
+    vocab, width = weight.shape
+    rows_per_chunk = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // vocab)
+    if hidden.numel() // width <= rows_per_chunk:
+        return mean_cross_entropy(F.linear(hidden, weight), targets)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    rows, targets = hidden.reshape(-1, width), targets.reshape(-1)
+    with torch.autocast(device, enabled=False):
+        if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(rows, weight, targets, rows_per_chunk)
+        loss_sum, count, _, _ = _chunked_loss(rows, weight, targets, rows_per_chunk, False, False)
+        return loss_sum / count
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``linear_cross_entropy``'s chunks, whose gradients are computed in the forward pass and only
+    scaled in the backward (the loss is the last op before the backward, so nothing is wasted)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, rows_per_chunk):
+        loss_sum, count, grad_rows, grad_weight = _chunked_loss(
+            rows, weight, targets, rows_per_chunk, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.save_for_backward(count, grad_rows, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        count, grad_rows, grad_weight = ctx.saved_tensors
+        scale = grad_loss / count
+        rows = (grad_rows * scale).to(grad_rows.dtype) if ctx.needs_input_grad[0] else None
+        weight = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return rows, weight, None, None
+
+
+def _chunked_loss(rows, weight, targets, rows_per_chunk: int, grad_of_rows: bool, grad_of_weight: bool):
+    """(the summed cross-entropy over kept targets, their count, and the sum's gradients of the
+    rows and, in fp32, of the weight, each None when not asked for), a chunk of rows at a time."""
+    kept = targets != IGNORE
+    loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
+    grad_rows = []
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_of_weight else None
+    for start in range(0, rows.size(0), rows_per_chunk):
+        chunk = rows[start : start + rows_per_chunk]
+        chunk_kept = kept[start : start + rows_per_chunk]
+        picked = torch.where(chunk_kept, targets[start : start + rows_per_chunk], 0)[:, None]
+        logits = (chunk @ weight.T).float()
+        log_norm = logits.logsumexp(-1, keepdim=True)
+        losses = log_norm - logits.gather(-1, picked)
+        loss_sum = loss_sum + torch.where(chunk_kept[:, None], losses, 0.0).sum()
+        if not (grad_of_rows or grad_of_weight):
+            continue
+        # d(loss)/d(logits) = softmax - one-hot of the target, on kept rows only.
+        grad = logits.sub_(log_norm).exp_()
+        grad.scatter_add_(-1, picked, torch.full_like(losses, -1.0))
+        grad = torch.where(chunk_kept[:, None], grad, 0.0).to(rows.dtype)
+        if grad_of_rows:
+            grad_rows.append(grad @ weight)
+        if grad_of_weight:
+            grad_weight += grad.T @ chunk
+    count = kept.sum()
+    return loss_sum, count, torch.cat(grad_rows) if grad_of_rows else None, grad_weight
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) at every position (the shape of ``targets``), 0 where the target is ``IGNORE``."""
     return _picked(logits.float().log_softmax(-1), targets)
