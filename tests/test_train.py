@@ -384,6 +384,76 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     assert GPT.from_pretrained(tmp_path / "checkpoints" / "step-0000005").config.n_embd == 16
 
 
+class FusedAdamW(torch.optim.AdamW):
+    """The loop's AdamW fused whatever the device, as it is on CUDA (torch fuses it on the CPU too)."""
+
+    def __init__(self, *args, fused=None, **kwargs):
+        super().__init__(*args, fused=True, **kwargs)
+
+
+def nan_at_call(call: int, snapshots: list):
+    """A loss function whose ``call``-th loss is NaN; it keeps the weights it was handed at that call."""
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        if len(calls) == call:
+            snapshots.append(copy.deepcopy(m.state_dict()))
+        loss = m(batch, batch)
+        return loss * float("nan") if len(calls) == call else loss
+
+    return loss_fn
+
+
+@pytest.mark.parametrize(
+    ("save_every", "kept"),
+    [
+        pytest.param(1, ["step-0000003", "step-0000004"], id="found-before-the-save-of-step-5"),
+        pytest.param(0, [], id="found-in-step-6s-first-micro-step"),
+    ],
+)
+def test_a_fused_adamw_queues_the_update_unchecked_leaves_a_non_finite_one_out_and_stops_the_run(
+    tmp_path, monkeypatch, save_every, kept
+):
+    """With a fused AdamW the host queues each update without waiting for its loss and gradient norm: the
+    optimizer leaves a non-finite step out on the device, and the run stops with that step's number once the
+    next step's work is queued, or before anything of it is saved, with the weights that step was given."""
+    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    given: list[dict] = []
+    cfg = TrainConfig(max_steps=10, batch_size=2, seq_len=8, save_every=save_every, eval_every=0, log_every=10)
+    random_batches = Batches(lambda: torch.randint(0, 50, (2, 8)))
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu"), None), tmp_path, nan_at_call(5, given), random_batches)
+    assert trainer._skips_non_finite_on_device
+    steps = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda: (steps.append(trainer.optimizer.found_inf.item()), step())
+    with pytest.raises(UserError, match="loss became nan at step 5;"):
+        trainer.fit()
+    assert steps == [0.0, 0.0, 0.0, 0.0, 1.0]  # the fifth update was queued, flagged
+    assert all(torch.equal(given[0][k], v) for k, v in model.state_dict().items())
+    assert [p.name for p in RunFolder(tmp_path).checkpoints()] == kept
+
+
+def test_a_fused_adamw_trains_the_same_queuing_its_updates_as_waiting_for_each_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
+    results = []
+    for deferred in (True, False):
+        monkeypatch.setattr(Trainer, "_skips_non_finite_on_device", deferred)
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+        cfg = TrainConfig(max_steps=6, batch_size=2, seq_len=8, save_every=0, eval_every=0, log_every=1)
+        batches = Batches(lambda: torch.randint(0, 50, (2, 8)))
+        Trainer(
+            model, cfg, Runtime(torch.device("cpu"), None), tmp_path / str(deferred), lambda m, b: m(b, b), batches
+        ).fit()
+        results.append((losses(tmp_path / str(deferred)), model.state_dict()))
+    (deferred_losses, deferred_weights), (waited_losses, waited_weights) = results
+    assert deferred_losses == waited_losses and len(deferred_losses) == 6
+    assert all(torch.equal(deferred_weights[k], waited_weights[k]) for k in waited_weights)
+
+
 def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
     common = ("train.max_steps=5", "train.save_every=0", "train.eval_every=0")
     pretrain_here(*pretrain_args(tmp_path / "big", shards, *common))
@@ -392,6 +462,82 @@ def test_gradient_accumulation_equals_one_big_batch(shards, tmp_path):
     assert all(math.isclose(big[s], accum[s], abs_tol=1e-5) for s in big)
     for name, tensor in weights(tmp_path / "big" / "model").items():
         assert torch.allclose(tensor, weights(tmp_path / "accum" / "model")[name], atol=1e-5)
+
+
+TRAIN_COMPILED = """
+import json, sys
+from pathlib import Path
+import torch
+import gptlab.train.loop as loop
+from gptlab.model import GPT, ModelConfig
+from gptlab.train.loop import TrainConfig, Trainer, cleanup_runtime, setup_runtime
+
+loop.peak_flops = lambda device: None  # no MFU: spares timing the CPU's matmuls
+# Dynamo and AOTAutograd trace as they do for inductor, without its C++ compile: the wrapping is what is tested.
+compiled = []
+torch_compile = torch.compile
+def traced(module, *args, **kwargs):
+    compiled.append(type(getattr(module, "__self__", module)).__name__)  # Module.compile passes its bound _call_impl
+    return torch_compile(module, *args, backend="aot_eager", **kwargs)
+torch.compile = traced
+
+class Batches:  # rank r takes rows 4r..4r+3 of each global batch
+    def __init__(self, rank):
+        self.rank, self.calls = rank, 0
+    def next_batch(self):
+        self.calls += 1
+        return torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(self.calls))[4 * self.rank :][:4]
+    def state_dict(self):
+        return {}
+    def load_state_dict(self, state):
+        pass
+
+out, report = Path(sys.argv[1]), {}
+for name, settings in {
+    "ddp": {}, "ddp_compiled": {"compile": True}, "fsdp": {"parallelism": "fsdp"},
+    "fsdp_compiled": {"parallelism": "fsdp", "compile": True}, "fsdp_bf16": {"parallelism": "fsdp", "dtype": "bf16"},
+}.items():
+    cfg = TrainConfig(max_steps=4, batch_size=8, seq_len=8, eval_every=0, log_every=1, save_every=0, device="cpu",
+                      **settings)
+    runtime = setup_runtime(cfg)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    seen = set()
+    model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, args: seen.add(str(m.weight.dtype)))
+    compiled.clear()
+    trainer = Trainer(model, cfg, runtime, out / name, lambda m, b: m(b, b), Batches(runtime.rank))
+    trainer.fit()
+    report[name] = {"compiled": list(compiled), "called": type(trainer.wrapped).__name__,
+                    "forward_dtypes": sorted(seen), "stored_dtype": str(model.blocks[0].attn.qkv.weight.dtype)}
+if runtime.is_main:
+    (out / "report.json").write_text(json.dumps(report))
+cleanup_runtime(runtime)
+"""
+
+
+@pytest.mark.slow
+def test_compile_wraps_ddp_and_fsdps_blocks_and_fsdp_in_bf16_gathers_bf16_weights(tmp_path):
+    """train.compile under torchrun compiles what PyTorch advises: the DDP-wrapped model (its gradient buckets
+    then split the graph) and, under FSDP2, each sharded block in place (the all-gathers stay outside the
+    graphs); both train as uncompiled. A bf16 FSDP run gathers bf16 weights for the forward (and reduces
+    gradients in fp32) while its stored weights stay fp32."""
+    script = tmp_path / "train_compiled.py"
+    script.write_text(TRAIN_COMPILED)
+    run_python(*TORCHRUN_TWO_RANKS, script, tmp_path, check=True, env=ONE_THREAD)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ddp_compiled"]["compiled"] == ["DistributedDataParallel"]
+    assert (
+        report["ddp_compiled"]["called"] == "OptimizedModule" and report["ddp"]["called"] == "DistributedDataParallel"
+    )
+    assert report["fsdp_compiled"]["compiled"] == ["FSDPBlock", "FSDPBlock"]
+    assert report["ddp"]["compiled"] == report["fsdp"]["compiled"] == []
+    for parallelism in ("ddp", "fsdp"):
+        plain, compiled = losses(tmp_path / parallelism), losses(tmp_path / f"{parallelism}_compiled")
+        assert plain.keys() == compiled.keys() == {1, 2, 3, 4}
+        assert all(compiled[s] == pytest.approx(plain[s], rel=1e-6) for s in plain), (plain, compiled)
+    assert report["fsdp_bf16"]["forward_dtypes"] == ["torch.bfloat16"]
+    assert report["fsdp_bf16"]["stored_dtype"] == report["fsdp"]["stored_dtype"] == "torch.float32"
+    assert report["fsdp"]["forward_dtypes"] == ["torch.float32"]
 
 
 TRAIN_WITH_METRICS = """

@@ -305,6 +305,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.model = model.to(runtime.device)
         self.model.activation_checkpointing = cfg.activation_checkpointing
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None  # set by _wrap under DDP
         self.wrapped = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, cfg, runtime.device)
         self.checkpoints = Checkpoints(
@@ -322,22 +323,32 @@ class Trainer:
         self.step = 0
         self.resumed_from: Path | None = None
         self.updated = False  # whether this process has stepped the optimizer yet
+        self.pending: _PendingCheck | None = None  # a step whose update was queued before it was checked
 
     def _wrap(self, model: Trainable) -> torch.nn.Module:
-        wrapped: torch.nn.Module = torch.compile(model) if self.cfg.compile else model
+        """The module the steps call: compiled as PyTorch advises for each kind of run. Under DDP the
+        wrapped model is compiled, so that its gradient buckets split the graph and their all-reduces
+        overlap the backward; under FSDP2 each block is compiled in place, its all-gathers staying
+        outside the graphs, with bf16 parameters and fp32 gradient reductions in a bf16 run."""
         if not self.runtime.distributed:
-            return wrapped
+            return torch.compile(model) if self.cfg.compile else model
         if self.cfg.parallelism == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            policy = MixedPrecisionPolicy()
+            if self.runtime.autocast_dtype == torch.bfloat16:
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for unit in model.shard_units():
-                fully_shard(unit)
-            fully_shard(model)
-            return wrapped
+                fully_shard(unit, mp_policy=policy)
+                if self.cfg.compile:
+                    unit.compile()
+            fully_shard(model, mp_policy=policy)
+            return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.runtime.local_rank] if self.runtime.device.type == "cuda" else None
-        return DistributedDataParallel(wrapped, device_ids=ids)
+        self.ddp = DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(self.ddp) if self.cfg.compile else self.ddp
 
     @property
     def sharded(self) -> bool:
@@ -375,16 +386,17 @@ class Trainer:
             group["lr"] = learning_rate(self.cfg, self.step)
         total = torch.zeros((), device=self.runtime.device)
         stage: dict[str, torch.Tensor] = {}
-        ddp = isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
         for micro in range(self.grad_accum):
             batch = self.batches.next_batch()
             # DDP all-reduces gradients on every backward unless told to wait for the last micro-step.
-            skip_sync = ddp and micro < self.grad_accum - 1
-            with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext():
+            skip_sync = self.ddp is not None and micro < self.grad_accum - 1
+            with self.ddp.no_sync() if skip_sync else contextlib.nullcontext():
                 with self.runtime.autocast():
                     loss, metrics = _loss_and_metrics(self.loss_fn(self.wrapped, batch))
                     loss = loss / self.grad_accum
                 loss.backward()
+            if micro == 0:  # this step's first batch and backward are queued: the device stays busy while we wait
+                self._check_pending()
             total += loss.detach()
             for name, value in metrics.items():
                 stage[name] = stage.get(name, 0.0) + value.detach().float() / self.grad_accum
@@ -392,38 +404,78 @@ class Trainer:
         averaged = self.runtime.mean(torch.stack([total, *stage.values()]))
         total, stage = averaged[0], dict(zip(stage, averaged[1:]))
         # An infinite max_norm measures without clipping: a finite norm scales the gradients by
-        # exactly 1, and a non-finite one stops the run below, before any update.
+        # exactly 1, and a non-finite one stops the run, before any update.
         grad_norm = _whole(
             torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
             )
         )
-        if not torch.isfinite(total + grad_norm):  # one sync for both
-            self._stop_on_non_finite(total, grad_norm)
-        self.optimizer.step()
+        if self._skips_non_finite_on_device:
+            self._queue_update(total, grad_norm)
+        else:
+            if not torch.isfinite(total + grad_norm):  # one sync for both
+                self._stop_on_non_finite(self.step + 1, total, grad_norm, not self.updated)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updated = True
         return total, stage, grad_norm
 
-    def _stop_on_non_finite(self, total: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    @property
+    def _skips_non_finite_on_device(self) -> bool:
+        """Whether the optimizer can leave a non-finite step out on the device, so that the host need not
+        wait for the check before queuing the update: a fused AdamW (the default on CUDA) reads
+        ``found_inf`` as it does under GradScaler. Not under FSDP: the flag is no DTensor as its shards are."""
+        fused = isinstance(self.optimizer, torch.optim.AdamW) and self.optimizer.defaults.get("fused")
+        return bool(fused) and not self.sharded
+
+    def _queue_update(self, total: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Queue the optimizer step, left out on the device when the loss or the gradient norm is not
+        finite, and the host's copy of that verdict, which ``_check_pending`` reads a step later."""
+        finite = torch.isfinite(total + grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        ready = None
+        if finite.device.type == "cuda":
+            finite = finite.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.pending = _PendingCheck(self.step + 1, total, grad_norm, finite, ready, not self.updated)
+
+    def _check_pending(self) -> None:
+        """Stop the run if the step whose update was queued unchecked had a non-finite loss or gradient
+        norm (its update was left out). Waits only for that step's verdict, not for later work."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        if not bool(pending.finite):
+            self._stop_on_non_finite(pending.step, pending.total, pending.grad_norm, pending.before_first_update)
+
+    def _stop_on_non_finite(
+        self, step: int, total: torch.Tensor, grad_norm: torch.Tensor, before_first_update: bool
+    ) -> None:
         """Stop with one line. Before this process's first update the learning rate has had no say:
         the weights it started from (a damaged checkpoint, a broken init) or the data are at fault."""
         self.optimizer.zero_grad(set_to_none=True)
         what = f"loss became {total.item()}"
         if torch.isfinite(total):
             what = f"gradient norm became {grad_norm.item()}"
-        if not self.updated:
+        if before_first_update:
             start, fix = "the starting weights", "check the init model and the data"
             if self.resumed_from:
                 start = f"the weights resumed from {self.resumed_from}"
                 fix = f"move {self.resumed_from} aside to resume from an older checkpoint, or check the data"
             raise UserError(
-                f"{what} at step {self.step + 1}, before this run's first update, so not through the learning "
+                f"{what} at step {step}, before this run's first update, so not through the learning "
                 f"rate: {start} or the data are broken; the run stopped and its checkpoints are as they were: {fix}"
             )
         kept = self.run_folder.checkpoints()
         raise UserError(
-            f"{what} at step {self.step + 1}; the run stopped and "
+            f"{what} at step {step}; the run stopped and "
             f"{'its newest checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}"
             "; lower train.lr, raise train.warmup_steps or check the data"
         )
@@ -461,15 +513,20 @@ class Trainer:
                 window.add(loss, stage, time.perf_counter() - start)
                 self.step += 1
                 last = self.step == cfg.max_steps
+                logs = self.step % cfg.log_every == 0 or last
+                evaluates = self.evaluate and (cfg.eval_every and self.step % cfg.eval_every == 0 or last)
+                saves = cfg.save_every and self.step % cfg.save_every == 0 or last
+                if logs or evaluates or saves:
+                    self._check_pending()  # nothing of a step is logged or kept before it is known to be finite
                 record = {}
-                if self.step % cfg.log_every == 0 or last:
+                if logs:
                     record = window.close(self.step, learning_rate(cfg, self.step - 1), grad_norm)
                     bar.set_postfix(window.shown(record, self.progress_metrics))
-                if self.evaluate and (cfg.eval_every and self.step % cfg.eval_every == 0 or last):
+                if evaluates:
                     record = {"step": self.step, **record, **self._run_eval()}
                 if record:
                     self._log(record)
-                if cfg.save_every and self.step % cfg.save_every == 0 or last:
+                if saves:
                     self.save_checkpoint()
                 bar.update(1)
         finally:
@@ -524,6 +581,18 @@ class Trainer:
             dist.barrier()
 
 
+@dataclass
+class _PendingCheck:
+    """A step whose update was queued before its loss and gradient norm were known to be finite."""
+
+    step: int  # counted from 1, as the messages name steps
+    total: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: torch.Tensor  # on the host, once ``ready`` has passed
+    ready: torch.cuda.Event | None
+    before_first_update: bool
+
+
 class _LogWindow:
     """The steps since the last log: their mean loss and stage metrics, and their speed."""
 
@@ -550,7 +619,9 @@ class _LogWindow:
 
     def close(self, step: int, lr: float, grad_norm: torch.Tensor) -> dict:
         """The record of the window ending at ``step``; the window starts afresh."""
+        start = time.perf_counter()
         means = [total / self.steps for total in torch.stack([self.loss, *self.stage.values()]).tolist()]  # one sync
+        self.seconds += time.perf_counter() - start  # the device's work still queued for the window's steps
         record = {
             "step": step,
             "loss": round(means[0], 6),
