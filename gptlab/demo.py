@@ -29,6 +29,10 @@ from gptlab import stats
 from gptlab.align.reward import RewardScorer
 from gptlab.align.reward_functions import arith, gold_number
 from gptlab.align.rollouts import record_prompt
+from gptlab.arena.agreement import mean_scores, rank_agreement
+from gptlab.arena.battles import WINNERS
+from gptlab.arena.board import Board
+from gptlab.arena.store import ArenaStore
 from gptlab.chat import ChatSession, chat_replies
 from gptlab.data.documents import jsonl_records, read_jsonl
 from gptlab.engine import Engine
@@ -39,7 +43,6 @@ from gptlab.ladder import run_folder
 from gptlab.model import GPT
 from gptlab.report import (
     GRPO_ROWS,
-    NOT_YET,
     PPO_ROWS,
     Claim,
     Section,
@@ -70,6 +73,7 @@ PPO_DEMO_ROWS = (
     "val/num_eos_tokens",
 )
 GRPO_DEMO_ROWS = ("reward", "frac_reward_zero_std", "completions/mean_length")
+ARENA_ALIGNED = ("sft", "dpo", "ppo", "grpo")  # the arena's models after the ladder's sizes
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class DemoPreset:
     ppo_sets: tuple[str, ...]  # train.max_steps: a multiple of ppo_epochs (4) x num_mini_batches (1)
     grpo_sets: tuple[str, ...]
     instruct_limit: int  # test conversations per instruction family
+    arena_prompts: int  # held-out preference prompts the arena's models answer (each model answers each once)
+    arena_rounds: int  # battles per pair of models
 
 
 PRESETS = {
@@ -98,6 +104,8 @@ PRESETS = {
         ppo_sets=("train.max_steps=8", "train.batch_size=8", "train.log_every=4", "train.save_every=0"),
         grpo_sets=("train.max_steps=2", "train.batch_size=16", "train.log_every=1", "train.save_every=0"),
         instruct_limit=10,
+        arena_prompts=17,  # one per family
+        arena_rounds=4,
     ),
     "default": DemoPreset(
         world="default",
@@ -114,6 +122,8 @@ PRESETS = {
         ppo_sets=("train.max_steps=32", "train.log_every=4", "train.save_every=0"),
         grpo_sets=("train.max_steps=16", "train.log_every=2", "train.save_every=0"),
         instruct_limit=50,
+        arena_prompts=51,  # three per family
+        arena_rounds=12,
     ),
 }
 
@@ -173,10 +183,12 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
     reward_run, dpo_run = preference_stages(gptlab, out, spec, tuned, seed, timings)
     ppo_run, grpo_run = rl_stages(gptlab, out, spec, tuned, reward_run, seed, timings)
     runs = {"base": base, "sft": tuned, "reward": reward_run, "dpo": dpo_run, "ppo": ppo_run, "grpo": grpo_run}
+    arena_db = arena_stage(gptlab, out, spec, contestants(out / "ladder", runs), seed, timings)
 
     print("== demo: evaluation and samples", flush=True)
     start = time.perf_counter()
     results = measure(out / "world", spec, runs)
+    results["arena"] = arena_results(out / "world", arena_db, seed)
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
@@ -187,13 +199,14 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
             pretraining_section(base, results["base_model"], out / "loss.png"),
             ladder_section(
                 out / "ladder",
-                extra=alignment_claims(results["instruct"], results["preferences"]),
+                extra=alignment_claims(results["instruct"], results["preferences"], results["arena"]),
                 heading="##",
                 link_prefix="ladder/",
             ),
             instruction_tuning_section(results["instruct"], results["conversations"]),
             preferences_section(results["preferences"]),
             rl_section(ppo_run, grpo_run, results["preferences"]["ppo"], results["arithmetic"], out / "ppo.png"),
+            arena_section(results["arena"], out / "arena.png"),
             samples_section(results["samples"]),
             timings_section(timings),
         ]
@@ -340,6 +353,43 @@ def rl_stages(
     return runs
 
 
+def contestants(ladder: Path, runs: dict[str, RunFolder]) -> dict[str, RunFolder]:
+    """The arena's models: every size of the ladder (base models, which never saw the chat template),
+    then SFT and the models aligned from it."""
+    sizes = json.loads((ladder / "ladder.json").read_text())["runs"]
+    return {**{r["name"]: run_folder(ladder, r["name"]) for r in sizes}, **{n: runs[n] for n in ARENA_ALIGNED}}
+
+
+def arena_stage(
+    gptlab: Command, out: Path, spec: DemoPreset, models: dict[str, RunFolder], seed: int, timings: dict
+) -> Path:
+    """`gptlab arena run` among ``models`` on held-out preference prompts of every family, judged by the
+    oracle, every pair of models meeting ``spec.arena_rounds`` times; returns the battles' database."""
+    folder = out / "arena"
+    folder.mkdir(exist_ok=True)
+    prompts = arena_prompts(read_jsonl(out / "world" / "prefs" / "test.jsonl"), spec.arena_prompts)
+    write_text_atomic(folder / "prompts.jsonl", "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    db = folder / "arena.db"
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)  # the store adds battles to what it holds: a rerun starts a new arena
+    battles = spec.arena_rounds * len(models) * (len(models) - 1) // 2
+    args = ["arena", "run", "--models", ",".join(f"{name}={run.model_dir}" for name, run in models.items())]
+    args += ["--prompts", str(folder / "prompts.jsonl"), "--judge", "oracle", "--world", str(out / "world")]
+    args += ["--battles", str(battles), "--db", str(db), "--seed", str(seed), "--max-new-tokens", str(REPLY_TOKENS)]
+    stage(gptlab, "arena", args, timings)
+    return db
+
+
+def arena_prompts(pairs: list[dict], limit: int) -> list[list[dict]]:
+    """Up to ``limit`` distinct prompts of preference pairs, taken from each family in turn: the families
+    the models answer well (word tasks) decide battles, the ones every model gets wrong only tie."""
+    by_family: dict[str, dict[str, list[dict]]] = {}
+    for pair in pairs:
+        by_family.setdefault(pair["family"], {})[json.dumps(pair["prompt"])] = pair["prompt"]
+    in_turn = itertools.chain.from_iterable(itertools.zip_longest(*(f.values() for f in by_family.values())))
+    return [prompt for prompt in in_turn if prompt is not None][:limit]
+
+
 def instruction_following(world: Path, held_out: list[str], base: Engine, tuned: Engine, limit: int) -> dict:
     """The base model prompted with a few examples vs the SFT model asked zero-shot, on the
     held-out test conversations of every instruction family, scored by the oracle."""
@@ -452,6 +502,22 @@ def arithmetic_results(world: Path, sft: Engine, grpo: Engine) -> dict:
     }
 
 
+def arena_results(world: Path, db: Path, seed: int) -> dict:
+    """The arena's board, and how well its order agrees with the models' mean oracle score on the
+    answers they gave in its battles (Kendall's tau with a bootstrap interval over battles)."""
+    with ArenaStore(db, create=False) as store:
+        battles = store.battles()
+    oracle = Oracle(world)
+    scores = [(oracle.score(b.prompt, b.answer_a), oracle.score(b.prompt, b.answer_b)) for b in battles]
+    return {
+        "board": Board(battles, seed=seed),
+        "agreement": rank_agreement(battles, scores, seed=seed),
+        "scores": mean_scores(battles, scores),
+        "prompts": len({json.dumps(b.prompt) for b in battles}),
+        "verdicts": {v: sum(b.winner == v for b in battles) for v in WINNERS},
+    }
+
+
 def chat_samples(world: Path, held_out: list[str], tuned: Engine) -> list[tuple[str, str, str]]:
     """(family, question, reply) for the first test conversation of each held-out family."""
     samples = []
@@ -529,9 +595,9 @@ def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
     )
 
 
-def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
-    """The phenomena table's rows after the ladder's: instruction tuning, DPO and PPO as measured here,
-    then what later stages will measure."""
+def alignment_claims(instruct: dict, preferences: dict, arena: dict) -> list[Claim]:
+    """The phenomena table's rows after the ladder's: instruction tuning, DPO, PPO and the arena as
+    measured here."""
     claim = Claim(
         "Instruction tuning gives zero-shot gains on unseen tasks",
         f"SFT zero-shot minus base {INSTRUCT_SHOTS}-shot, held-out instruction families (oracle-scored)",
@@ -555,8 +621,18 @@ def alignment_claims(instruct: dict, preferences: dict) -> list[Claim]:
         f"{preferences['reward_accuracy']['wrong'][0]:.0%} of held-out pairs: it rewards style more than facts "
         "(docs/alignment.md)",
     )
-    measured = ("Instruction", "DPO", "RLHF")
-    return [claim, dpo, ppo, *(c for c in NOT_YET if not c.claim.startswith(measured))]
+    return [claim, dpo, ppo, arena_claim(arena)]
+
+
+def arena_claim(arena: dict) -> Claim:
+    """Reproduced when the arena's order agrees with the oracle's scores beyond chance: the interval of
+    Kendall's tau lies above zero."""
+    tau, (lo, hi) = arena["agreement"]["tau"], arena["agreement"]["ci"]
+    measure = "Kendall's tau: arena order (Bradley-Terry, oracle-judged battles) vs the models' mean oracle score"
+    claim = Claim("The arena ranks models by preference", measure, tau, lo, hi, unit="tau")
+    if lo <= 0:
+        claim.note = "if no: more prompts or battles per pair (arena_prompts, arena_rounds)"
+    return claim
 
 
 def win_rate_claim(claim: str, model: str, comparison: dict, if_not: str) -> Claim:
@@ -766,6 +842,41 @@ def grpo_lines(run: RunFolder, arithmetic: dict) -> list[str]:
             f"zero: **{'met' if effect[1] > 0 else 'not met'}**."
         ),
     ]
+
+
+def arena_section(result: dict, plot: Path) -> Section:
+    """The arena's board (``arena_results``) with its plot, the verdicts, and the rank agreement with the
+    oracle's mean scores."""
+    board, agreement = result["board"], result["agreement"]
+    tau, (lo, hi) = agreement["tau"], agreement["ci"]
+    board.plot(plot)
+    return Section(
+        "\n".join(
+            [
+                "## Arena",
+                "",
+                f"Every model answers the same {result['prompts']} held-out preference prompts (greedy); each pair "
+                "meets on prompts dealt at random, sides random, and TinyWorld's oracle judges (`gptlab arena run "
+                "--judge oracle`; the battles are in `arena/arena.db`: `gptlab arena board --db arena/arena.db`).",
+                "",
+                "| A better | B better | tie | both wrong (tie) |",
+                "|---|---|---|---|",
+                "| {model_a} | {model_b} | {tie} | {tie (bothbad)} |".format_map(result["verdicts"]),
+                "",
+                board.markdown(),
+                f"![arena]({plot.name})",
+                "",
+                "| model | mean oracle score of its answers |",
+                "|---|---|",
+                *(f"| {row['model']} | {result['scores'][row['model']]:.3f} |" for row in board.rows),
+                "",
+                f"Kendall's tau between the arena's order (Bradley-Terry) and the order of the mean oracle scores: "
+                f"**{tau:.2f}** [{lo:.2f}, {hi:.2f}] (95% bootstrap interval over battles, {agreement['rounds']} "
+                "rounds).",
+            ]
+        ),
+        [plot],
+    )
 
 
 def samples_section(samples: list[tuple[str, str, str]]) -> Section:

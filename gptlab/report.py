@@ -65,7 +65,7 @@ class Claim:
     lo: float | None = None
     hi: float | None = None
     note: str = ""
-    unit: str = "points"  # "points": accuracy differences shown x100; "exponent": as is
+    unit: str = "points"  # "points": accuracy differences shown x100; "exponent", "tau": as is
 
     @property
     def reproduced(self) -> bool | None:
@@ -315,8 +315,8 @@ NOT_YET = [
     ),
     Claim(
         "The arena ranks models by preference",
-        "Elo / Bradley-Terry with the oracle as judge",
-        note="arena not built yet",
+        "Kendall's tau: arena order (oracle-judged battles) vs mean oracle score",
+        note="measured by `gptlab demo` (arena stage)",
     ),
 ]
 
@@ -325,7 +325,8 @@ NOT_YET = [
 # Plots
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: the report's (and the arena board's) plots are files, never windows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,7 +335,8 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
+def save_figure(plt, fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, then closed (a report draws many figures)."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -346,11 +348,11 @@ def _save_line_plot(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_pretraining_loss(metrics: list[dict], path: Path, title: str = "Pretraining on TinyWorld") -> None:
-    plt = _plt()
+    plt = pyplot()
     logged = [m for m in metrics if "loss" in m]
     train = [(m["tokens"], m["loss"]) for m in logged]
     val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
@@ -364,7 +366,7 @@ def plot_pretraining_loss(metrics: list[dict], path: Path, title: str = "Pretrai
 
 def plot_dpo_rewards(metrics: list[dict], path: Path, title: str) -> None:
     """rewards/margins and rewards/accuracies over the steps, on the training pairs and the held-out ones."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, name in zip(axes, ("rewards/margins", "rewards/accuracies")):
         for key, style, label in ((name, "-", "training pairs"), (f"eval_{name}", "o-", "held-out pairs")):
@@ -376,12 +378,12 @@ def plot_dpo_rewards(metrics: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_rl_curves(metrics: list[dict], path: Path, names: Sequence[str], title: str) -> None:
     """One panel per metric (those logged) over the steps: an RL run's reward and KL curves."""
-    plt = _plt()
+    plt = pyplot()
     shown = [name for name in names if any(name in m for m in metrics)]
     fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5), squeeze=False)
     for ax, name in zip(axes[0], shown):
@@ -390,11 +392,11 @@ def plot_rl_curves(metrics: list[dict], path: Path, names: Sequence[str], title:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_loss(ladder: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     runs = ladder["runs"]
     compute = np.array([r["flops"] for r in runs])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -422,7 +424,7 @@ def plot_loss(ladder: dict, path: Path) -> None:
 
 def plot_emergence(ladder: dict, samples: Samples, path: Path) -> None:
     """Each ability against compute under exact match (left) and partial credit (right)."""
-    plt = _plt()
+    plt = pyplot()
     runs = ladder["runs"]
     compute = [r["flops"] for r in runs]
     metrics = runs[-1]["metrics"]
@@ -441,11 +443,11 @@ def plot_emergence(ladder: dict, samples: Samples, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score")
     axes[1].legend(fontsize=7)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_fewshot(ladder: dict, samples: Samples, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     runs = ladder["runs"]
     words = sorted(t for t in runs[-1]["metrics"] if t.startswith("words_"))
     ks = sorted(int(s.split("-")[0]) for s in runs[-1]["metrics"][words[0]])
@@ -472,7 +474,7 @@ def plot_fewshot(ladder: dict, samples: Samples, path: Path) -> None:
 
 
 def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     runs = ladder["runs"]
     tasks = sorted(t for t in runs[-1]["metrics"] if t.startswith("arith_"))
     effects = [
@@ -489,7 +491,7 @@ def plot_cot(ladder: dict, samples: Samples, path: Path) -> None:
     ax.set_ylabel("CoT minus standard (points, 95% CI)")
     ax.set_title("Chain-of-thought gain vs model size")
     ax.grid(alpha=0.3, axis="y")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_ladder(ladder_dir: Path, ladder: dict, samples: Samples) -> dict[str, Path]:

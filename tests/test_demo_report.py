@@ -145,3 +145,49 @@ def test_the_ppo_target_is_not_met_with_too_much_kl_or_too_few_wins(tmp_path, wi
 def test_the_grpo_target_is_not_met_when_the_interval_reaches_zero(tmp_path):
     text = rl_markdown(tmp_path, win_rate=(0.7, 0.62, 0.78), ppo_kl=[4.0, 6.0], effect=(0.0, 0.0, 0.0))
     assert "zero: **not met**" in text and "10 nats: **met**" in text
+
+
+def test_the_arena_asks_each_family_in_turn_and_no_prompt_twice():
+    pairs = [{"family": f, "prompt": user(f"{f} {i}")} for f in ("facts", "words") for i in range(3)]
+    pairs.append(dict(pairs[0]))  # the same prompt in a second pair
+    assert demo.arena_prompts(pairs, 5) == [user(t) for t in ("facts 0", "words 0", "facts 1", "words 1", "facts 2")]
+    assert len(demo.arena_prompts(pairs, 100)) == 6
+
+
+def arena_result(winners: list[str], scores: list[tuple[float, float]]) -> dict:
+    """``arena_results`` for battles of m0 against m1 (sides alternating) with these verdicts and scores."""
+    from gptlab.arena.agreement import mean_scores, rank_agreement
+    from gptlab.arena.battles import WINNERS, Battle
+    from gptlab.arena.board import Board
+
+    battles = [
+        Battle(user("q"), *(("m0", "m1") if t % 2 else ("m1", "m0")), "x", "<b>y</b>", winner, "oracle", t)
+        for t, winner in enumerate(winners)
+    ]
+    return {
+        "board": Board(battles, rounds=20),
+        "agreement": rank_agreement(battles, scores, rounds=20),
+        "scores": mean_scores(battles, scores),
+        "prompts": 1,
+        "verdicts": {v: winners.count(v) for v in WINNERS},
+    }
+
+
+def test_the_arena_claim_holds_when_its_order_agrees_with_the_oracles_scores(tmp_path):
+    # m1 wins every battle and scores higher: the two orders agree (tau = 1 on every resample)
+    winners = ["model_a" if t % 2 == 0 else "model_b" for t in range(20)]
+    scores = [(1.0, 0.0) if t % 2 == 0 else (0.0, 1.0) for t in range(20)]
+    result = arena_result(winners, scores)
+    claim = demo.arena_claim(result)
+    assert (claim.effect, claim.lo, claim.hi, claim.reproduced, claim.note) == (1.0, 1.0, 1.0, True, "")
+    section = demo.arena_section(result, tmp_path / "arena.png")
+    assert (tmp_path / "arena.png").read_bytes().startswith(PNG)
+    assert "| m1 | " in section.markdown and "**1.00** [1.00, 1.00]" in section.markdown
+    assert "| 10 | 10 | 0 | 0 |" in section.markdown  # the verdict counts: A better, B better, tie, both wrong
+
+
+def test_the_arena_claim_fails_when_the_arena_orders_the_models_against_their_scores():
+    winners = ["model_a" if t % 2 == 0 else "model_b" for t in range(20)]  # m1 always wins...
+    scores = [(0.0, 1.0) if t % 2 == 0 else (1.0, 0.0) for t in range(20)]  # ...but m0 scores higher
+    claim = demo.arena_claim(arena_result(winners, scores))
+    assert claim.effect == -1.0 and not claim.reproduced and "arena_rounds" in claim.note

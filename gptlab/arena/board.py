@@ -20,7 +20,7 @@ from gptlab.arena.battles import Battle
 from gptlab.arena.ratings import leaderboard, win_matrix
 from gptlab.errors import UserError
 from gptlab.fileio import write_text_atomic
-from gptlab.report import _plt, _save
+from gptlab.report import pyplot, save_figure
 
 FORMATS = ("md", "json", "csv", "png")
 COLUMNS = ("model", "bt", "elo", "ci_low", "ci_high", "rank_ub", "battles", "wins", "ties")
@@ -82,7 +82,7 @@ class Board:
 
     def plot(self, path: str | os.PathLike) -> None:
         """Each model's Bradley-Terry rating with its 95% interval, the best at the top."""
-        plt = _plt()
+        plt = pyplot()
         rows = self.rows[::-1]
         fig, ax = plt.subplots(figsize=(6, 1.2 + 0.4 * len(rows)))
         centre = [row["bt"] for row in rows]
@@ -92,7 +92,7 @@ class Board:
         ax.set_xlabel("Bradley-Terry rating (mean 1000), 95% bootstrap interval")
         ax.set_title(f"Arena: {self.battles} battles")
         ax.grid(alpha=0.3, axis="x")
-        _save(plt, fig, Path(path))
+        save_figure(plt, fig, Path(path))
 
 
 def _cell(row: dict, column: str) -> str:
