@@ -454,10 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--arena",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="NAME=DIR,...",
-        help="two or more models for the arena page at /arena (served on /v1 too; repeatable)",
+        help="two or more models for the arena page at /arena, comma- or space-separated (served on /v1 too)",
     )
     p.add_argument("--arena-db", default="arena.db", metavar="FILE", help="the SQLite file the arena's votes go to")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,3 +69,20 @@ def twin_models(tiny_model: Path, root: Path, names: list[str]) -> dict[str, Pat
         folders[name] = root / name
         GPT(config).save_pretrained(folders[name], tokenizer=tokenizer)
     return folders
+
+
+@contextmanager
+def paused(app, names: list[str] | None = None) -> Iterator[Callable[[], None]]:
+    """The schedulers of the served models ``names`` (default: all) wait before each step until the block
+    ends or the function it yields is called: their answers hang unfinished meanwhile."""
+    gate = threading.Event()
+    served = app.state.server.served
+    schedulers = [served[name].worker.scheduler for name in (served if names is None else names)]
+    for scheduler in schedulers:
+        scheduler.step = lambda step=scheduler.step: gate.wait() and step()
+    try:
+        yield gate.set
+    finally:
+        gate.set()
+        for scheduler in schedulers:
+            del scheduler.step  # the class's own again

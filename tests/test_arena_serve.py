@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from gptlab.arena import ratings
 from gptlab.arena.store import ArenaStore
 from gptlab.serve import create_app
 from helpers import ROOT, assert_user_error, gptlab_in_process
-from serving import running_server, serving, twin_models
+from serving import paused, running_server, serving, twin_models
 
 NAMES = ["quokka", "narwhal", "axolotl"]  # names no answer of the tiny models' vocabulary can hold
 COLUMNS = {"model", "bt", "elo", "ci_low", "ci_high", "rank_ub", "battles", "wins", "ties"}
@@ -138,22 +137,6 @@ def vote(client: Client, battle_id: str, winner: str = "model_a", **extra) -> Re
 def greedy_answer(client: Client, model: str, prompt: str) -> str:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], **GREEDY}
     return client.post("/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
-
-
-@contextmanager
-def paused(app) -> Iterator:
-    """Every model's scheduler waits before its next step until the block ends, or the function it
-    yields is called: answers hang unfinished meanwhile."""
-    gate = threading.Event()
-    schedulers = [model.worker.scheduler for model in app.state.server.served.values()]
-    for scheduler in schedulers:
-        scheduler.step = lambda step=scheduler.step: gate.wait() and step()
-    try:
-        yield gate.set
-    finally:
-        gate.set()
-        for scheduler in schedulers:
-            del scheduler.step  # the class's own again
 
 
 def wait_for(condition, what: str) -> None:
@@ -303,7 +286,7 @@ def test_serve_command_refuses_a_bad_arena_in_one_line(models, tmp_path, capfd):
     one = gptlab_in_process(capfd, "serve", "--arena", f"{a}={folder_a}")
     assert_user_error(one, "--arena needs at least two models", a)
     assert_user_error(gptlab_in_process(capfd, "serve"), "no model to serve", "--arena")
-    twice = gptlab_in_process(capfd, "serve", "--arena", f"{a}={folder_a},{a}={folder_b}")
+    twice = gptlab_in_process(capfd, "serve", "--arena", f"{a}={folder_a}", f"{a}={folder_b}")  # space-separated
     assert_user_error(twice, "--arena", f"{a!r} is given twice")
     missing = tmp_path / "nothing"
     assert_user_error(gptlab_in_process(capfd, "serve", "--arena", f"{a}={missing},{b}={folder_b}"), "not a folder")
