@@ -3,12 +3,14 @@
 A random transformers model is saved to a temporary folder and loaded into gptlab with
 ``GPT.from_pretrained``, so both sides run identical weights. Greedy decoding, equal-length
 prompts and no EOS, so neither side stops early and both do the same number of steps.
-Reports new tokens per second (medians of interleaved repeats) and where the outputs part, if
-they do, and after each batch size a JSON line per gptlab engine and transformers cache.
+Reports new tokens per second (medians of repeats) and where the outputs part, if they do: a JSON
+line per contender and batch size (with its MFU: memory-bound decode reaches little) and one per
+gptlab engine and transformers cache compared. Repeats interleave the contenders (fair on a shared
+CPU), or with ``--ours-first`` each is timed in turn, gptlab first, and printed as soon as measured.
 
     python benchmarks/decode.py                                   # CPU, fp32, small Llama
     python benchmarks/decode.py --device cuda --dtype bfloat16 --shape llama-124m --batch-sizes 1,64 \\
-        --peer-caches static,dynamic --eager-too
+        --peer-caches static,dynamic --eager-too --ours-first
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line
+from benchmarks.common import DTYPES, comparison, device_name, emit, interleaved_medians, mfu, timed_median
 from gptlab.engine import Engine
 from gptlab.model import GPT
 
@@ -85,7 +87,7 @@ def divergence(ours: torch.Tensor, theirs: torch.Tensor) -> str:
     return text
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -104,12 +106,98 @@ def main() -> None:
         help="comma-separated transformers KV caches, each timed as a peer: dynamic (its default) and/or "
         "static (which transformers compiles on CUDA: the GPU target's peer)",
     )
+    parser.add_argument(
+        "--ours-first",
+        action="store_true",
+        help="time each contender in turn, gptlab first, printing each figure as soon as it is measured",
+    )
     args = parser.parse_args()
-    dtype = DTYPES[args.dtype]
-    peer_caches = list(dict.fromkeys(args.peer_caches.split(",")))
-    if not set(peer_caches) <= {"dynamic", "static"}:
-        parser.error(f"--peer-caches takes dynamic and/or static, got {args.peer_caches}")
+    args.peer_caches = list(dict.fromkeys(args.peer_caches.split(",")))
+    if not set(args.peer_caches) <= {"dynamic", "static"}:
+        parser.error(f"--peer-caches takes dynamic and/or static, got {','.join(args.peer_caches)}")
+    return args
 
+
+def contenders(batch: int, engines: dict, peer, cache_options: dict, args) -> dict:
+    """Each contender's greedy decode of the same ``batch`` prompts, gptlab's engines first."""
+    vocab = peer.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+    input_ids = prompts.to(args.device)
+    n = args.new_tokens
+    runs = {
+        name: (lambda engine=engine: engine.generate(prompts.tolist(), n, temperature=0))
+        for name, engine in engines.items()
+    }
+
+    def run_peer(options: dict) -> list[list[int]]:
+        with torch.inference_mode():
+            out = peer.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+                **options,
+            )
+        return out[:, args.prompt_len :].tolist()
+
+    for cache in args.peer_caches:
+        runs[f"hf {cache}"] = lambda options=cache_options[cache]: run_peer(options)
+    return runs
+
+
+def measure_batch(batch: int, engines: dict, peer, cache_options: dict, flops_per_token: float, args) -> None:
+    """Time every contender on one batch size; print and emit each one's figure (gptlab's first) and
+    then each comparison, so a later batch size that runs out of time loses only its own lines."""
+    runs = contenders(batch, engines, peer, cache_options, args)
+    n = args.new_tokens
+
+    def figure(name: str, seconds: float) -> None:
+        rate = batch * n / seconds
+        emit(
+            {
+                "benchmark": f"decode_b{batch}",
+                "contender": name,
+                "tok_per_s": round(rate, 1),
+                "mfu": mfu(rate * flops_per_token, args.device),
+                "new_tokens": n,
+                "prompt_len": args.prompt_len,
+                "dtype": args.dtype,
+                "device": device_name(args.device),
+            }
+        )
+
+    if args.ours_first:
+        seconds, outputs = {}, {}
+        for name, run in runs.items():
+            seconds[name], outputs[name] = timed_median(run, args.repeats, args.device)
+            figure(name, seconds[name])
+    else:
+        seconds, outputs = interleaved_medians(runs, args.repeats, args.device)
+        for name in runs:
+            figure(name, seconds[name])
+    tables = {name: torch.tensor(out) for name, out in outputs.items()}
+    for name, table in tables.items():
+        assert table.shape == (batch, n), f"{name} stopped early: {tuple(table.shape)}"
+    rate = {name: batch * n / s for name, s in seconds.items()}
+    print(f"batch {batch}:")
+    for name in runs:
+        ratio = "" if name == "gptlab" else f"  gptlab is {rate['gptlab'] / rate[name]:.2f}x"
+        agree = "" if name == "gptlab" else f"  ({divergence(tables['gptlab'], tables[name])})"
+        print(f"  {name:14} {rate[name]:>10.1f} tok/s{ratio}{agree}")
+    on_cuda = torch.device(args.device).type == "cuda"
+    for name, engine in engines.items():
+        graphs = "" if engine.cuda_graphs or not on_cuda else "_nographs"
+        for cache in args.peer_caches:
+            ours_mfu = mfu(rate[name] * flops_per_token, args.device)
+            benchmark = f"decode_b{batch}_vs_hf_{cache}{graphs}"
+            emit(comparison(benchmark, rate[name], rate[f"hf {cache}"], "tok/s", args.device, mfu_ours=ours_mfu))
+
+
+def main() -> None:
+    args = parse_args()
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     cls, config = SHAPES[args.shape]
     config.bos_token_id = config.eos_token_id = config.pad_token_id = None  # nothing can stop a row early
@@ -127,56 +215,18 @@ def main() -> None:
         # Static shapes, as transformers 4.x compiled them: 5.x would otherwise recompile the
         # second batch size with a dynamic batch dimension.
         cache_options["static"]["compile_config"] = transformers.CompileConfig(dynamic=False)
-    n = args.new_tokens
-
+    # A decoded token's forward FLOPs (a third of training's), attending over the mean context length.
+    flops_per_token = ours.flops_per_token(args.prompt_len + args.new_tokens // 2) / 3
+    timing = "each in turn, gptlab first" if args.ours_first else "interleaved"
     print(
         f"shape {args.shape}: {ours.num_params() / 1e6:.1f}M parameters, {args.dtype} on {device_name(args.device)}, "
-        f"prompt {args.prompt_len} tokens, {n} new tokens, {args.repeats} interleaved repeats (medians), "
-        f"transformers {transformers.__version__}, torch {torch.__version__}"
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repeats} repeats ({timing}, medians), "
+        f"transformers {transformers.__version__}, torch {torch.__version__}",
+        flush=True,
     )
     for batch in map(int, args.batch_sizes.split(",")):
-        prompts = torch.randint(
-            0, config.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)
-        )
-        input_ids = prompts.to(args.device)
-        attention_mask = torch.ones_like(input_ids)
-        contenders = {
-            name: (lambda engine=engine, prompts=prompts: engine.generate(prompts.tolist(), n, temperature=0))
-            for name, engine in engines.items()
-        }
-
-        def run_peer(options: dict, input_ids=input_ids, attention_mask=attention_mask) -> list[list[int]]:
-            with torch.inference_mode():
-                out = peer.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    do_sample=False,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    pad_token_id=0,
-                    **options,
-                )
-            return out[:, args.prompt_len :].tolist()
-
-        for cache in peer_caches:
-            contenders[f"hf {cache}"] = lambda options=cache_options[cache]: run_peer(options)
-        seconds, outputs = interleaved_medians(contenders, args.repeats, args.device)
-        tables = {name: torch.tensor(out) for name, out in outputs.items()}
-        for name, table in tables.items():
-            assert table.shape == (batch, n), f"{name} stopped early: {tuple(table.shape)}"
-        rate = {name: batch * n / s for name, s in seconds.items()}
-        print(f"batch {batch}:")
-        for name in contenders:
-            ratio = "" if name == "gptlab" else f"  gptlab is {rate['gptlab'] / rate[name]:.2f}x"
-            agree = "" if name == "gptlab" else f"  ({divergence(tables['gptlab'], tables[name])})"
-            print(f"  {name:14} {rate[name]:>10.1f} tok/s{ratio}{agree}")
-        # Printed now, so a later batch size that runs out of time loses only its own lines.
-        for name, engine in engines.items():
-            graphs = "" if engine.cuda_graphs or not on_cuda else "_nographs"
-            for cache in peer_caches:
-                benchmark = f"decode_b{batch}_vs_hf_{cache}{graphs}"
-                print(result_line(benchmark, rate[name], rate[f"hf {cache}"], "tok/s", args.device))
-    if "static" in peer_caches:
+        measure_batch(batch, engines, peer, cache_options, flops_per_token, args)
+    if "static" in args.peer_caches:
         print(f"transformers compiled its static-cache forward: {getattr(peer, '_compiled_call', None) is not None}")
 
 

@@ -1,9 +1,14 @@
-"""Train-step throughput: gptlab's GPT vs transformers' LlamaForCausalLM of the same shape.
+"""Train-step throughput: gptlab's GPT vs transformers' model of the same shape (Llama or GPT-2).
 
-One process, the same batch, forward + backward + AdamW step, interleaved repeats, medians.
-Also reports MFU against the machine's measured matmul peak (CPU) or the bf16 table (GPU).
+One process, the same batch, forward + backward + AdamW step, medians of repeats, and each one's
+MFU against the machine's measured matmul peak (CPU) or the data sheet's bf16 peak (GPU). By default
+the repeats interleave the two (fair on a shared CPU) and the figures print at the end; with
+``--ours-first`` gptlab is timed alone and its JSON line printed before transformers' model is even
+built, so a run cut off by its deadline keeps it. With ``--compile`` each line also counts
+torch.compile's graph breaks and recompiles.
 
-    python benchmarks/train_step.py [--shape tiny|small|llama-124m] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python benchmarks/train_step.py [--shape tiny|small|llama-124m|gpt2-124m] [--device cpu|cuda]
+        [--dtype float32|bfloat16] [--compile] [--ours-first]
 """
 
 from __future__ import annotations
@@ -17,23 +22,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DTYPES, device_name, interleaved_medians, result_line
+from benchmarks.common import (
+    DTYPES,
+    SHAPES,
+    CompileWatch,
+    comparison,
+    device_name,
+    emit,
+    interleaved_medians,
+    mfu,
+    model_config,
+    timed_median,
+)
 from gptlab.model import GPT, ModelConfig
-from gptlab.train.loop import peak_flops
-
-SHAPES = {
-    # (n_embd, n_layer, n_head, vocab, seq_len, batch): tiny is the scale TinyWorld trains on a laptop.
-    "tiny": (128, 4, 4, 2048, 128, 16),
-    "small": (512, 8, 8, 8192, 256, 8),
-    "llama-124m": (768, 12, 12, 50304, 1024, 16),  # GPT-2 small's widths in the llama family (untied: 162M), for a GPU
-}
 
 
-def hf_llama(cfg: ModelConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_model(cfg: ModelConfig):
+    """transformers' model of ``cfg``'s shape, without dropout, attention through SDPA."""
+    import transformers
 
-    return LlamaForCausalLM(
-        LlamaConfig(
+    if cfg.family == "gpt2":
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=cfg.vocab_size,
+                n_embd=cfg.n_embd,
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_positions=cfg.block_size,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                attn_implementation="sdpa",
+            )
+        )
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.n_embd,
             intermediate_size=cfg.intermediate_size,
@@ -48,65 +71,85 @@ def hf_llama(cfg: ModelConfig):
     )
 
 
+def training_step(model, forward, idx, device: str, autocast, peer: bool):
+    """One forward + backward + fused (on CUDA) AdamW step of ``model`` on ``idx`` predicting itself."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+
+    def step():
+        with autocast:
+            loss = forward(input_ids=idx, labels=idx).loss if peer else forward(idx, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype (float32 = none)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, help="sequences per step (default: the shape's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--ours-first", action="store_true", help="time gptlab alone first and print it at once")
     args = parser.parse_args()
 
-    n_embd, n_layer, n_head, vocab, seq_len, batch = SHAPES[args.shape]
-    cfg = ModelConfig(
-        family="llama", vocab_size=vocab, block_size=seq_len, n_layer=n_layer, n_head=n_head, n_embd=n_embd
-    )
+    *_, vocab, seq_len, batch = SHAPES[args.shape]
+    batch = args.batch or batch
+    cfg = model_config(args.shape)
     torch.manual_seed(0)
-    ours = GPT(cfg).to(args.device).train()
-    peer = hf_llama(cfg).to(args.device).train()
     idx = torch.randint(0, vocab, (batch, seq_len), device=args.device)
-    fused = torch.device(args.device).type == "cuda"
-    optimizers = {
-        "ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=fused),
-        "peer": torch.optim.AdamW(peer.parameters(), lr=1e-4, fused=fused),
-    }
     autocast = (
         torch.autocast(torch.device(args.device).type, dtype=DTYPES[args.dtype])
         if args.dtype != "float32"
         else contextlib.nullcontext()
     )
-    forward_ours = torch.compile(ours) if args.compile else ours
-    forward_peer = torch.compile(peer) if args.compile else peer
-
-    def step_ours():
-        with autocast:
-            loss = forward_ours(idx, idx)
-        loss.backward()
-        optimizers["ours"].step()
-        optimizers["ours"].zero_grad(set_to_none=True)
-
-    def step_peer():
-        with autocast:
-            loss = forward_peer(input_ids=idx, labels=idx).loss
-        loss.backward()
-        optimizers["peer"].step()
-        optimizers["peer"].zero_grad(set_to_none=True)
-
-    seconds, _ = interleaved_medians({"ours": step_ours, "peer": step_peer}, args.repeats, args.device)
-    tokens = batch * seq_len
-    ours_tps, peer_tps = tokens / seconds["ours"], tokens / seconds["peer"]
-    peak = peak_flops(torch.device(args.device))
+    benchmark, tokens = f"train_step_{args.shape}", batch * seq_len
+    ours = GPT(cfg).to(args.device).train()
     flops = ours.flops_per_token(seq_len)
     print(
-        f"shape {args.shape}: {ours.num_params():,} params, batch {batch} x {seq_len}, "
-        f"{args.dtype}, {device_name(args.device)}"
+        f"shape {args.shape}: {ours.num_params():,} params, batch {batch} x {seq_len}, {args.dtype}, "
+        f"compile {args.compile}, {device_name(args.device)}",
+        flush=True,
     )
-    print(f"{'':8}{'tok/s':>12}{'MFU':>8}")
-    for name, tps in (("gptlab", ours_tps), ("hf", peer_tps)):
-        mfu = f"{100 * tps * flops / peak:.1f}%" if peak else "n/a"
-        print(f"{name:8}{tps:12,.0f}{mfu:>8}")
-    print(f"peak matmul: {peak / 1e9:,.0f} GFLOP/s" if peak else "peak matmul: unknown")
-    print(result_line(f"train_step_{args.shape}", ours_tps, peer_tps, "tok/s", args.device))
+
+    def build(name: str):
+        model = ours if name == "gptlab" else hf_model(cfg).to(args.device).train()
+        forward = torch.compile(model) if args.compile else model
+        return training_step(model, forward, idx, args.device, autocast, peer=name != "gptlab")
+
+    def figure(name: str, seconds: float, **fields) -> float:
+        rate = tokens / seconds
+        emit(
+            {
+                "benchmark": benchmark,
+                "contender": name,
+                "tok_per_s": round(rate, 1),
+                "mfu": mfu(rate * flops, args.device),
+                "step_ms": round(1000 * seconds, 2),
+                "batch": batch,
+                "seq_len": seq_len,
+                "dtype": args.dtype,
+                "compile": args.compile,
+                **fields,
+                "device": device_name(args.device),
+            }
+        )
+        return rate
+
+    rates = {}
+    if args.ours_first:
+        for name in ("gptlab", "hf"):
+            with CompileWatch() if args.compile else contextlib.nullcontext() as watch:
+                seconds, _ = timed_median(build(name), args.repeats, args.device)
+                rates[name] = figure(name, seconds, **(watch.summary() if watch else {}))
+    else:
+        seconds, _ = interleaved_medians({name: build(name) for name in ("gptlab", "hf")}, args.repeats, args.device)
+        rates = {name: figure(name, s) for name, s in seconds.items()}
+    mfus = {f"mfu_{side}": mfu(rates[name] * flops, args.device) for side, name in (("ours", "gptlab"), ("peer", "hf"))}
+    emit(comparison(benchmark, rates["gptlab"], rates["hf"], "tok/s", args.device, **mfus))
 
 
 if __name__ == "__main__":
