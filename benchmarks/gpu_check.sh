@@ -62,8 +62,7 @@ step decode 180 "$python" benchmarks/decode.py --device cuda --dtype bfloat16 --
   --peer-caches static --eager-too --ours-first
 step decode_logits 60 "$python" benchmarks/decode_logits.py --device cuda --dtype bfloat16 --shape llama-124m \
   --batch-sizes 1,64
-step trainer_mfu 120 "$python" benchmarks/trainer_mfu.py --device cuda --shape gpt2-124m --steps 30 \
-  --out "$out/trainer_mfu"
+step trainer_mfu 120 "$python" benchmarks/trainer_mfu.py --device cuda --shape gpt2-124m --steps 30
 step profile 60 "$python" benchmarks/profile_steps.py --device cuda --train-shape gpt2-124m --decode-shape llama-124m
 step tests 90 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_engine.py \
   tests/test_model.py tests/test_logprobs.py

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import gptlab.model
 from benchmarks.common import SHAPES, device_name, emit, model_config, synchronize
 from gptlab.engine import Engine
 from gptlab.model import GPT
@@ -50,6 +51,8 @@ def software(device: str) -> dict:
         except ImportError:
             record[name] = None
     record["cpu_threads"] = torch.get_num_threads()
+    allowed = getattr(gptlab.model, "ATTENTION_BACKENDS", None)  # the kernels the model lets SDPA choose from
+    record["attention_backends_allowed"] = {use: [b.name for b in kinds] for use, kinds in (allowed or {}).items()}
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
         record.update(
