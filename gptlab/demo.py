@@ -42,8 +42,12 @@ from gptlab.fileio import write_text_atomic
 from gptlab.ladder import run_folder
 from gptlab.model import GPT
 from gptlab.report import (
+    ARENA,
+    DPO,
     GRPO_ROWS,
+    INSTRUCTION_TUNING,
     PPO_ROWS,
+    RLHF,
     Claim,
     Section,
     concatenate,
@@ -596,11 +600,12 @@ def pretraining_section(base: RunFolder, model: GPT, plot: Path) -> Section:
 
 
 def alignment_claims(instruct: dict, preferences: dict, arena: dict) -> list[Claim]:
-    """The phenomena table's rows after the ladder's: instruction tuning, DPO, PPO and the arena as
-    measured here."""
+    """The phenomena table's rows after the ladder's, in the lecture's order: instruction tuning,
+    RLHF (PPO), DPO and the arena as measured here."""
     claim = Claim(
-        "Instruction tuning gives zero-shot gains on unseen tasks",
-        f"SFT zero-shot minus base {INSTRUCT_SHOTS}-shot, held-out instruction families (oracle-scored)",
+        INSTRUCTION_TUNING,
+        f"SFT model zero-shot minus the base model {INSTRUCT_SHOTS}-shot, accuracy on held-out instruction families "
+        "(oracle-scored)",
     )
     held = instruct["groups"].get("held-out families")
     if held:
@@ -608,28 +613,31 @@ def alignment_claims(instruct: dict, preferences: dict, arena: dict) -> list[Cla
         if claim.lo <= 0:
             claim.note = "if no: a larger base model or more SFT steps"
     dpo = win_rate_claim(
-        "DPO moves a model toward human preferences",
+        DPO,
         "DPO",
         preferences["dpo"],
         "a model that knows more facts, not more DPO steps (docs/alignment.md)",
     )
     ppo = win_rate_claim(
-        "RLHF (reward model + PPO) moves a model toward human preferences",
+        RLHF,
         "PPO",
         preferences["ppo"],
         f"the reward model it climbs ranks a right answer above a wrong one in only "
         f"{preferences['reward_accuracy']['wrong'][0]:.0%} of held-out pairs: it rewards style more than facts "
         "(docs/alignment.md)",
     )
-    return [claim, dpo, ppo, arena_claim(arena)]
+    return [claim, ppo, dpo, arena_claim(arena)]
 
 
 def arena_claim(arena: dict) -> Claim:
     """Reproduced when the arena's order agrees with the oracle's scores beyond chance: the interval of
     Kendall's tau lies above zero."""
     tau, (lo, hi) = arena["agreement"]["tau"], arena["agreement"]["ci"]
-    measure = "Kendall's tau: arena order (Bradley-Terry, oracle-judged battles) vs the models' mean oracle score"
-    claim = Claim("The arena ranks models by preference", measure, tau, lo, hi, unit="tau")
+    measure = (
+        "Kendall's tau between the arena's order (Bradley-Terry over oracle-judged battles) and the models' mean "
+        "oracle score"
+    )
+    claim = Claim(ARENA, measure, tau, lo, hi, unit="tau")
     if lo <= 0:
         claim.note = "if no: more prompts or battles per pair (arena_prompts, arena_rounds)"
     return claim
@@ -640,7 +648,10 @@ def win_rate_claim(claim: str, model: str, comparison: dict, if_not: str) -> Cla
     reproduced when its interval lies above 50%; if not, the note says how many prompts both models
     answer wrong (where neither can win) and ``if_not``."""
     win, lo, hi = comparison["win_rate"]
-    measure = f"{model}'s win rate against the SFT model minus 50%, held-out prompts (oracle-judged, ties half)"
+    measure = (
+        f"{model}'s win rate against the SFT model minus 50%, held-out prompts (the oracle, TinyWorld's hidden "
+        "human preference, judges; ties half)"
+    )
     result = Claim(claim, measure, win - 0.5, lo - 0.5, hi - 0.5)
     if lo <= 0.5:
         both_wrong = comparison["verdicts"]["tie (bothbad)"] / comparison["prompts"]

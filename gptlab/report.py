@@ -153,36 +153,76 @@ def _abilities(metrics: dict) -> tuple[list[str], list[str], list[str]]:
 # Claims
 
 
+# The claims' words, shared with the demo, which measures the later stages' claims.
+INSTRUCTION_TUNING = "Instruction tuning improves zero-shot performance on unseen tasks"
+RLHF = "People prefer the RLHF model's answers to the SFT model's (reward model + PPO)"
+DPO = "People prefer the DPO model's answers to the SFT model's"
+ARENA = "Pairwise votes in an arena rank models as people would (Chatbot Arena)"
+MMLU = ["world_mmlu"]
+
+
 def ladder_claims(ladder: dict, samples: Samples, extra: list[Claim] = ()) -> list[Claim]:
     """The phenomena the ladder can measure, in the lecture's order, then ``extra`` (later stages')."""
     runs = ladder["runs"]
-    small, large = runs[0]["name"], runs[-1]["name"]
-    metrics = runs[-1]["metrics"]
+    small, large = runs[0], runs[-1]
+    metrics = large["metrics"]
     arith, words, word_settings = _abilities(metrics)
-    claims = [_loss_claim(ladder["fit"])]
+    claims = [_next_token_claim(large), _loss_claim(ladder["fit"])]
     if words:
         claims += _word_scale_claims(samples, runs, words, word_settings[-1])
     if arith:
         claims.append(
             _claim(
-                "Arithmetic appears with scale (exact match)",
-                f"arithmetic exact match, {large} minus {small}, standard prompting",
-                samples.paired((small, "standard"), (large, "standard"), tasks=arith),
+                "Arithmetic emerges with scale (exact match)",
+                f"arithmetic exact match, standard prompting, {_sized(large)} minus {_sized(small)}",
+                samples.paired((small["name"], "standard"), (large["name"], "standard"), tasks=arith),
                 "if no: arithmetic needs more compute per model than this ladder spends (docs/tinyworld.md)",
             )
         )
+    if "world_mmlu" in metrics:
+        claims += _mmlu_claims(samples, small, large)
     if words and _shots(word_settings[-1]) > 0:
-        claims += _few_shot_claims(samples, small, large, words, word_settings[-1])
+        claims += _few_shot_claims(samples, small["name"], large["name"], words, word_settings[-1])
     if arith:
-        claims += _cot_claims(samples, small, large, arith)
-    if "world_mmlu" in metrics and "5-shot" in metrics["world_mmlu"]:
-        claims.append(_mmlu_claim(samples, large, metrics["world_mmlu"]["5-shot"]))
+        claims += _cot_claims(samples, small["name"], large["name"], arith)
     return claims + list(extra)
+
+
+def _sized(run: dict) -> str:
+    """A run's name with its size and training compute, as a claim about scale names them."""
+    return f"{run['name']} ({run['params'] / 1e6:.2f}M params, {run['flops']:.1e} FLOPs)"
+
+
+def _next_token_claim(run: dict) -> Claim:
+    """Pretraining's loss is on every position, and it falls: the val loss of each window before
+    and after training, paired, from what the ladder recorded (``ladder.next_token_losses``)."""
+    claim = Claim(
+        "Pretraining is next-token prediction on every token, and the loss falls",
+        f"{run['name']}: val loss per window before minus after pretraining (nats/token)",
+        unit="nats",
+    )
+    measured = run.get("next_token")
+    if not measured:
+        claim.note = "not recorded by this ladder (its runs predate the measure): run them again"
+        return claim
+    claim.effect, claim.lo, claim.hi = stats.difference_interval(
+        measured["trained"], measured["untrained"], paired=True
+    )
+    share = measured["with_loss"] / measured["positions"]
+    claim.note = (
+        f"a loss on {share:.1%} of the {measured['positions']:,} positions of {len(measured['trained'])} val windows; "
+        f"{np.mean(measured['untrained']):.2f} → {np.mean(measured['trained']):.2f}"
+    )
+    return claim
 
 
 def _loss_claim(fit: dict) -> Claim:
     power = fit["power_law"]
-    claim = Claim("Loss falls smoothly with compute (power law)", "exponent α of L(C) = a·C^-α + L∞", unit="exponent")
+    claim = Claim(
+        "Loss falls smoothly as a power law of compute (scaling laws)",
+        "exponent α of L(C) = a·C^-α + L∞",
+        unit="exponent",
+    )
     if "alpha" in power and power.get("intervals"):
         claim.effect = power["alpha"]
         claim.lo, claim.hi = power["intervals"]["alpha"]
@@ -195,12 +235,12 @@ def _loss_claim(fit: dict) -> Claim:
 
 
 def _word_scale_claims(samples: Samples, runs: list[dict], words: list[str], k: str) -> list[Claim]:
-    small, large = runs[0]["name"], runs[-1]["name"]
+    small, large = runs[0], runs[-1]
     claims = [
         _claim(
-            "An ability appears with scale (exact match)",
-            f"word tasks {k}, exact match, {large} minus {small}",
-            samples.paired((small, k), (large, k), tasks=words),
+            "Abilities emerge with scale: size and compute (exact match)",
+            f"word tasks {k}, exact match, {_sized(large)} minus {_sized(small)}",
+            samples.paired((small["name"], k), (large["name"], k), tasks=words),
             "if no: the largest model is still below the task's threshold; a longer ladder or more compute",
         )
     ]
@@ -220,7 +260,7 @@ def _metric_claim(samples: Samples, runs: list[dict], words: list[str], k: str) 
             break
         before, before_em = run["name"], em
     claim = Claim(
-        "The jump is partly the metric (Schaeffer et al.)",
+        "Emergence is partly the metric: partial credit rises before exact match (Schaeffer et al.)",
         f"word tasks {k}, partial credit (1 - edit distance), {before or runs[1]['name']} minus {small}: "
         "the largest size whose exact match has not moved",
     )
@@ -237,51 +277,87 @@ def _metric_claim(samples: Samples, runs: list[dict], words: list[str], k: str) 
 def _few_shot_claims(samples: Samples, small: str, large: str, words: list[str], k: str) -> list[Claim]:
     return [
         _claim(
-            "Few-shot beats zero-shot",
+            "In-context learning: few-shot prompting beats zero-shot",
             f"word tasks, {k} minus 0-shot accuracy, {large}",
             samples.paired((large, "0-shot"), (large, k), tasks=words),
             "if no: more word-task episodes (mixture.words)",
         ),
         _claim(
-            "The few-shot gain grows with size",
-            f"({k} - 0-shot) of {large} minus that of {small}",
+            "Larger models gain more from examples in the prompt",
+            f"word tasks, ({k} - 0-shot) of {large} minus that of {small}",
             _gain_growth(samples, small, large, words, "0-shot", k),
             "if no: a wider ladder",
         ),
     ]
 
 
+def _mmlu_claims(samples: Samples, small: dict, large: dict) -> list[Claim]:
+    """MMLU-format accuracy by size, and its few-shot gain by size, at the most shots the ladder
+    asked. A claim whose requests were cut to fit the window is not measured: its prompts lost their
+    first examples."""
+    settings = sorted(large["metrics"]["world_mmlu"], key=_shots)
+    k, a, b = settings[-1], small["name"], large["name"]
+    claims = [
+        (
+            _claim(
+                "MMLU-format accuracy rises with size",
+                f"world_mmlu {k} accuracy, {_sized(large)} minus {_sized(small)}",
+                samples.paired((a, k), (b, k), tasks=MMLU),
+                "if no: the held-out people's facts are in their biographies only; recalling them takes more "
+                "parameters and tokens than this ladder has (docs/tinyworld.md)",
+            ),
+            [k],
+        )
+    ]
+    if _shots(k) > 0 and "0-shot" in settings:
+        claims += [
+            (
+                _claim(
+                    "Few-shot prompting beats zero-shot on MMLU format",
+                    f"world_mmlu {k} minus 0-shot accuracy, {b}",
+                    samples.paired((b, "0-shot"), (b, k), tasks=MMLU),
+                    "if no: the examples teach only the answer format, which the corpus's multiple-choice blocks "
+                    "already taught",
+                ),
+                ["0-shot", k],
+            ),
+            (
+                _claim(
+                    "The MMLU few-shot gain grows with size",
+                    f"world_mmlu ({k} - 0-shot) of {b} minus that of {a}",
+                    _gain_growth(samples, a, b, MMLU, "0-shot", k),
+                    "if no: a wider ladder",
+                ),
+                ["0-shot", k],
+            ),
+        ]
+    for claim, used in claims:
+        cut = sum(run["metrics"]["world_mmlu"][s].get("truncated", 0) for run in (small, large) for s in used)
+        if cut:
+            claim.effect = claim.lo = claim.hi = None
+            claim.note = (
+                f"not measured: {cut} of its scoring requests (one per choice) are longer than the models' window "
+                "and were cut from the left (lm-eval's rule), losing their first examples; fewer eval.mmlu_shots "
+                "or a longer sizes.block_size and train.seq_len (docs/scaling.md)"
+            )
+    return [claim for claim, _ in claims]
+
+
 def _cot_claims(samples: Samples, small: str, large: str, arith: list[str]) -> list[Claim]:
     return [
         _claim(
-            "Chain of thought beats standard prompting",
-            f"arithmetic exact match, CoT minus standard, {large}",
+            "Chain-of-thought prompting beats standard prompting",
+            f"arithmetic exact match, step-by-step minus standard prompting, {large}",
             samples.paired((large, "standard"), (large, "cot"), tasks=arith),
             "if no: CoT needs models trained past the worked-solution format; more compute per model",
         ),
         _claim(
-            "The CoT gain grows with size",
+            "The chain-of-thought gain grows with size",
             f"(CoT - standard) of {large} minus that of {small}",
             _gain_growth(samples, small, large, arith, "standard", "cot"),
             "if no: a wider ladder",
         ),
     ]
-
-
-def _mmlu_claim(samples: Samples, large: str, five_shot: dict) -> Claim:
-    claim = _claim(
-        "Few-shot helps multiple choice (MMLU format)",
-        f"world_mmlu 5-shot minus 0-shot, {large}",
-        samples.paired((large, "0-shot"), (large, "5-shot"), tasks=["world_mmlu"]),
-        "",
-    )
-    cut = five_shot.get("truncated", 0)
-    if cut:
-        claim.note = (
-            f"{cut} of the 5-shot scoring requests (one per choice) are longer than the model's window and were "
-            "cut from the left (lm-eval's rule); a longer block_size would keep all five examples"
-        )
-    return claim
 
 
 def _claim(claim: str, measure: str, pair, if_not: str) -> Claim:
@@ -299,22 +375,14 @@ def _claim(claim: str, measure: str, pair, if_not: str) -> Claim:
 
 NOT_YET = [
     Claim(
-        "Instruction tuning gives zero-shot gains on unseen tasks",
+        INSTRUCTION_TUNING,
         "SFT zero-shot minus base few-shot, held-out families",
         note="measured by `gptlab demo` (SFT stage)",
     ),
+    Claim(RLHF, "PPO's oracle win rate vs the SFT model", note="measured by `gptlab demo` (PPO stage)"),
+    Claim(DPO, "DPO's oracle win rate vs the SFT model", note="measured by `gptlab demo` (DPO stage)"),
     Claim(
-        "DPO moves a model toward human preferences",
-        "DPO's oracle win rate vs the SFT model",
-        note="measured by `gptlab demo` (DPO stage)",
-    ),
-    Claim(
-        "RLHF (reward model + PPO) moves a model toward human preferences",
-        "PPO's oracle win rate vs the SFT model",
-        note="measured by `gptlab demo` (PPO stage)",
-    ),
-    Claim(
-        "The arena ranks models by preference",
+        ARENA,
         "Kendall's tau: arena order (oracle-judged battles) vs mean oracle score",
         note="measured by `gptlab demo` (arena stage)",
     ),
@@ -591,6 +659,7 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
         "",
         *_abilities_table(runs, samples),
         "",
+        *_mmlu_window_lines(ladder),
         f"{h}# In-context learning of {runs[-1]['name']} (accuracy %, 95% bootstrap interval)",
         "",
         *_in_context_table(runs[-1], samples),
@@ -640,6 +709,27 @@ def _abilities_table(runs: list[dict], samples: Samples) -> list[str]:
         ]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _mmlu_window_lines(ladder: dict) -> list[str]:
+    """How long the world_mmlu requests are against the models' window and their training windows,
+    and how many were cut from the left to fit (a paragraph and a blank line; none without world_mmlu)."""
+    runs = ladder["runs"]
+    settings = sorted(runs[-1]["metrics"].get("world_mmlu", {}), key=_shots)
+    if not settings:
+        return []
+    cut = ", ".join(
+        f"{s} {sum(r['metrics']['world_mmlu'].get(s, {}).get('truncated', 0) for r in runs):,}" for s in settings
+    )
+    line = f"world_mmlu scoring requests (one per choice) cut from the left to fit the window, all runs: {cut}."
+    lengths = ladder.get("mmlu_requests")
+    if lengths:
+        longest = ", ".join(f"{n:,} tokens at {s}" for s, n in lengths["longest"].items())
+        line += (
+            f" The longest request: {longest}; the models' window is {lengths['window']:,} tokens and they trained on "
+            f"{lengths['trained']:,}-token windows."
+        )
+    return [line, ""]
 
 
 def _in_context_table(run: dict, samples: Samples) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gptlab.demo import alignment_claims
-from gptlab.report import Claim, Samples, ladder_claims
+from gptlab.report import DPO, INSTRUCTION_TUNING, RLHF, Claim, Samples, ladder_claims
 from helpers import write_jsonl
 
 N_ITEMS = 60
@@ -33,7 +33,7 @@ def synthetic_ladder(root: Path, scores: dict[tuple[str, str], list[float]], alp
             for i, score in enumerate(values)
         ]
         write_jsonl(root / "runs" / name / "samples.jsonl", records)
-        runs.append({"name": name, "metrics": {ARITH: {"standard": {}, "cot": {}}}})
+        runs.append({"name": name, "params": 1e5, "flops": 1e12, "metrics": {ARITH: {"standard": {}, "cot": {}}}})
     power_law = {"alpha": alpha[0]} if alpha[1] is None else {"alpha": alpha[0], "intervals": {"alpha": alpha[1:]}}
     ladder = {"runs": runs, "fit": {"power_law": power_law, "monotone": True}}
     return ladder, Samples(root, runs)
@@ -49,10 +49,10 @@ def verdict(claim: Claim) -> str:
     return [cell.strip() for cell in claim.row().split("|")][4]
 
 
-SCALE = "Arithmetic appears with scale (exact match)"
-COT = "Chain of thought beats standard prompting"
-COT_GROWTH = "The CoT gain grows with size"
-LOSS = "Loss falls smoothly with compute (power law)"
+SCALE = "Arithmetic emerges with scale (exact match)"
+COT = "Chain-of-thought prompting beats standard prompting"
+COT_GROWTH = "The chain-of-thought gain grows with size"
+LOSS = "Loss falls smoothly as a power law of compute (scaling laws)"
 
 
 def test_a_clear_gain_is_reproduced(tmp_path):
@@ -136,8 +136,8 @@ def test_items_only_one_run_answered_are_not_compared(tmp_path):
     assert claims[SCALE].effect is None and verdict(claims[SCALE]) == "—"
 
 
-DPO_CLAIM = "DPO moves a model toward human preferences"
-PPO_CLAIM = "RLHF (reward model + PPO) moves a model toward human preferences"
+DPO_CLAIM, PPO_CLAIM = DPO, RLHF
+ARENA_RESULT = {"agreement": {"tau": 0.6, "ci": (0.2, 0.9)}}  # what ``arena_results`` gives the arena's claim
 
 
 def comparison(win_rate: tuple[float, float, float], both_wrong: int) -> dict:
@@ -160,8 +160,8 @@ def test_dpo_and_ppo_are_reproduced_only_when_their_win_rate_interval_is_above_o
         other: comparison((0.75, 0.7, 0.8), both_wrong=264),
         "reward_accuracy": {"wrong": (0.569, 0.448, 0.69), "all": (0.782, 0.741, 0.826)},
     }
-    claims = alignment_claims(instruct, preferences)
-    assert [c.claim for c in claims].count(PPO_CLAIM) == 1  # measured here, no longer a row of NOT_YET
+    claims = alignment_claims(instruct, preferences, ARENA_RESULT)
+    assert [c.claim for c in claims][:3] == [INSTRUCTION_TUNING, PPO_CLAIM, DPO_CLAIM]  # the lecture's order
     by_name = {c.claim: c for c in claims}
     measured = by_name[claim]
     assert measured.effect == pytest.approx(win_rate[0] - 0.5)
@@ -172,4 +172,4 @@ def test_dpo_and_ppo_are_reproduced_only_when_their_win_rate_interval_is_above_o
     if expected == "no" and model == "ppo":
         assert "ranks a right answer above a wrong one in only 57% of held-out pairs" in measured.note
     assert verdict(by_name[PPO_CLAIM if model == "dpo" else DPO_CLAIM]) == "yes"
-    assert verdict(by_name["Instruction tuning gives zero-shot gains on unseen tasks"]) == "no"
+    assert verdict(by_name[INSTRUCTION_TUNING]) == "no"
