@@ -2,9 +2,10 @@
 
 A ladder is a list of model sizes from one dial (depth; width and heads follow, see
 ``scaling.ladder_config``), each pretrained on the same corpus for a budget that grows with its
-size, then evaluated on the abilities the lecture's claims are about: world_mmlu at 0 and 5 shots,
-arithmetic by digits under standard and chain-of-thought prompting (exact match and partial
-credit), and the word tasks at k = 0..8 examples. Each run lives in ``OUT/runs/d{depth}`` and is
+size, then evaluated on the abilities the lecture's claims are about: next-token loss before and
+after training, world_mmlu at 0 and k shots (as many as the window holds: 2 on the CPU presets, 5 on
+the GPU one), arithmetic by digits under standard and chain-of-thought prompting (exact match and
+partial credit), and the word tasks at k = 0..8 examples. Each run lives in ``OUT/runs/d{depth}`` and is
 skipped when its ``result.json`` is there, so a killed ladder resumes run by run (and a killed
 run resumes from its last checkpoint). ``OUT/ladder.json`` holds every run and the fits;
 ``gptlab.report`` turns it into ``report.md`` with plots.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,13 @@ import torch
 
 from gptlab import scaling
 from gptlab.config import apply_overrides, build, read_raw, to_dict
-from gptlab.data import iter_documents, prepare, read_meta
+from gptlab.data import TokenLoader, iter_documents, prepare, read_meta
 from gptlab.errors import UserError
 from gptlab.eval import GptlabBackend, evaluate, warnings_as_lines
 from gptlab.eval.tasks import load_task
 from gptlab.fileio import write_json_atomic, write_text_atomic
+from gptlab.logprobs import IGNORE, token_logprobs
+from gptlab.model import GPT
 from gptlab.pretrain import PretrainConfig, pretrain
 from gptlab.runs import RunFolder
 from gptlab.tokenizer import Tokenizer
@@ -90,7 +94,9 @@ class DataConfig:
 class EvalConfig:
     limit: int | None = 60  # questions per task (and per world_mmlu subject); None: all
     batch_size: int = 32
-    mmlu_shots: list[int] = field(default_factory=lambda: [0, 5])
+    # 2 shots: the most whose every request fits the CPU presets' 512-token window (docs/scaling.md,
+    # "world_mmlu and the window"); the ladder refuses shot counts whose requests would be cut.
+    mmlu_shots: list[int] = field(default_factory=lambda: [0, 2])
     word_tasks: list[str] = field(default_factory=lambda: list(SAME_FORMAT_TASK_NAMES))
     word_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     # Empty: every arithmetic task of the world.
@@ -108,17 +114,37 @@ class EvalConfig:
 
 
 @dataclass
+class LadderTrainConfig(TrainConfig):
+    """The loop's config with the ladder's defaults: windows as long as the models' block_size, so
+    the few-shot prompts the ladder evaluates sit at positions the models were trained on (a model
+    trained on 256-token windows loses 2.4 nats/token past position 384, against 0.8 before 256:
+    docs/scaling.md), in 16 windows a step: the 8,192 tokens of the loop's 32 x 256."""
+
+    batch_size: int = 16
+    seq_len: int = 512
+
+
+@dataclass
 class LadderConfig:
     sizes: SizesConfig = field(default_factory=SizesConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # The loop's own defaults: a config is built from each section's class (gptlab.config.build),
-    # so other defaults here would need a subclass, as SFT's are.
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: LadderTrainConfig = field(default_factory=LadderTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        if self.train.eval_batches < 1:
-            raise ValueError("train.eval_batches must be at least 1: the ladder fits the validation loss of every run")
+        raise_first(
+            [
+                (
+                    self.train.eval_batches >= 1,
+                    "train.eval_batches must be at least 1: the ladder fits the validation loss of every run",
+                ),
+                (
+                    self.train.seq_len <= self.sizes.block_size,
+                    f"train.seq_len {self.train.seq_len} is longer than sizes.block_size {self.sizes.block_size}; "
+                    "raise sizes.block_size or lower train.seq_len",
+                ),
+            ]
+        )
 
 
 def raise_first(checks: list[tuple[bool, str]]) -> None:
@@ -145,8 +171,9 @@ PRESETS: dict[str, dict] = {
             "tokens_per_param": 20.0,
         },
         "data": {"world_preset": "large"},
-        "train": {"batch_size": 64, "seq_len": 512, "lr": 2e-3, "save_every": 500, "compile": True},
-        "eval": {"limit": 200, "arith_tasks": []},
+        # Trained on whole 1024-token windows, so that 5-shot world_mmlu (about 900 tokens) fits.
+        "train": {"batch_size": 32, "seq_len": 1024, "lr": 2e-3, "save_every": 500, "compile": True},
+        "eval": {"limit": 200, "arith_tasks": [], "mmlu_shots": [0, 5]},
     },
 }
 
@@ -303,11 +330,88 @@ def check_tasks(cfg: EvalConfig, world: Path) -> None:
                 task.check_shots(k)
 
 
+def mmlu_request_lengths(cfg: EvalConfig, world: Path, tokenizer: Tokenizer) -> dict[int, int]:
+    """The longest world_mmlu scoring request at each of ``eval.mmlu_shots``, in the tokens the model
+    reads (context and answer, less the answer's last token: what lm-eval cuts to fit the window),
+    over the questions the ladder asks."""
+    task = load_task("world_mmlu", world, limit=cfg.limit, need_shots=max(cfg.mmlu_shots) > 0)
+    longest = {}
+    for k in cfg.mmlu_shots:
+        texts = [
+            task.context(doc, task.shots(doc, k, seed=0)) + task.target_delimiter + choice
+            for doc in task.docs
+            for choice in task.choices(doc.data)
+        ]
+        longest[k] = max(len(ids) for ids in tokenizer.encode_batch(texts)) - 1
+    return longest
+
+
+def check_mmlu_window(cfg: LadderConfig, world: Path, tokenizer: Tokenizer) -> dict:
+    """The longest world_mmlu request per shot count, measured before any model trains. A shot count
+    whose requests would be cut to fit the window (sizes.block_size) is refused: a prompt cut from
+    the left loses its first examples and its header, so its accuracy measures something else. A
+    request longer than the training windows (train.seq_len) gets a warning: the models never
+    learned those positions."""
+    window, trained = cfg.sizes.block_size, cfg.train.seq_len
+    if not cfg.eval.mmlu_shots:
+        return {}
+    longest = mmlu_request_lengths(cfg.eval, world, tokenizer)
+    cut = sorted(k for k, n in longest.items() if n > window)
+    if cut:
+        fits = [k for k, n in longest.items() if n <= window]
+        fewer = f"ask eval.mmlu_shots of at most {max(fits)}, or " if fits else ""
+        raise UserError(
+            f"world_mmlu's {cut[0]}-shot requests reach {longest[cut[0]]} tokens, longer than the models' "
+            f"{window}-token window (sizes.block_size), so they would be cut from the left; {fewer}raise "
+            f"sizes.block_size and train.seq_len to {longest[cut[0]]} or more"
+        )
+    if max(longest.values()) > trained:
+        print(
+            f"gptlab: warning: world_mmlu requests reach {max(longest.values())} tokens, longer than the "
+            f"{trained}-token windows the models train on (train.seq_len): positions past {trained} are untrained",
+            file=sys.stderr,
+        )
+    return {"window": window, "trained": trained, "longest": {f"{k}-shot": n for k, n in longest.items()}}
+
+
+VAL_WINDOWS = 64  # validation windows the next-token claim is measured on, spread over the val split
+
+
+def next_token_losses(model: GPT, shards: Path, seq_len: int, seed: int) -> dict:
+    """Pretraining as next-token prediction on every token, on VAL_WINDOWS val windows: how many
+    positions carry a loss (a target the loss counts), and each window's mean loss under the
+    trained model and under the same model before training (initialised with the run's seed)."""
+    loader = TokenLoader(shards, split="val", seq_len=seq_len, batch_size=1)
+    windows = list(loader.val_batches(VAL_WINDOWS))
+    x, y = (torch.cat(parts) for parts in zip(*windows))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        untrained = GPT(model.config).to(next(model.parameters()).device).eval()
+    kept = y != IGNORE
+
+    def window_losses(m: GPT) -> list[float]:
+        device = next(m.parameters()).device
+        losses = []
+        for rows in range(0, len(x), 8):  # a few windows at a time: the logits of all of them may not fit
+            logprobs = token_logprobs(m(x[rows : rows + 8].to(device)), y[rows : rows + 8].to(device)).cpu()
+            losses += (-logprobs.sum(-1) / kept[rows : rows + 8].sum(-1)).tolist()
+        return [round(value, 5) for value in losses]
+
+    with torch.no_grad():
+        return {
+            "positions": y.numel(),
+            "with_loss": int(kept.sum()),
+            "untrained": window_losses(untrained),
+            "trained": window_losses(model),
+        }
+
+
 def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
     plan(cfg, cfg.data.vocab_size)  # refuse bad sizes before minutes of data preparation
     out.mkdir(parents=True, exist_ok=True)
     world, shards = ensure_data(cfg.data, out)
     check_tasks(cfg.eval, world)
+    mmlu_requests = check_mmlu_window(cfg, world, Tokenizer.from_pretrained(shards / "tokenizer"))
     meta = read_meta(shards)
     runs = plan(cfg, meta["vocab_size"])
     kept = {}
@@ -341,6 +445,7 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
         print(f"== ladder: {run['name']}: evaluating", flush=True)
         with torch.no_grad(), warnings_as_lines():
             metrics, samples = evaluate_run(cfg.eval, model, tokenizer, world)
+        next_token = next_token_losses(model, shards, cfg.train.seq_len, cfg.train.seed)
         write_text_atomic(folder.path / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         records = folder.read_metrics()
         val_loss = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
@@ -362,11 +467,18 @@ def run_ladder(cfg: LadderConfig, out: Path, preset: str = "custom") -> dict:
             "eval_seconds": round(time.perf_counter() - started - trained, 1),
             "model": to_dict(run["model"]),
             "metrics": metrics,
+            "next_token": next_token,
             "plan": _signature(cfg, run),
         }
         write_json_atomic(folder.path / "result.json", result)
         results.append(result)
-    ladder = {"preset": preset, "world": str(world), "runs": results, "fit": fits(results)}
+    ladder = {
+        "preset": preset,
+        "world": str(world),
+        "mmlu_requests": mmlu_requests,
+        "runs": results,
+        "fit": fits(results),
+    }
     write_json_atomic(out / "ladder.json", ladder)
     return ladder
 

@@ -16,6 +16,7 @@ import pytest
 
 from gptlab.data import iter_documents
 from gptlab.errors import UserError
+from gptlab.eval.tasks import mmlu_question, read_mmlu_csv
 from gptlab.world import PRESETS, Mixture, Oracle, format_summary, write_world
 from gptlab.world.arith import Problem, worked
 from gptlab.world.families import FAMILIES, FAMILY_BY_NAME, template_regex
@@ -227,6 +228,14 @@ def test_world_mmlu_csvs_have_the_mmlu_layout(world: Path, meta: dict):
                 person = people[re.search(r"[A-Z][a-z]+ [A-Z][a-z]+", question).group()]
                 assert choices["ABCD".index(answer)] == str(person[key[subject]])
                 assert (person["split"], person["bench"]) == (("train", None) if split == "dev" else ("test", split))
+
+
+def test_world_mmlu_dev_lists_its_shortest_questions_first(world: Path, meta: dict):
+    """lm-eval takes the first k dev rows as the k shots: shortest first keeps k-shot prompts in the window."""
+    for subject in meta["benchmarks"]["world_mmlu"]:
+        rows = read_mmlu_csv(world / f"bench/world_mmlu/dev/{subject}_dev.csv")
+        lengths = [len(mmlu_question(row)) for row in rows]
+        assert lengths == sorted(lengths) and len(set(lengths)) > 1, (subject, lengths)
 
 
 def test_all_jsonl_files_parse(world: Path):

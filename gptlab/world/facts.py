@@ -487,12 +487,15 @@ def question(world: World, attribute: Attribute, person: Person, rng: random.Ran
 
 def mmlu_sets(world: World, rng: random.Random) -> dict[str, dict[str, list[Question]]]:
     """world_mmlu: split -> subject -> questions. dev holds 5 questions per subject about
-    train-split people (few-shot exemplars); val and test ask about the two disjoint groups of
-    test-split people, one question per person and subject."""
+    train-split people (few-shot exemplars), shortest first: lm-eval takes the first k of dev as the
+    k shots, so k-shot prompts are as short as the dev split allows (docs/scaling.md, "world_mmlu
+    and the window"). val and test ask about the two disjoint groups of test-split people, one
+    question per person and subject."""
     train = world.people_in("train")
     sets: dict[str, dict[str, list[Question]]] = {"dev": {}, "val": {}, "test": {}}
     for attribute in ATTRIBUTES:
-        sets["dev"][attribute.subject] = [question(world, attribute, p, rng) for p in rng.sample(train, 5)]
+        dev = [question(world, attribute, p, rng) for p in rng.sample(train, 5)]
+        sets["dev"][attribute.subject] = sorted(dev, key=lambda q: len(q.prompt()))
         for split in ("val", "test"):
             sets[split][attribute.subject] = [
                 question(world, attribute, p, rng) for p in world.people if p.bench == split
