@@ -336,9 +336,9 @@ def _mmlu_claims(samples: Samples, small: dict, large: dict) -> list[Claim]:
         if cut:
             claim.effect = claim.lo = claim.hi = None
             claim.note = (
-                f"not measured: {cut} of its scoring requests (one per choice) are longer than the models' window "
-                "and were cut from the left (lm-eval's rule), losing their first examples; fewer eval.mmlu_shots "
-                "or a longer sizes.block_size and train.seq_len (docs/scaling.md)"
+                f"prompts cut: {cut:,} of its scoring requests ({a} and {b}, one per choice) were longer than the "
+                "models' window and lost their first tokens (lm-eval's rule); fewer eval.mmlu_shots or a longer "
+                "sizes.block_size and train.seq_len (docs/scaling.md)"
             )
     return [claim for claim, _ in claims]
 

@@ -173,3 +173,62 @@ def test_dpo_and_ppo_are_reproduced_only_when_their_win_rate_interval_is_above_o
         assert "ranks a right answer above a wrong one in only 57% of held-out pairs" in measured.note
     assert verdict(by_name[PPO_CLAIM if model == "dpo" else DPO_CLAIM]) == "yes"
     assert verdict(by_name[INSTRUCTION_TUNING]) == "no"
+
+
+MMLU_RISES = "MMLU-format accuracy rises with size"
+MMLU_FEW_SHOT = "Few-shot prompting beats zero-shot on MMLU format"
+MMLU_GROWTH = "The MMLU few-shot gain grows with size"
+
+
+def mmlu_claims(root: Path, scores: dict[tuple[str, str], list[float]], cut: int = 0) -> dict[str, Claim]:
+    """The claims of a ladder whose world_mmlu items scored ``scores`` per (run, setting); ``cut``: the
+    2-shot requests each run had cut from the left to fit its window."""
+    runs = []
+    for name in ("small", "large"):
+        records = [
+            {"task": "world_mmlu", "subject": "birth years", "setting": setting, "doc_id": i, "correct": score}
+            for (run, setting), values in scores.items()
+            if run == name
+            for i, score in enumerate(values)
+        ]
+        write_jsonl(root / "runs" / name / "samples.jsonl", records)
+        settings = {"0-shot": {"truncated": 0}, "2-shot": {"truncated": cut}}
+        runs.append({"name": name, "params": 1e5, "flops": 1e12, "metrics": {"world_mmlu": settings}})
+    ladder = {"runs": runs, "fit": {"power_law": {"alpha": 0.2}, "monotone": True}}
+    return {claim.claim: claim for claim in ladder_claims(ladder, Samples(root, runs), [])}
+
+
+MMLU_SCORES = {
+    ("small", "0-shot"): correct(range(15)),  # 25%: chance
+    ("small", "2-shot"): correct(range(15)),
+    ("large", "0-shot"): correct(range(30)),  # 50%
+    ("large", "2-shot"): correct(range(45)),  # 75%: the examples help the large model only
+}
+
+
+def test_mmlu_accuracy_and_its_few_shot_gain_grow_with_size(tmp_path):
+    claims = mmlu_claims(tmp_path, MMLU_SCORES)
+    assert claims[MMLU_RISES].effect == pytest.approx(0.5) and verdict(claims[MMLU_RISES]) == "yes"
+    assert "world_mmlu 2-shot accuracy, large (0.10M params, 1.0e+12 FLOPs) minus small" in claims[MMLU_RISES].measure
+    assert claims[MMLU_FEW_SHOT].effect == pytest.approx(0.25) and verdict(claims[MMLU_FEW_SHOT]) == "yes"
+    assert claims[MMLU_GROWTH].effect == pytest.approx(0.25) and verdict(claims[MMLU_GROWTH]) == "yes"
+
+
+def test_mmlu_claims_on_prompts_cut_to_fit_the_window_are_not_measured(tmp_path):
+    claims = mmlu_claims(tmp_path, MMLU_SCORES, cut=40)
+    for name in (MMLU_RISES, MMLU_FEW_SHOT, MMLU_GROWTH):
+        claim = claims[name]
+        assert claim.effect is None and verdict(claim) == "—", name
+        assert claim.note.startswith("prompts cut: 80 of its scoring requests (small and large"), claim.note
+
+
+def test_pretraining_loss_claim_holds_only_when_the_loss_falls_on_the_same_windows(tmp_path):
+    ladder, samples = synthetic_ladder(tmp_path, {})
+    before = [5.6, 5.5, 5.7, 5.6]
+    ladder["runs"][-1]["next_token"] = {"positions": 2048, "with_loss": 2048, "untrained": before, "trained": before}
+    flat = ladder_claims(ladder, samples, [])[0]
+    assert flat.claim.startswith("Pretraining is next-token prediction") and verdict(flat) == "no"
+    ladder["runs"][-1]["next_token"]["trained"] = [2.1, 2.0, 2.3, 2.2]
+    falls = ladder_claims(ladder, samples, [])[0]
+    assert verdict(falls) == "yes" and falls.effect == pytest.approx(3.45)
+    assert falls.note == "a loss on 100.0% of the 2,048 positions of 4 val windows; 5.60 → 2.15"
