@@ -18,11 +18,13 @@ reading and writing Hugging Face folders.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptlab import checkpoint
 from gptlab.errors import UserError
@@ -115,9 +117,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype == self.weight.dtype == torch.float32:  # two no-op conversions cost 40% of a decode-step norm
+        if x.dtype == self.weight.dtype:
+            # For bf16 and fp16, F.rms_norm computes in fp32 (the weight too) and rounds once at the end:
+            # what converting both to fp32 first did, in one operator instead of four.
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-        # Normalise in fp32 as Hugging Face's Llama does, so bf16 runs agree with it.
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -141,39 +144,110 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, T, heads, D); cos, sin: (B, T, 1, D) or (1, T, 1, D), sin signed as in ``rope_tables``."""
-    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
+def apply_rope(x, cos, sin, out=None):
+    """x: (B, T, heads, D); cos, sin: (B, T, 1, D) or (1, T, 1, D), sin signed as in ``rope_tables``.
+    out: where to write the result (x itself may be given: its values are read before)."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin, out=out)
+
+
+# The attention kernels that scaled_dot_product_attention may pick on CUDA, per use, in PyTorch's
+# order of preference. cuDNN's is left out of both: PyTorch prefers it on Hopper, and it builds a
+# plan for every new shape (hundreds of milliseconds each), which every decode step of the growing
+# cache (one more key), every new prompt length and every new batch length of the alignment stages
+# would pay. Why, and what to measure before changing it: docs/inference.md.
+ATTENTION_BACKENDS = {
+    "inference": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "training": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+}
+
+
+PINNED_ATTENTION_DEVICES = ("cuda",)  # the CPU has no cuDNN attention to avoid
+_ENABLED = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+}
+
+
+def attention_backends(device: torch.device):
+    """The context in which the model's attention runs. On the ``PINNED_ATTENTION_DEVICES``, the
+    kernels of ``ATTENTION_BACKENDS`` for training while autograd records and for inference
+    otherwise, of those the caller has left enabled: a caller's own ``sdpa_kernel`` choice within
+    the list narrows it further, and one wholly outside it (cuDNN only, to measure it) is kept.
+    Elsewhere, nothing."""
+    if device.type not in PINNED_ATTENTION_DEVICES:
+        return nullcontext()
+    listed = ATTENTION_BACKENDS["training" if torch.is_grad_enabled() else "inference"]
+    if torch.compiler.is_compiling():  # torch.compile reads no flags without a graph break; it traces sdpa_kernel
+        return sdpa_kernel(listed)
+    allowed = [backend for backend in listed if _ENABLED[backend]()]
+    return sdpa_kernel(allowed) if allowed else nullcontext()
+
+
+# CUDA's memory-efficient attention copies a mask whose rows do not start at multiples of 8 elements
+# into a padded one in every call (PyTorch's preprocess_mask); Intel's XPU kernel asks for 16.
+MASK_ALIGNMENT = 16
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True where a query may attend a key) as the additive one that
+    scaled_dot_product_attention would otherwise make of it in every layer: 0 where allowed, -inf
+    elsewhere, in ``dtype``. Its rows start every ``MASK_ALIGNMENT`` elements, so its slices along
+    the keys can be passed too, and no kernel has to copy it into such a layout first."""
+    width = allowed.size(-1)
+    padded = torch.empty(
+        (*allowed.shape[:-1], -(-width // MASK_ALIGNMENT) * MASK_ALIGNMENT), dtype=dtype, device=allowed.device
+    )
+    return padded[..., :width].fill_(float("-inf")).masked_fill_(allowed, 0.0)
+
+
+def _pinned_block(block: nn.Module, x, cos, sin, attn_mask):
+    """A block under ``attention_backends`` of its own: an activation checkpoint recomputes it in
+    the backward pass, outside the forward's context, and must pick the kernel the forward did."""
+    with attention_backends(x.device):
+        return block(x, cos, sin, attn_mask, None)
+
+
+def attention_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in for a model whose parameters (and residual stream) are like
+    ``like``: theirs, or autocast's when it is on."""
+    if torch.is_autocast_enabled(like.device.type):
+        return torch.get_autocast_dtype(like.device.type)
+    return like.dtype
 
 
 class KVCache:
     """Preallocated keys and values for every layer; ``pos`` is how many slots are filled.
+
+    One tensor ``kv`` (layers, 2, batch, kv heads, slots, head size) holds a layer's keys and
+    values side by side, so a step writes both with one copy. The cache is for inference: a
+    forward through it records no gradients.
 
     All rows of a batch share one slot index: prompts of different lengths are left-padded
     and the padding is hidden by the attention mask the caller passes.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (config.n_layer, 2, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
 
-    def update(self, layer: int, k, v):
-        """Write this step's keys/values for one layer and return all of them so far."""
-        end = self.pos + k.size(2)
-        keys, values = self.k[layer], self.v[layer]
-        keys[:, :, self.pos : end] = k
-        values[:, :, self.pos : end] = v
-        return keys[:, :, :end], values[:, :, :end]
+    def update(self, layer: int, kv):
+        """Write this step's keys and values (2, B, kv heads, T, head size) for one layer; return
+        all keys and all values so far."""
+        end = self.pos + kv.size(3)
+        both = self.kv[layer]
+        both[:, :, :, self.pos : end] = kv
+        return both[:, :, :, :end].unbind()
 
     def copy_rows_from(self, source: KVCache, repeats: int) -> None:
         """Take over ``source``'s filled slots, each of its rows repeated ``repeats`` times, so rows
         that continue one prompt (samples, answer candidates) share that prompt's single prefill."""
         filled = source.pos
-        for mine, theirs in ((self.k, source.k), (self.v, source.v)):  # broadcast: no repeated copy in between
-            mine[:, :, :, :filled].unflatten(1, (-1, repeats)).copy_(theirs[:, :, :, :filled].unsqueeze(2))
+        mine, theirs = self.kv[..., :filled, :], source.kv[..., :filled, :]
+        mine.unflatten(2, (-1, repeats)).copy_(theirs.unsqueeze(3))  # broadcast: no repeated copy in between
         self.pos = filled
 
 
@@ -192,11 +266,15 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
         if self.rotary:  # queries and keys rotate together: one set of element-wise ops, not two
-            qk = apply_rope(qk, cos, sin)
+            # Through a cache, in place: the keys stay next to the values, and the cache takes both in one copy.
+            qk = apply_rope(qk, cos, sin, out=qk if kv_cache is not None else None)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q.transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)
+            kv = qkv[:, :, self.n_head :].unflatten(2, (2, self.n_kv_head)).permute(2, 0, 3, 1, 4)
+            k, v = kv_cache.update(self.layer, kv)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         if T == 1 and self.n_kv_head != self.n_head:
             # One query per head: the heads that share a K/V head become its query rows, so any
             # kernel, masked or not, reads each K/V head once and needs no GQA support.
@@ -297,8 +375,9 @@ class GPT(nn.Module):
         """Final-normed hidden states (B, T, n_embd).
 
         position_ids: (B, T) absolute positions; default: 0..T-1 (offset by the cache fill).
-        attn_mask: boolean, broadcastable to (B, 1, T, S), True where a query may attend a key;
-        S is the number of keys (cache fill + T). Default: causal.
+        attn_mask: broadcastable to (B, 1, T, S), S being the number of keys (cache fill + T):
+        boolean, True where a query may attend a key, or additive (``additive_mask``), in the dtype
+        attention computes in. Default: causal.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -311,6 +390,8 @@ class GPT(nn.Module):
         if attn_mask is None and kv_cache is not None and start > 0 and T > 1:
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
         x = self.wte(idx)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # once here, not once per layer
+            attn_mask = additive_mask(attn_mask, attention_dtype(x))
         cos = sin = None
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
@@ -318,11 +399,14 @@ class GPT(nn.Module):
             cos = self.rope_cos[position_ids].unsqueeze(2).to(x.dtype)
             sin = self.rope_sin[position_ids].unsqueeze(2).to(x.dtype)
         x = self.drop(x)
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training and kv_cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attn_mask, None, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, attn_mask, kv_cache)
+        with attention_backends(x.device):  # once per forward, not per layer: entering it costs microseconds
+            for block in self.blocks:
+                if self.activation_checkpointing and self.training and kv_cache is None:
+                    x = torch.utils.checkpoint.checkpoint(
+                        _pinned_block, block, x, cos, sin, attn_mask, use_reentrant=False
+                    )
+                else:
+                    x = block(x, cos, sin, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.norm_f(x)

@@ -119,8 +119,7 @@ def test_a_non_finite_value_a_sequence_leaves_in_its_row_never_reaches_the_next(
     for _ in range(10):
         scheduler.step()
     written = scheduler.rows[0].length
-    for values in (scheduler.cache.k, scheduler.cache.v):
-        values[:, 0, :, :written].fill_(float("nan"))  # as if the model had overflowed for this sequence
+    scheduler.cache.kv[:, :, 0, :, :written].fill_(float("nan"))  # as if the model had overflowed for this sequence
     outputs: dict[int, list[Output]] = {}
     while poisoned not in outputs or outputs[poisoned][-1].finish_reason is None:
         for output in scheduler.step():
@@ -296,4 +295,4 @@ def test_a_free_row_inside_the_batch_changes_nothing_and_is_taken_first():
     drain(scheduler, outputs)
     for seq, request in zip(sequences, [*requests, late]):
         assert tokens(outputs[seq]) == alone(engine, request)
-    assert torch.count_nonzero(scheduler.cache.k[:, :, :, 1:]) == 0  # every leaving row was cleared
+    assert torch.count_nonzero(scheduler.cache.kv[..., 1:, :]) == 0  # every leaving row was cleared

@@ -106,7 +106,7 @@ def test_replayed_static_steps_serve_later_generations(monkeypatch):
     captures = []
 
     def capture_on_cpu(step, slot):
-        buffers = (step.ids, step.positions, step.cache.index, step.real_key, step.cache.k, step.cache.v)
+        buffers = (step.ids, step.positions, step.cache.index, step.real_key, step.cache.kv)
         addresses = [t.data_ptr() for t in buffers]
         captures.append(step)
         step.logits = step._forward(slot)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from gptlab.errors import UserError
 from gptlab.logprobs import token_logprobs
-from gptlab.model import GPT, KVCache
+from gptlab.model import GPT, KVCache, additive_mask, attention_dtype
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -213,13 +213,12 @@ class StaticKVCache(KVCache):
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self.fixed_shape = False
 
-    def update(self, layer: int, k, v):
+    def update(self, layer: int, kv):
         if not self.fixed_shape:
-            return super().update(layer, k, v)
-        keys, values = self.k[layer], self.v[layer]
-        keys.index_copy_(2, self.index, k)
-        values.index_copy_(2, self.index, v)
-        return keys, values
+            return super().update(layer, kv)
+        both = self.kv[layer]
+        both.index_copy_(3, self.index, kv)
+        return both.unbind()
 
 
 class StaticDecodeStep:
@@ -243,7 +242,7 @@ class StaticDecodeStep:
         device = param.device
         self.model = model
         self.cache = StaticKVCache(model.config, batch, max_len, device, param.dtype)
-        self.real_key = torch.ones(batch, 1, 1, max_len, dtype=torch.bool, device=device)
+        self.real_key = additive_mask(torch.ones(batch, 1, 1, max_len, dtype=torch.bool, device=device), param.dtype)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.arange(max_len, device=device)
@@ -255,19 +254,18 @@ class StaticDecodeStep:
     def fits(self, model: GPT, batch: int, max_len: int) -> bool:
         """Whether this step can serve a new generation: same shapes, no generation using it, and
         the weights it captured still the model's (a ``.to()`` or a reassigned parameter moves them)."""
-        same_shape = self.cache.k.size(1) == batch and self.cache.max_len == max_len
+        same_shape = self.cache.kv.size(2) == batch and self.cache.max_len == max_len
         return same_shape and not self.in_use and model is self.model and _weights_key(model) == self.weights
 
     def start(self, real_key: torch.Tensor | None) -> StaticKVCache:
-        """Begin a generation: an empty cache, whose pad slots ``real_key`` (B, 1, 1, S <= max_len)
-        marks False; None: no padding. Returns the cache for the prompt's prefill."""
+        """Begin a generation: an empty cache, whose pad slots ``real_key`` (B, 1, 1, S <= max_len;
+        additive) masks; None: no padding. Returns the cache for the prompt's prefill."""
         self.in_use = True
         self.cache.pos = 0
         # Masked slots still enter attention's weighted sum (with weight 0), so a non-finite value
         # an earlier generation left there would poison this one.
-        self.cache.k.zero_()
-        self.cache.v.zero_()
-        self.real_key.fill_(True)
+        self.cache.kv.zero_()
+        self.real_key.zero_()
         if real_key is not None:
             self.real_key[..., : real_key.size(-1)].copy_(real_key)
         return self.cache
@@ -276,7 +274,8 @@ class StaticDecodeStep:
         self.in_use = False
 
     def _forward(self, slot: int) -> torch.Tensor:
-        mask = (self.slots <= self.cache.index)[None, None, None, :] & self.real_key  # written slots, this one included
+        # The written slots, this one included, of the rows' real keys: one mask for all layers.
+        mask = torch.where(self.slots <= self.cache.index, self.real_key, float("-inf"))
         self.cache.pos, self.cache.fixed_shape = slot, True  # pos: for hidden()'s length check only
         try:
             hidden = self.model.hidden(self.ids, self.positions, mask, self.cache)
@@ -290,7 +289,7 @@ class StaticDecodeStep:
         self.ids.copy_(ids)
         self.positions.copy_(positions)
         self.cache.index.fill_(slot)
-        device = self.cache.k.device
+        device = self.cache.kv.device
         if self.graph is not None:
             self.graph.replay()
         elif device.type in self.CAPTURE_DEVICES:
@@ -301,7 +300,7 @@ class StaticDecodeStep:
         return self.logits
 
     def _capture(self, slot: int) -> None:
-        with torch.cuda.device(self.cache.k.device):  # streams and capture follow the current device, not the model's
+        with torch.cuda.device(self.cache.kv.device):  # streams and capture follow the current device, not the model's
             # Warm-up on a side stream first, as capture requires; every run writes the same keys
             # and values into the same slot, so the cache ends as one step would leave it.
             stream = torch.cuda.Stream()
@@ -315,6 +314,25 @@ class StaticDecodeStep:
                 self.logits = self._forward(slot)
             self.graph = graph
             graph.replay()
+
+
+class _HostCopy:
+    """Tensors (or None) on their way to the host. From a CUDA device they are copied asynchronously
+    into pinned memory and an event marks the copy's end, so reading them waits for the copy
+    alone, not for the work queued after it (the next decode step)."""
+
+    def __init__(self, *tensors: torch.Tensor | None):
+        self.tensors = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+        self.copied = None
+        device = next((t.device for t in tensors if t is not None), None)
+        if device is not None and device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(device))
+
+    def lists(self) -> list[list | None]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return [t.tolist() if t is not None else None for t in self.tensors]
 
 
 def _weights_key(model: nn.Module) -> tuple:
@@ -339,6 +357,7 @@ class Engine:
     """
 
     STATIC_DECODE_DEVICES = ("cuda",)
+    AHEAD_DEVICES = ("cuda",)  # asynchronous: a step launched ahead overlaps the host; elsewhere it would only be waste
     STATIC_CACHE_ROUNDING = 64  # attention reads every slot of a fixed-shape cache: keep the slack small
 
     def __init__(self, model: GPT, tokenizer=None, cuda_graphs: bool = False):
@@ -482,12 +501,19 @@ class Engine:
         check_prompts(self.model.config, prompts, max_new_tokens, sampling)
 
     def _steps(self, prompts, max_new_tokens, stop_ids, return_logprobs, n, sampling):
-        """The decode loop: yields (tokens, logprobs) per step; logprobs entries are None unless asked for."""
+        """The decode loop: yields (tokens, logprobs) per step; logprobs entries are None unless asked for.
+
+        On the ``AHEAD_DEVICES`` the next step is launched before the host reads this step's
+        tokens, so the device computes while Python yields them; when no row is left running, that
+        step's result is dropped.
+        """
         if not prompts or max_new_tokens == 0:
             return
         param = next(self.model.parameters())
         device, batch, rows = param.device, len(prompts), len(prompts) * n
         ids, positions, prefill_mask, real_key = _left_padded(prompts, max_new_tokens, device)
+        if real_key is not None:  # additive once: each step passes a slice of it to every layer
+            real_key = additive_mask(real_key, attention_dtype(param))
         longest = ids.size(1)
         length = longest + max_new_tokens
         seen = None
@@ -515,6 +541,14 @@ class Engine:
             cache = static_step.start(real_key)  # claims the step: nothing that can fail comes before the try
         else:
             cache = KVCache(self.model.config, rows, length, device, param.dtype)
+
+        def decode(token):
+            end = cache.pos + 1
+            mask = real_key[..., :end] if real_key is not None else None
+            logits = self._logits(token[:, None], positions[:, end - 1 : end], mask, cache, static_step)
+            return self._pick(logits, sampling, generator, seen, return_logprobs)
+
+        ahead = device.type in self.AHEAD_DEVICES
         running = [True] * rows
         try:
             with self.packed():  # spans the yields: safe, as packed layers fall back when grads or weights change
@@ -525,21 +559,23 @@ class Engine:
                     cache.copy_rows_from(prompt_cache, n)
                     prompt_cache = None  # not held while the rows decode
                     logits = per_sample(logits)
-                token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
+                chosen = self._pick(logits, sampling, generator, seen, return_logprobs)
                 for step in range(max_new_tokens):
-                    tokens = token.tolist()
-                    logprobs = logprob.tolist() if return_logprobs else [None] * rows
+                    last = step == max_new_tokens - 1
+                    on_host = _HostCopy(*chosen)
+                    if ahead and not last:
+                        chosen = decode(chosen[0])
+                    tokens, logprobs = on_host.lists()
+                    logprobs = logprobs if return_logprobs else [None] * rows
                     yield (
                         [t if alive else None for t, alive in zip(tokens, running)],
                         [lp if alive else None for lp, alive in zip(logprobs, running)],
                     )
                     running = [alive and t not in stops for t, alive in zip(tokens, running)]
-                    if step == max_new_tokens - 1 or not any(running):
+                    if last or not any(running):
                         return
-                    end = cache.pos + 1
-                    mask = real_key[..., :end] if real_key is not None else None
-                    logits = self._logits(token[:, None], positions[:, end - 1 : end], mask, cache, static_step)
-                    token, logprob = self._pick(logits, sampling, generator, seen, return_logprobs)
+                    if not ahead:
+                        chosen = decode(chosen[0])
         finally:  # also when the caller stops consuming the stream early
             if static_step is not None:
                 static_step.finish()

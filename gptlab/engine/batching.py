@@ -92,22 +92,19 @@ class SlotCache(KVCache):
         self.slots, self.limit = slots, limit
         self.pos = limit - 1  # the model checks pos + 1 against its block_size
 
-    def update(self, layer: int, k, v):
-        keys, values = self.k[layer], self.v[layer]
+    def update(self, layer: int, kv):
+        both = self.kv[layer]  # (2, rows, kv heads, slots, head size)
         if self.slots is None:  # a prefill attends only to its own prompt: the keys it was given
-            keys[self.rows, :, : k.size(2)] = k
-            values[self.rows, :, : v.size(2)] = v
-            return k, v
-        keys[self.rows, :, self.slots] = k[:, :, 0]
-        values[self.rows, :, self.slots] = v[:, :, 0]
-        rows = self.rows.numel()
-        return keys[:rows, :, : self.limit], values[:rows, :, : self.limit]
+            both[:, self.rows, :, : kv.size(3)] = kv
+            return kv.unbind()
+        # Indexed by row and slot together, one (B, 2, kv heads, head size) entry per row.
+        both[:, self.rows, :, self.slots] = kv[:, :, :, 0].transpose(0, 1)
+        return both[:, : self.rows.numel(), :, : self.limit].unbind()
 
     def clear(self, row: int, length: int) -> None:
         """Zero a leaving row's filled slots: a masked slot still enters attention's weighted sum
         (with weight 0), so a non-finite value left there would poison the row's next sequence."""
-        self.k[:, row, :, :length].zero_()
-        self.v[:, row, :, :length].zero_()
+        self.kv[:, :, row, :, :length].zero_()
 
 
 @dataclass(eq=False)
