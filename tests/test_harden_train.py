@@ -81,6 +81,7 @@ def test_every_stage_refuses_train_values_outside_their_range(cls, override, key
         ("LadderConfig", "eval.limit=0", "eval.limit"),
         ("LadderConfig", "eval.word_shots=[-1, 0]", "eval.word_shots"),
         ("LadderConfig", "data.world_seed=-3", "data.world_seed"),
+        ("LadderConfig", "train.seq_len=1024", "sizes.block_size 512"),  # windows longer than the models
     ],
 )
 def test_stage_settings_outside_their_range_are_refused_naming_the_key(stage, override, key):
