@@ -276,9 +276,10 @@ def cmd_arena_export(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from gptlab.demo import run_demo
+    from gptlab.demo import run_demo_seeds
 
-    run_demo(Path(args.out), main, preset=args.preset, seed=args.seed)  # the demo runs its stages through main
+    # the demo runs its stages through main
+    run_demo_seeds(Path(args.out), main, preset=args.preset, seed=args.seed, seeds=args.seeds)
 
 
 def add_config_options(p: argparse.ArgumentParser, config_help: str = "a TOML file; every key has a default") -> None:
@@ -479,7 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="the whole pipeline on TinyWorld -> OUT/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--preset", default="quick", help="quick (2 min on a 2-core CPU) | default (about 25 min)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the world, the models' initialization and data order")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the demo on seeds SEED .. SEED+N-1 into OUT/seed-S/, and write OUT/report.md: each claim across "
+        "the seeds, pooled (a finished seed is kept)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -8,7 +8,9 @@ and PPO against SFT, and held-out arithmetic before and after GRPO -> ``report.m
 statistics, the pretraining curve, the scaling ladder and its phenomena table, in-context learning
 with intervals, instruction tuning, learning from preferences, RL from feedback, samples, timings and
 the machine. The report is one ``Section`` per stage in pipeline order: a later stage (the arena)
-adds its section function and one line in ``run_demo``.
+adds its section function and one line in ``run_demo``. The phenomena table's rows are also written
+to ``claims.json``: ``--seeds N`` runs the demo once per seed into ``seed-S/`` and reports each claim
+across the seeds from those files (``run_demo_seeds``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from gptlab.ladder import run_folder
 from gptlab.model import GPT
 from gptlab.report import (
     ARENA,
+    CLAIMS_FILE,
     DPO,
     GRPO_ROWS,
     INSTRUCTION_TUNING,
@@ -56,6 +59,9 @@ from gptlab.report import (
     ladder_section,
     plot_pretraining_loss,
     plot_rl_curves,
+    read_claims,
+    robustness_section,
+    write_claims,
 )
 from gptlab.runs import RunFolder
 from gptlab.world.oracle import Oracle
@@ -172,15 +178,20 @@ def machine() -> str:
     return f"{cpu}; {device}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -> Path:
-    """The demo in ``out``; ``gptlab`` runs each stage's command line (the CLI's ``main``)."""
+def demo_preset(preset: str) -> DemoPreset:
     if preset not in PRESETS:
         raise UserError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
+    return PRESETS[preset]
+
+
+def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -> Path:
+    """The demo in ``out``; ``gptlab`` runs each stage's command line (the CLI's ``main``)."""
+    spec = demo_preset(preset)
     demo = RunFolder(out)
     if demo.has_record() and demo.read_record().get("kind") != "demo":
         raise UserError(f"{out} holds another gptlab run (see its run.json); give the demo a new --out")
     demo.write_record("demo", {"preset": preset, **asdict(spec)}, seed=seed)
+    (out / CLAIMS_FILE).unlink(missing_ok=True)  # a demo run again is not finished (``seed_done``) until it ends
     timings: dict[str, float] = {}
     started = time.perf_counter()
     base, tuned = run_stages(gptlab, out, spec, seed, timings)
@@ -196,17 +207,18 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
     timings["evaluation and samples"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
 
+    ladder = ladder_section(
+        out / "ladder",
+        extra=alignment_claims(results["instruct"], results["preferences"], results["arena"]),
+        heading="##",
+        link_prefix="ladder/",
+    )
     report = concatenate(
         [
             Section(f"# gptlab demo report\n\nPreset `{preset}`, seed {seed}. Machine: {machine()}."),
             data_section(json.loads((out / "shards" / "meta.json").read_text())),
             pretraining_section(base, results["base_model"], out / "loss.png"),
-            ladder_section(
-                out / "ladder",
-                extra=alignment_claims(results["instruct"], results["preferences"], results["arena"]),
-                heading="##",
-                link_prefix="ladder/",
-            ),
+            ladder,
             instruction_tuning_section(results["instruct"], results["conversations"]),
             preferences_section(results["preferences"]),
             rl_section(ppo_run, grpo_run, results["preferences"]["ppo"], results["arithmetic"], out / "ppo.png"),
@@ -215,9 +227,61 @@ def run_demo(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0) -
             timings_section(timings),
         ]
     )
+    write_claims(out / CLAIMS_FILE, ladder.claims)
     write_text_atomic(demo.report_path, report)
     print(report)
     return demo.report_path
+
+
+def run_demo_seeds(out: Path, gptlab: Command, preset: str = "quick", seed: int = 0, seeds: int = 1) -> Path:
+    """The demo on ``seeds`` seeds, ``seed``, ``seed`` + 1, ...: each a complete demo in OUT/seed-S/ (its
+    world, initialization and data order all come from its seed), then OUT/report.md, the phenomena
+    table across them, read back from each seed's claims.json. One seed is the demo itself, in OUT. A
+    seed folder that holds a finished demo is kept, so a run that was stopped continues where it was."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1 (got {seeds}): the number of seeds to run the demo with")
+    if seeds == 1:
+        return run_demo(out, gptlab, preset, seed)
+    settings = json.loads(json.dumps({"preset": preset, **asdict(demo_preset(preset))}))  # as run.json holds them
+    if RunFolder(out).has_record():
+        raise UserError(f"{out} holds a gptlab run (its run.json); give the demo with --seeds a new --out")
+    folders = {s: out / f"seed-{s}" for s in range(seed, seed + seeds)}
+    done = {s: seed_done(folder, settings) for s, folder in folders.items()}  # refuses before any seed runs
+    for number, (s, folder) in enumerate(folders.items(), 1):
+        if done[s]:
+            print(f"== demo: seed {s} ({number} of {seeds}) finished before; kept {folder}", flush=True)
+        else:
+            print(f"== demo: seed {s} ({number} of {seeds}) -> {folder}", flush=True)
+            run_demo(folder, gptlab, preset, s)
+    claims_by_seed = {s: read_claims(folder / CLAIMS_FILE) for s, folder in folders.items()}
+    report = concatenate(
+        [
+            Section(
+                f"# gptlab demo report: {seeds} seeds\n\nPreset `{preset}`, seeds "
+                + ", ".join(f"[{s}](seed-{s}/report.md)" for s in claims_by_seed)
+                + ": each a complete demo in `seed-S/` (its world, initialization and data order from its seed) "
+                "with its own report."
+            ),
+            robustness_section(claims_by_seed),
+        ]
+    )
+    write_text_atomic(out / "report.md", report)
+    print(report)
+    return out / "report.md"
+
+
+def seed_done(folder: Path, settings: dict) -> bool:
+    """Whether ``folder`` holds a finished demo (its report.md and claims.json) of these ``settings`` (the
+    config its run.json records); one of other settings is refused rather than mixed with this run's seeds."""
+    demo = RunFolder(folder)
+    if not (demo.report_path.is_file() and (folder / CLAIMS_FILE).is_file()):
+        return False
+    if demo.read_record().get("config") != settings:
+        raise UserError(
+            f"{folder} holds a finished demo of other settings than preset {settings['preset']!r} has now (see its "
+            f"run.json); give a new --out, or delete {folder} to run that seed again"
+        )
+    return True
 
 
 def measure(world: Path, spec: DemoPreset, runs: dict[str, RunFolder]) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 from gptlab import stats
 from gptlab.data.documents import jsonl_records
 from gptlab.errors import UserError
-from gptlab.fileio import read_text, write_text_atomic
+from gptlab.fileio import read_text, write_json_atomic, write_text_atomic
 from gptlab.runs import RunFolder
 
 # What the report reads of each run in ladder.json, and of each record of its samples.jsonl.
@@ -40,10 +40,12 @@ SAMPLE_FIELDS = ("task", "setting", "doc_id", "correct")
 
 @dataclass
 class Section:
-    """One stage's part of a report: its markdown and the plots it wrote (which the markdown links)."""
+    """One stage's part of a report: its markdown, the plots it wrote (which the markdown links) and
+    the claims it measured (the phenomena table's rows, which the demo also writes to claims.json)."""
 
     markdown: str
     plots: list[Path] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
 
 
 def concatenate(sections: list[Section]) -> str:
@@ -75,12 +77,17 @@ class Claim:
         if self.effect is None:
             measured, verdict = "not measured yet", "—"
         else:
-            if self.unit == "points":
-                measured = format_points((self.effect, self.lo, self.hi))
-            else:
-                measured = f"{self.effect:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+            measured = format_effect((self.effect, self.lo, self.hi), self.unit)
             verdict = "yes" if self.reproduced else "no"
         return f"| {self.claim} | {self.measure} | {measured} | {verdict} | {self.note} |"
+
+
+def format_effect(interval: tuple[float, float, float], unit: str) -> str:
+    """(effect, lo, hi) in a claim's unit: accuracy differences in signed points, others as they are."""
+    if unit == "points":
+        return format_points(interval)
+    effect, lo, hi = interval
+    return f"{effect:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +397,126 @@ NOT_YET = [
 
 
 # ---------------------------------------------------------------------------------------------
+# Claims across seeds (`gptlab demo --seeds N`)
+
+CLAIMS_FILE = "claims.json"  # a demo folder's phenomena table rows, which the table across seeds reads
+
+
+def write_claims(path: Path, claims: Sequence[Claim]) -> None:
+    """The claims as a JSON list of their fields, written atomically (a reader never sees half of it)."""
+    write_json_atomic(path, [asdict(claim) for claim in claims])
+
+
+def read_claims(path: Path) -> list[Claim]:
+    """The claims ``write_claims`` wrote; one error line when the file holds anything else."""
+    try:
+        return [Claim(**record) for record in json.loads(read_text(path))]
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(
+            f"{path} is not a list of a demo's claims ({e}); delete it and run the demo again to measure that seed "
+            "again"
+        ) from None
+
+
+def seeds_needed(seeds: int) -> int:
+    """On how many of ``seeds`` seeds a claim must reproduce to be called reproduced: two thirds, rounded up."""
+    return -(-2 * seeds // 3)
+
+
+@dataclass
+class ClaimAcrossSeeds:
+    """One claim of the phenomena table as each seed of a ``--seeds`` demo measured it (``by_seed``:
+    seed -> that seed's claim; a seed that did not measure it is missing or has no effect)."""
+
+    claim: str
+    seeds: list[int]
+    by_seed: dict[int, Claim]
+
+    @property
+    def measured(self) -> dict[int, Claim]:
+        """The seeds with an effect and a finite interval (an arena's tau is NaN when every model ties)."""
+        return {
+            seed: c for seed, c in self.by_seed.items() if c.effect is not None and np.all(np.isfinite(_interval(c)))
+        }
+
+    @property
+    def reproduced_on(self) -> int:
+        return sum(bool(c.reproduced) for c in self.measured.values())
+
+    @property
+    def pooled(self) -> tuple[float, float, float] | None:
+        """The seeds' effects pooled (``stats.pooled_interval``) over the seeds that measured the claim."""
+        measured = self.measured.values()
+        return stats.pooled_interval([(c.effect, c.lo, c.hi) for c in measured]) if measured else None
+
+    @property
+    def reproduced(self) -> bool | None:
+        """Yes when the pooled interval excludes zero in the claimed direction and the claim reproduced
+        on ``seeds_needed`` of the seeds run; None when no seed measured it."""
+        pooled = self.pooled
+        if pooled is None:
+            return None
+        return pooled[1] > 0 and self.reproduced_on >= seeds_needed(len(self.seeds))
+
+    def row(self) -> str:
+        unit = next(iter(self.by_seed.values())).unit
+        measured = self.measured
+        per_seed = "<br>".join(
+            f"seed {seed}: " + (format_effect(_interval(measured[seed]), unit) if seed in measured else "not measured")
+            for seed in self.seeds
+        )
+        if self.pooled is None:
+            pooled, verdict = "not measured", "—"
+        else:
+            pooled, verdict = format_effect(self.pooled, unit), "yes" if self.reproduced else "no"
+            missing = [str(seed) for seed in self.seeds if seed not in measured]
+            if missing:
+                pooled += f" (over seeds {', '.join(map(str, measured))}; not measured on {', '.join(missing)})"
+        return f"| {self.claim} | {per_seed} | {self.reproduced_on} of {len(self.seeds)} | {pooled} | {verdict} |"
+
+
+def _interval(claim: Claim) -> tuple[float, float, float]:
+    return claim.effect, claim.lo, claim.hi
+
+
+def claims_across_seeds(claims_by_seed: dict[int, list[Claim]]) -> list[ClaimAcrossSeeds]:
+    """Each claim any seed measured, in the order the seeds' tables first list them."""
+    seeds = list(claims_by_seed)
+    across: dict[str, ClaimAcrossSeeds] = {}
+    for seed, claims in claims_by_seed.items():
+        for claim in claims:
+            across.setdefault(claim.claim, ClaimAcrossSeeds(claim.claim, seeds, {})).by_seed[seed] = claim
+    return list(across.values())
+
+
+def robustness_section(claims_by_seed: dict[int, list[Claim]], heading: str = "##") -> Section:
+    """The phenomena table across seeds: per claim, each seed's effect, on how many seeds it reproduced,
+    the pooled effect and the verdict (``ClaimAcrossSeeds.reproduced``)."""
+    rows = claims_across_seeds(claims_by_seed)
+    n = len(claims_by_seed)
+    held = sum(bool(row.reproduced) for row in rows)
+    lines = [
+        f"{heading} Claims across seeds",
+        "",
+        (
+            "Each seed's effect with its 95% bootstrap interval, as that seed's own report gives it; a claim "
+            "reproduces on a seed when that interval excludes zero in the claimed direction. Pooled: a fixed-effect "
+            "inverse-variance mean of the seeds' effects, each seed's standard error read off its interval as "
+            "(hi - lo) / (2 × 1.96), over the seeds that measured the claim. Reproduced = the pooled interval "
+            f"excludes zero in the claimed direction and the claim reproduced on at least {seeds_needed(n)} of the "
+            f"{n} seeds."
+        ),
+        "",
+        "| claim | per seed: effect [95% CI] | seeds reproduced | pooled effect [95% CI] | reproduced |",
+        "|---|---|---|---|---|",
+        *(row.row() for row in rows),
+        "",
+        f"Reproduced across seeds: **{held} of {len(rows)}** claims.",
+    ]
+    return Section("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -628,6 +755,7 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
     runs = ladder["runs"]
     samples = Samples(ladder_dir, runs)
     plots = plot_ladder(ladder_dir, ladder, samples)
+    claims = ladder_claims(ladder, samples, extra or NOT_YET)
     h = heading
     lines = [
         f"{h} Scaling ladder",
@@ -653,7 +781,7 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
         "",
         "| claim | measure | effect [95% CI] | reproduced | note |",
         "|---|---|---|---|---|",
-        *(c.row() for c in ladder_claims(ladder, samples, extra or NOT_YET)),
+        *(c.row() for c in claims),
         "",
         f"{h}# Abilities by size (accuracy, %)",
         "",
@@ -666,7 +794,7 @@ def ladder_section(ladder_dir: Path, extra: list[Claim] = (), heading: str = "#"
         "",
         "\n\n".join(f"![{caption}]({link_prefix}{path.name})" for caption, path in plots.items()),
     ]
-    return Section("\n".join(lines), list(plots.values()))
+    return Section("\n".join(lines), list(plots.values()), claims)
 
 
 def _power_law_line(fit: dict) -> str:

@@ -1,4 +1,5 @@
-"""Seeded percentile-bootstrap intervals for means and differences of per-item scores.
+"""Seeded percentile-bootstrap intervals for means and differences of per-item scores, and the
+pooling of one effect's estimates from independent runs (the demo's seeds).
 
 Torch-free (numpy only), so the report, the scaling fits, the ladder and the arena share one
 implementation without importing the model.
@@ -55,3 +56,31 @@ def difference_interval(
         rng.integers(0, a.size, size=(bootstrap, a.size))
     ].mean(axis=1)
     return (float(b.mean() - a.mean()), *percentile_interval(boot, confidence))
+
+
+def pooled_interval(estimates, z: float = 1.96) -> tuple[float, float, float]:
+    """(effect, lo, hi): a fixed-effect inverse-variance pooling of independent estimates of one
+    effect, each given as (effect, lo, hi) with a 95% interval (``z`` = 1.96).
+
+    Each estimate's standard error is read off its interval, (hi - lo) / (2 z), and weighs 1 / se²;
+    the pooled effect is the weighted mean and its standard error 1 / sqrt(sum of the weights), so
+    n equal estimates give the same effect with an interval sqrt(n) times narrower. A zero-width
+    interval (a bootstrap over items that all scored alike) has no usable standard error: it gets
+    the smallest nonzero one among the estimates, so it weighs as much as the surest of them instead
+    of infinitely much; when every interval has zero width the pooled one has zero width too.
+    """
+    array = np.asarray(estimates, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != 3 or not np.all(np.isfinite(array)):
+        raise ValueError("estimates must be a non-empty sequence of finite (effect, lo, hi) triples")
+    effects, lo, hi = array.T
+    if np.any(hi < lo):
+        raise ValueError("every estimate's interval must have lo <= hi")
+    se = (hi - lo) / (2 * z)
+    if not np.any(se > 0):
+        mean = float(effects.mean())
+        return mean, mean, mean
+    se = np.where(se > 0, se, se[se > 0].min())
+    weights = 1.0 / se**2
+    mean = float(np.sum(weights * effects) / np.sum(weights))
+    half = z / float(np.sqrt(np.sum(weights)))
+    return mean, mean - half, mean + half
