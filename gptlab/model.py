@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptlab import checkpoint
 from gptlab.errors import UserError
-from gptlab.logprobs import last_real_index, mean_cross_entropy, padded_inputs
+from gptlab.logprobs import last_real_index, linear_cross_entropy, padded_inputs
 
 FAMILIES = ("llama", "gpt2")
 
@@ -412,11 +412,12 @@ class GPT(nn.Module):
         return self.norm_f(x)
 
     def forward(self, idx, targets=None, position_ids=None, attn_mask=None, kv_cache: KVCache | None = None):
-        """Logits (B, T, vocab); with ``targets``, the mean cross-entropy over targets != -100."""
-        logits = self.lm_head(self.hidden(idx, position_ids, attn_mask, kv_cache))
+        """Logits (B, T, vocab); with ``targets``, only the mean cross-entropy over targets != -100,
+        computed without holding all the logits when they are many (``linear_cross_entropy``)."""
+        hidden = self.hidden(idx, position_ids, attn_mask, kv_cache)
         if targets is None:
-            return logits
-        return mean_cross_entropy(logits, targets)
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets)
 
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Write a Hugging Face model folder, atomically (see ``gptlab.checkpoint``)."""

@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import gptlab.logprobs
+from gptlab.logprobs import mean_cross_entropy
 from gptlab.model import GPT, ModelConfig
 
 
@@ -40,6 +43,43 @@ def test_loss_is_mean_cross_entropy_ignoring_minus_100(family):
     keep = targets != -100
     expected = -F.log_softmax(logits[keep], -1).gather(1, targets[keep].unsqueeze(1)).mean()
     assert torch.allclose(model(idx, targets), expected, atol=1e-6)
+
+
+class MostLogits(TorchDispatchMode):
+    """Records the most rows of logits (tensors as wide as the vocabulary) any op outputs while the mode is on."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.most = vocab_size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.size(-1) == self.vocab_size:
+                self.most = max(self.most, tensor.numel() // self.vocab_size)
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_loss_with_many_logits_never_holds_them_all_and_trains_as_the_plain_loss(family, monkeypatch):
+    """GPT.forward(idx, targets) takes the head's loss a chunk of rows at a time once the logits are many:
+    no tensor of the forward or backward holds all of them, and the loss and every parameter's gradient
+    (the tied gpt2 head's through the embedding too) equal those of the full logits to fp32 rounding."""
+    model = tiny(family).train()
+    idx, targets = torch.randint(0, 100, (4, 32)), torch.randint(0, 100, (4, 32))
+    targets[1] = -100
+    plain = mean_cross_entropy(model(idx), targets)
+    plain.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(gptlab.logprobs, "LOGITS_CHUNK_ELEMENTS", 100 * 40)  # 40 rows of the 128 at a time
+    with MostLogits(100) as logits:
+        loss = model(idx, targets)
+        loss.backward()
+    assert logits.most == 40
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_fresh_model_loss_is_near_uniform():
