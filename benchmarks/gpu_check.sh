@@ -64,6 +64,6 @@ step decode_logits 60 "$python" benchmarks/decode_logits.py --device cuda --dtyp
   --batch-sizes 1,64
 step trainer_mfu 120 "$python" benchmarks/trainer_mfu.py --device cuda --shape gpt2-124m --steps 30
 step profile 60 "$python" benchmarks/profile_steps.py --device cuda --train-shape gpt2-124m --decode-shape llama-124m
-step tests 90 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_engine.py \
+step tests 90 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_decode_step.py tests/test_engine.py \
   tests/test_model.py tests/test_logprobs.py
 echo "gpu_check: done in $SECONDS s; $(grep -c '' "$results") lines in $results" | tee -a "$log"
