@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import time
@@ -84,6 +85,7 @@ PPO_DEMO_ROWS = (
 )
 GRPO_DEMO_ROWS = ("reward", "frac_reward_zero_std", "completions/mean_length")
 ARENA_ALIGNED = ("sft", "dpo", "ppo", "grpo")  # the arena's models after the ladder's sizes
+UNDECIDED_ARENA = "every model is rated alike (every battle a tie: no model answers a prompt right; a larger preset)"
 
 
 @dataclass(frozen=True)
@@ -701,6 +703,8 @@ def arena_claim(arena: dict) -> Claim:
         "Kendall's tau between the arena's order (Bradley-Terry over oracle-judged battles) and the models' mean "
         "oracle score"
     )
+    if not math.isfinite(tau):
+        return Claim(ARENA, measure, note=UNDECIDED_ARENA)
     claim = Claim(ARENA, measure, tau, lo, hi, unit="tau")
     if lo <= 0:
         claim.note = "if no: more prompts or battles per pair (arena_prompts, arena_rounds)"
@@ -922,8 +926,7 @@ def grpo_lines(run: RunFolder, arithmetic: dict) -> list[str]:
 def arena_section(result: dict, plot: Path) -> Section:
     """The arena's board (``arena_results``) with its plot, the verdicts, and the rank agreement with the
     oracle's mean scores."""
-    board, agreement = result["board"], result["agreement"]
-    tau, (lo, hi) = agreement["tau"], agreement["ci"]
+    board = result["board"]
     board.plot(plot)
     return Section(
         "\n".join(
@@ -945,12 +948,21 @@ def arena_section(result: dict, plot: Path) -> Section:
                 "|---|---|",
                 *(f"| {row['model']} | {result['scores'][row['model']]:.3f} |" for row in board.rows),
                 "",
-                f"Kendall's tau between the arena's order (Bradley-Terry) and the order of the mean oracle scores: "
-                f"**{tau:.2f}** [{lo:.2f}, {hi:.2f}] (95% bootstrap interval over battles, {agreement['rounds']} "
-                "rounds).",
+                agreement_line(result["agreement"]),
             ]
         ),
         [plot],
+    )
+
+
+def agreement_line(agreement: dict) -> str:
+    """The report's sentence on Kendall's tau between the arena's order and the oracle's (``rank_agreement``)."""
+    tau, (lo, hi) = agreement["tau"], agreement["ci"]
+    if not math.isfinite(tau):
+        return f"Kendall's tau between the arena's order and the oracle's is undefined: {UNDECIDED_ARENA}."
+    return (
+        "Kendall's tau between the arena's order (Bradley-Terry) and the order of the mean oracle scores: "
+        f"**{tau:.2f}** [{lo:.2f}, {hi:.2f}] (95% bootstrap interval over battles, {agreement['rounds']} rounds)."
     )
 
 

@@ -191,3 +191,10 @@ def test_the_arena_claim_fails_when_the_arena_orders_the_models_against_their_sc
     scores = [(0.0, 1.0) if t % 2 == 0 else (1.0, 0.0) for t in range(20)]  # ...but m0 scores higher
     claim = demo.arena_claim(arena_result(winners, scores))
     assert claim.effect == -1.0 and not claim.reproduced and "arena_rounds" in claim.note
+
+
+def test_an_arena_of_ties_leaves_the_claim_unmeasured_and_says_why(tmp_path):
+    result = arena_result(["tie (bothbad)"] * 6, [(0.2, 0.3)] * 6)
+    claim = demo.arena_claim(result)
+    assert claim.effect is None and "every battle a tie" in claim.note
+    assert "undefined: every model is rated alike" in demo.arena_section(result, tmp_path / "arena.png").markdown
