@@ -495,6 +495,7 @@ def robustness_section(claims_by_seed: dict[int, list[Claim]], heading: str = "#
     rows = claims_across_seeds(claims_by_seed)
     n = len(claims_by_seed)
     held = sum(bool(row.reproduced) for row in rows)
+    unmeasured = sum(row.reproduced is None for row in rows)
     lines = [
         f"{heading} Claims across seeds",
         "",
@@ -511,7 +512,8 @@ def robustness_section(claims_by_seed: dict[int, list[Claim]], heading: str = "#
         "|---|---|---|---|---|",
         *(row.row() for row in rows),
         "",
-        f"Reproduced across seeds: **{held} of {len(rows)}** claims.",
+        f"Reproduced across seeds: **{held} of {len(rows)}** claims"
+        + (f" ({unmeasured} measured on no seed)." if unmeasured else "."),
     ]
     return Section("\n".join(lines))
 

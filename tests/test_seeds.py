@@ -264,7 +264,8 @@ def test_seeds_are_not_run_into_a_folder_that_holds_another_run(tmp_path, fake_d
 
 
 def test_robustness_section_counts_the_claims_reproduced_across_seeds():
-    section = robustness_section({0: [points(5, 1, 9)], 1: [points(-1, -5, 3)]})
+    unmeasured = Claim(LOSS, "exponent", unit="exponent")
+    section = robustness_section({0: [points(5, 1, 9), unmeasured], 1: [points(-1, -5, 3), unmeasured]})
     assert "at least 2 of the 2 seeds" in section.markdown
-    assert "Reproduced across seeds: **0 of 1** claims." in section.markdown
+    assert "Reproduced across seeds: **0 of 2** claims (1 measured on no seed)." in section.markdown
     assert section.markdown.startswith("## Claims across seeds")
