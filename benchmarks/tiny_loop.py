@@ -21,6 +21,8 @@ setting and thread count, three JSON lines: gptlab's, the plain loop's, then the
 
     python benchmarks/tiny_loop.py                                   # d3, d5; fp32, bf16; eager; 1 and 2 threads
     python benchmarks/tiny_loop.py --shapes d3 --compile both --threads 2
+    python benchmarks/tiny_loop.py --settings --compile both         # the plain loop's settings side by side
+    python benchmarks/tiny_loop.py --settings --dtypes fp32 --threads 1 --batches 8 16 32
     python benchmarks/tiny_loop.py --profile d5                      # one step of each loop, by operator
     python benchmarks/tiny_loop.py --curve 148                       # d3's val loss, fp32 vs bf16, 148 steps
 """
@@ -210,19 +212,22 @@ def compare(args, shards: Path, tmp: Path, shape: str, dtype: str, compile_: boo
 
 
 def variants(args, shards: Path, shape: str, compiles: list[bool]) -> None:
-    """The plain loop of one shape in every dtype, compile setting and thread count asked, their repeats
-    alternated in one process: each one's tokens/s and its speed-up over the first (fp32, eager, the
-    fewest threads), as JSON lines."""
+    """The plain loop of one shape in every dtype, compile setting, thread count and batch size asked,
+    their repeats alternated in one process: each one's tokens/s and its speed-up over the first (fp32,
+    eager, the fewest threads, the smallest batch), as JSON lines."""
     model_cfg = ladder_model(int(shape[1:]), read_meta(shards)["vocab_size"])
-    settings = [(d, c, t) for c in compiles for d in args.dtypes for t in sorted(args.threads)]
+    settings = [
+        (d, c, t, b) for c in compiles for d in args.dtypes for t in sorted(args.threads) for b in sorted(args.batches)
+    ]
     loops, warmup_s = {}, {}
-    for setting in settings:
-        torch.set_num_threads(setting[2])
-        loops[setting] = PlainLoop(model_cfg, train_config(10**6, *setting[:2]), shards)
+    for dtype, compile_, threads, batch in settings:
+        torch.set_num_threads(threads)
+        loop = PlainLoop(model_cfg, train_config(10**6, dtype, compile_, batch_size=batch), shards)
         start = time.perf_counter()
-        for _ in range(args.warmup + (2 if setting[1] else 0)):
-            loops[setting].step()
-        warmup_s[setting] = time.perf_counter() - start  # compilation included
+        for _ in range(args.warmup + (2 if compile_ else 0)):
+            loop.step()
+        loops[dtype, compile_, threads, batch] = loop
+        warmup_s[dtype, compile_, threads, batch] = time.perf_counter() - start  # compilation included
 
     def repeat(setting):
         def run():
@@ -233,18 +238,19 @@ def variants(args, shards: Path, shape: str, compiles: list[bool]) -> None:
         return run
 
     seconds, _ = interleaved_medians({s: repeat(s) for s in settings}, args.repeats, "cpu")
-    tokens = args.steps * loops[settings[0]].cfg.batch_size * loops[settings[0]].cfg.seq_len
-    for (dtype, compile_, threads), median in seconds.items():
+    rates = {s: args.steps * s[3] * loops[s].cfg.seq_len / median for s, median in seconds.items()}
+    for (dtype, compile_, threads, batch), rate in rates.items():
         emit(
             {
                 "benchmark": f"tiny_loop_settings_{shape}",
                 "dtype": dtype,
                 "compile": compile_,
                 "threads": threads,
-                "tok_per_s": round(tokens / median, 1),
-                "speedup": round(seconds[settings[0]] / median, 3),
+                "batch": batch,
+                "tok_per_s": round(rate, 1),
+                "speedup": round(rate / rates[settings[0]], 3),
                 "warmup_steps": args.warmup + (2 if compile_ else 0),
-                "warmup_s": round(warmup_s[(dtype, compile_, threads)], 1),
+                "warmup_s": round(warmup_s[dtype, compile_, threads, batch], 1),
                 "load": round(os.getloadavg()[0], 2),
             }
         )
@@ -337,6 +343,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed repeat (default 2)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each loop (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each loop first (default 2)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[16], help="--settings' batch sizes (default 16)")
     parser.add_argument("--settings", action="store_true", help="the plain loop's settings against each other instead")
     parser.add_argument("--profile", choices=("d1", "d2", "d3", "d4", "d5"), help="profile one shape instead")
     parser.add_argument("--curve", type=int, metavar="STEPS", help="d3's val loss fp32 vs bf16 instead")
